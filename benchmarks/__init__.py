@@ -1,0 +1,1 @@
+"""Benchmark helpers for TorchRecord (synthetic-but-realistic datasets, timing scripts)."""

@@ -1,0 +1,174 @@
+"""The ``torchrecord`` console script, run as a real subprocess: write, info, verify, plugins."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import lmdb
+import pytest
+from conftest import read_list
+
+TORCHRECORD = Path(sys.executable).parent / "torchrecord"
+
+
+def run_cli(*args: object) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "TORCHRECORD_STRICT_PLUGINS": "",
+        "TORCHRECORD_DISABLE_PLUGIN_AUTOLOAD": "",
+    }
+    return subprocess.run(
+        [str(TORCHRECORD), *map(str, args)], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def info_fields(stdout: str) -> dict[str, str]:
+    """The ``key   value`` lines of ``torchrecord info``."""
+    fields = {}
+    for line in stdout.splitlines():
+        key, _, value = line.strip().partition(" ")
+        fields.setdefault(key, value.strip())
+    return fields
+
+
+@pytest.fixture(scope="module")
+def written(photo_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A jpeg dataset of 2 shards written by the CLI from the photo data list."""
+    assert TORCHRECORD.is_file(), f"the console script is not installed: {TORCHRECORD}"
+    out = tmp_path_factory.mktemp("cli") / "records"
+    proc = run_cli(
+        "write", photo_dir / "data_list.txt", out, "--db-num", 2, "--codec", "jpeg", "-q"
+    )
+    return out, proc
+
+
+def test_write_then_info(written, photo_dir):
+    out, proc = written
+    num_lines = len(read_list(photo_dir / "data_list.txt"))
+    assert num_lines == 24
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"wrote {num_lines} records into 2 shards")
+    assert "codec jpeg" in proc.stdout
+    assert proc.stderr == ""  # -q: no progress bar
+
+    info = run_cli("info", out)
+    assert info.returncode == 0, info.stderr
+    fields = info_fields(info.stdout)
+    assert fields["codec"] == "jpeg"
+    assert fields["serializer"] == "tensorprotos"
+    assert fields["records"] == "24"
+    assert fields["shards"] == "2"
+    assert "0.1 layout" not in info.stdout
+
+    as_json = run_cli("info", out, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    doc = json.loads(as_json.stdout)
+    assert doc["records"] == num_lines
+    assert doc["codec"] == "jpeg"
+    assert doc["legacy"] is False
+    assert [s["file"] for s in doc["shards"]] == ["shard-00000.lmdb", "shard-00001.lmdb"]
+    assert [s["records"] for s in doc["shards"]] == [12, 12]
+    assert doc["bytes"] == sum((out / s["file"]).stat().st_size for s in doc["shards"])
+
+
+def test_existing_dataset_needs_overwrite(photos, tmp_path):
+    out = tmp_path / "records"
+    first = run_cli("write", photos, out, "--codec", "jpeg", "-q")
+    assert first.returncode == 0, first.stderr
+    manifest = (out / "manifest.json").read_text()
+
+    again = run_cli("write", photos, out, "--codec", "raw_rgb", "-q")
+    assert again.returncode == 2
+    assert "--overwrite" in again.stderr
+    assert again.stderr.startswith("torchrecord write: error:")
+    assert (out / "manifest.json").read_text() == manifest  # untouched
+
+    replaced = run_cli("write", photos, out, "--codec", "raw_rgb", "--overwrite", "-q")
+    assert replaced.returncode == 0, replaced.stderr
+    doc = json.loads(run_cli("info", out, "--json").stdout)
+    assert doc["codec"] == "raw_rgb"
+    assert doc["records"] == len(read_list(photos))
+
+
+def test_verify_ok_then_names_the_damaged_record(written, tmp_path):
+    source, _ = written
+    ok = run_cli("verify", source)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.startswith("OK: checked 24 records in 2 shards")
+    assert "BAD" not in ok.stdout
+
+    out = tmp_path / "records"
+    shutil.copytree(source, out)
+    shard = out / "shard-00000.lmdb"
+    key = (3).to_bytes(8, "big")
+    env = lmdb.open(str(shard), subdir=False, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            value = bytes(txn.get(key))
+    finally:
+        env.close()
+    data = bytearray(shard.read_bytes())
+    offset = data.find(value)
+    assert offset >= 0 and data.find(value, offset + 1) < 0
+    data[offset + len(value) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+    bad = run_cli("verify", out)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    problems = [line for line in bad.stdout.splitlines() if line.startswith("BAD")]
+    assert len(problems) == 1, bad.stdout
+    assert str(shard) in problems[0]
+    assert "0000000000000003" in problems[0]
+    assert "CRC-32" in problems[0]
+    assert "1 problem(s): checked 24 records" in bad.stdout
+
+
+def test_write_help_and_plugins():
+    help_ = run_cli("write", "--help")
+    assert help_.returncode == 0
+    text = " ".join(help_.stdout.split())
+    assert "'path label' lines" in text
+    assert ".csv file with two columns, path and label" in text
+    assert "raw_rgb decode with Pillow at write time" in text
+    assert "jpeg store the original JPEG bytes unchanged" in text
+    assert "--codec NAME" in text
+
+    listed = run_cli("plugins")
+    assert listed.returncode == 0, listed.stderr
+    rows = {tuple(line.split()[:2]): line for line in listed.stdout.splitlines()[1:]}
+    for kind, name in [
+        ("codec", "raw_rgb"),
+        ("codec", "jpeg"),
+        ("serializer", "tensorprotos"),
+        ("serializer", "msgpack"),
+    ]:
+        assert (kind, name) in rows, listed.stdout
+        assert "torchrecord (built-in)" in rows[kind, name]
+
+
+def test_missing_file_names_the_data_list_line(photos, tmp_path):
+    samples = read_list(photos)
+    missing_line = 5
+    samples[missing_line - 1][0].unlink()
+    out = tmp_path / "records"
+    proc = run_cli("write", photos, out, "--db-num", 2, "--codec", "jpeg", "-q")
+    assert proc.returncode == 2
+    assert f"data_list.txt:{missing_line}:" in proc.stderr
+    assert samples[missing_line - 1][0].name in proc.stderr
+    assert "does not exist" in proc.stderr
+    assert not (out / "manifest.json").exists()
+
+
+def test_info_on_a_legacy_dataset(legacy_fixture):
+    proc = run_cli("info", legacy_fixture / "record")
+    assert proc.returncode == 0, proc.stderr
+    fields = info_fields(proc.stdout)
+    assert fields["records"] == "40"
+    assert fields["shards"] == "2"
+    assert fields["codec"] == "raw_rgb"
+    assert "(TorchRecord 0.1 layout)" in fields["dataset"]

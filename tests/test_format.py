@@ -1,0 +1,201 @@
+"""The on-disk format: shard metadata, keys, versions, and refusing damaged datasets clearly."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import lmdb
+import pytest
+from conftest import run_python
+
+from torchrecord import (
+    DatasetError,
+    DatasetNotFoundError,
+    FormatVersionError,
+    RecordCorruptedError,
+    RecordReader,
+    ShardCorruptedError,
+    TRDataset,
+    UnknownPluginError,
+    Writer,
+)
+from torchrecord import format as fmt
+
+
+@pytest.fixture
+def records(photos, tmp_path):
+    out = tmp_path / "records"
+    Writer(photos, out, db_num=2, codec="jpeg", serializer="msgpack").write()
+    return out
+
+
+def raw_items(shard_path):
+    env = lmdb.open(str(shard_path), subdir=False, **fmt.READ_OPTIONS)
+    try:
+        with env.begin() as txn:
+            return list(txn.cursor())
+    finally:
+        env.close()
+
+
+def test_shard_layout(records):
+    manifest = json.loads((records / "manifest.json").read_text())
+    assert manifest["format"] == "torchrecord" and manifest["format_version"] == 1
+    assert (manifest["codec"], manifest["serializer"], manifest["num_records"]) == (
+        "jpeg", "msgpack", 24)
+    for index, shard in enumerate(manifest["shards"]):
+        path = records / shard["file"]
+        assert shard["file"] == f"shard-{index:05d}.lmdb"
+        assert path.stat().st_size == shard["bytes"]
+        items = raw_items(path)
+        keys = [k for k, _ in items]
+        record_keys = [k for k in keys if len(k) == 8]
+        # fixed-width big-endian keys, in record order, then the two metadata keys
+        assert record_keys == [struct.pack(">Q", i) for i in range(shard["num_records"])]
+        assert set(keys) - set(record_keys) == {b"__torchrecord__", b"__checksums__"}
+        meta = json.loads(dict(items)[b"__torchrecord__"])
+        assert meta["format_version"] == 1 and meta["shard_index"] == index
+        assert (meta["codec"], meta["serializer"], meta["num_records"]) == (
+            "jpeg", "msgpack", shard["num_records"])
+        crcs = struct.unpack(f"<{shard['num_records']}I", dict(items)[b"__checksums__"])
+        assert list(crcs) == [zlib.crc32(v) for k, v in items if len(k) == 8]
+
+
+def _set_version(records, version):
+    path = records / "manifest.json"
+    doc = json.loads(path.read_text())
+    doc["format_version"] = version
+    path.write_text(json.dumps(doc))
+
+
+def test_newer_format_version_is_refused_clearly(records):
+    _set_version(records, 2)
+    with pytest.raises(FormatVersionError, match="format version 2.*Upgrade TorchRecord"):
+        TRDataset(records)
+
+
+def test_newer_shard_version_is_refused_clearly(records):
+    path = records / "shard-00001.lmdb"
+    env = lmdb.open(str(path), subdir=False, lock=False)
+    with env.begin(write=True) as txn:
+        meta = json.loads(txn.get(b"__torchrecord__"))
+        meta["format_version"] = 7
+        txn.put(b"__torchrecord__", json.dumps(meta).encode())
+    env.close()
+    _resize_in_manifest(records, "shard-00001.lmdb")
+    dataset = TRDataset(records, transform=None)
+    assert dataset[0] is not None  # shard 0 is fine
+    with pytest.raises(FormatVersionError, match="shard .*shard-00001.lmdb uses TorchRecord "
+                                                 "format version 7"):
+        dataset[23]
+
+
+def _resize_in_manifest(records, name):
+    path = records / "manifest.json"
+    doc = json.loads(path.read_text())
+    for shard in doc["shards"]:
+        if shard["file"] == name:
+            shard["bytes"] = (records / name).stat().st_size
+    path.write_text(json.dumps(doc))
+
+
+def test_directory_without_manifest(records, tmp_path):
+    (records / "manifest.json").unlink()
+    with pytest.raises(DatasetNotFoundError, match="no manifest.json.*interrupted"):
+        TRDataset(records)
+    with pytest.raises(DatasetNotFoundError, match="holds no TorchRecord dataset"):
+        TRDataset(tmp_path)
+    with pytest.raises(DatasetNotFoundError, match="is not a directory"):
+        TRDataset(tmp_path / "nope")
+
+
+def test_unknown_codec_names_the_missing_plugin(records):
+    path = records / "manifest.json"
+    doc = json.loads(path.read_text())
+    doc["codec"] = "webp_from_a_plugin"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(UnknownPluginError, match="webp_from_a_plugin.*may not be installed"):
+        TRDataset(records)
+
+
+def test_manifest_disagreeing_with_shard_metadata(records):
+    path = records / "manifest.json"
+    doc = json.loads(path.read_text())
+    doc["shards"][0]["num_records"] -= 1
+    doc["shards"][1]["num_records"] += 1
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ShardCorruptedError, match="metadata says num_records=12 but the "
+                                                  "manifest says 11"):
+        TRDataset(records, transform=None)[0]
+
+
+def test_damaged_manifest(records):
+    (records / "manifest.json").write_text('{"format": "torchrecord", "format_')
+    with pytest.raises(DatasetError, match="manifest.json is damaged"):
+        TRDataset(records)
+
+
+def test_flipped_byte_in_a_record_is_caught_by_its_checksum(records):
+    shard = records / "shard-00000.lmdb"
+    value = dict(raw_items(shard))[struct.pack(">Q", 5)]
+    data = bytearray(shard.read_bytes())
+    at = data.find(value) + len(value) // 2
+    data[at] ^= 0x10
+    shard.write_bytes(bytes(data))
+    dataset = TRDataset(records, transform=None)
+    assert dataset[4] is not None
+    with pytest.raises(RecordCorruptedError) as info:
+        dataset[5]
+    message = str(info.value)
+    assert "shard-00000.lmdb" in message and "0000000000000005" in message
+    assert "CRC-32" in message and "torchrecord verify" in message
+
+
+@pytest.mark.parametrize("keep", ["half", "100", "0"])
+def test_truncated_shard_raises_instead_of_sigbus(records, keep):
+    shard = records / "shard-00001.lmdb"
+    data = shard.read_bytes()
+    size = {"half": len(data) // 2, "100": 100, "0": 0}[keep]
+    shard.write_bytes(data[:size])
+    # in a subprocess: a SIGBUS would kill it, and the test would see the signal
+    code = f"""
+from torchrecord import TRDataset, ShardCorruptedError
+ds = TRDataset({str(records)!r}, transform=None)
+assert ds[0] is not None
+try:
+    ds[20]
+except ShardCorruptedError as exc:
+    print("CAUGHT", exc)
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert "CAUGHT shard" in result.stdout and "shard-00001.lmdb" in result.stdout
+    assert "manifest recorded" in result.stdout
+
+
+def test_truncated_shard_with_a_manifest_that_agrees(records):
+    """Even if the manifest is edited to the short size, LMDB's page count catches it."""
+    shard = records / "shard-00001.lmdb"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    _resize_in_manifest(records, "shard-00001.lmdb")
+    code = f"""
+from torchrecord import TRDataset, ShardCorruptedError
+try:
+    TRDataset({str(records)!r}, transform=None)[20]
+except ShardCorruptedError as exc:
+    print("CAUGHT", exc)
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert "CAUGHT" in result.stdout and "truncated" in result.stdout
+
+
+def test_legacy_dataset_is_detected(legacy_fixture):
+    manifest = fmt.read_manifest(legacy_fixture / "record")
+    assert manifest.legacy and manifest.codec == "raw_rgb"
+    assert [(s.legacy_db, s.num_records) for s in manifest.shards] == [("db0", 20), ("db1", 20)]
+    reader = RecordReader(legacy_fixture / "record")
+    assert reader.key_of(1, 3) == b"03" and len(reader) == 40

@@ -1,0 +1,199 @@
+"""TorchRecord(), TRDataset and TRSampler: every record once per epoch, in any process setup."""
+
+from __future__ import annotations
+
+import pickle
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import read_list
+from PIL import Image
+
+from torchrecord import TorchRecord, TRDataset, TRSampler, Writer
+from torchrecord.sampler import item_pool_size, pool_shuffle
+
+
+def fingerprint(record):
+    """(crc of the stored image bytes, label): identifies a record without decoding it."""
+    return zlib.crc32(record.protos[0].byte_data), int(record.protos[1].byte_data)
+
+
+@pytest.fixture
+def records(photos, tmp_path):
+    out = tmp_path / "records"
+    Writer(photos, out, db_num=4, codec="jpeg").write()
+    return out
+
+
+def expected_fingerprints(photos):
+    return sorted((zlib.crc32(p.read_bytes()), label) for p, label in read_list(photos))
+
+
+@pytest.mark.parametrize("mode", ["none", "shuffle", "full_shuffle"])
+@pytest.mark.parametrize("num_workers", [0, 1, 2])
+def test_every_record_exactly_once_per_epoch(photos, records, mode, num_workers):
+    loader = TorchRecord(
+        records,
+        4,
+        shuffle=mode == "shuffle",
+        batch_size=5,
+        num_workers=num_workers,
+        transform=fingerprint,
+        full_shuffle=mode == "full_shuffle",
+    )
+    assert len(loader) == 5  # ceil(24 / 5)
+    orders = []
+    for _ in range(2):
+        seen = [(int(c), int(label)) for crcs, labels in loader for c, label in zip(crcs, labels)]
+        assert sorted(seen) == expected_fingerprints(photos)
+        orders.append(seen)
+    if mode == "none":
+        assert orders[0] == orders[1]
+    else:
+        assert orders[0] != orders[1]  # a new order every epoch
+
+
+def test_order_depends_on_seed_and_epoch_only(records):
+    def order(num_workers, batch_size, epoch, seed=3, pool_size=16):
+        loader = TorchRecord(
+            records,
+            shuffle=True,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            transform=fingerprint,
+            seed=seed,
+            pool_size=pool_size,
+        )
+        loader.set_epoch(epoch)
+        return [int(c) for crcs, _ in loader for c in crcs]
+
+    base = order(0, 4, epoch=1)
+    assert order(2, 4, epoch=1) == base
+    assert order(2, 7, epoch=1) == base  # same pool size: batch size does not matter
+    assert order(0, 4, epoch=1, pool_size=None) == base  # the seed's pool: min(4 * 4, 64) = 16
+    assert order(0, 4, epoch=2) != base
+    assert order(0, 4, epoch=1, seed=4) != base
+
+
+def test_sampler_modes(records):
+    sampler = TRSampler(str(records), 4, shuffle=False)
+    assert list(sampler) == list(range(24))
+    full = TRSampler(str(records), full_shuffle=True, seed=5)
+    first, second = list(full), list(full)  # the epoch advances by itself
+    assert sorted(first) == sorted(second) == list(range(24)) and first != second
+    full.set_epoch(0)
+    assert list(full) == first
+    # the seed's shuffle: shard order and in-shard order permuted, then the item pool
+    local = TRSampler(str(records), shuffle=True, batch_size=1, seed=5)  # pool of 4
+    order = list(local)
+    assert sorted(order) == list(range(24)) and order != list(range(24))
+    with pytest.raises(ValueError, match="record_num=3 but .* has 4 shards"):
+        TRSampler(str(records), record_num=3)
+
+
+def test_item_pool_is_a_permutation():
+    rng = np.random.default_rng(0)
+    data = np.arange(1000, dtype=np.int64)
+    out = pool_shuffle(data, item_pool_size(32), rng)
+    assert sorted(out.tolist()) == data.tolist() and out.tolist() != data.tolist()
+    # a pool of 64 moves items by a bounded distance on the way in: position >= index - 64
+    positions = np.empty_like(out)
+    positions[out] = np.arange(len(out))
+    assert (positions >= data - 64).all()
+    assert item_pool_size(8) == 32 and item_pool_size(100) == 64
+
+
+def test_dataset_is_map_style_for_any_sampler(photos, records):
+    dataset = TRDataset(records, transform=fingerprint)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=6, shuffle=True, num_workers=2)
+    seen = [(int(c), int(label)) for crcs, labels in loader for c, label in zip(crcs, labels)]
+    assert sorted(seen) == expected_fingerprints(photos)
+    assert dataset[-1] == dataset[len(dataset) - 1]
+    with pytest.raises(IndexError):
+        dataset[24]
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn", "forkserver"])
+def test_workers_after_the_parent_read(photos, records, context):
+    dataset = TRDataset(records)
+    image, label = dataset[0]  # the parent has the shard open before workers start
+    loader = TorchRecord(
+        records, batch_size=6, num_workers=2, transform=fingerprint, multiprocessing_context=context
+    )
+    seen = [(int(c), int(lab)) for crcs, labels in loader for c, lab in zip(crcs, labels)]
+    assert sorted(seen) == expected_fingerprints(photos)
+    again, label_again = dataset[0]  # and the parent can still read afterwards
+    assert torch.equal(image, again) and label == label_again
+
+
+def test_persistent_workers_and_loader_kwargs(photos, records):
+    loader = TorchRecord(
+        records,
+        batch_size=8,
+        num_workers=2,
+        transform=fingerprint,
+        persistent_workers=True,
+        prefetch_factor=3,
+        drop_last=True,
+        full_shuffle=True,
+    )
+    assert len(loader) == 3
+    for _ in range(3):
+        seen = [int(c) for crcs, _ in loader for c in crcs]
+        assert len(seen) == 24 and len(set(seen)) == 24
+
+
+def test_pickles_before_and_after_a_read(records):
+    dataset = TRDataset(records, transform=fingerprint)
+    clone = pickle.loads(pickle.dumps(dataset))
+    assert clone[3] == dataset[3]  # the original has an open shard now
+    clone2 = pickle.loads(pickle.dumps(dataset))
+    assert [clone2[i] for i in range(24)] == [dataset[i] for i in range(24)]
+
+
+def test_two_datasets_over_one_path_in_one_process(records):
+    a = TRDataset(records, transform=fingerprint)
+    b = TRDataset(records, transform=fingerprint)
+    assert [a[i] for i in range(24)] == [b[i] for i in range(24)]
+    a.close()
+    assert b[5] == fingerprint(TRDataset(records, transform=None)[5])
+
+
+def test_samples_stay_valid_after_close(records):
+    dataset = TRDataset(records, transform=None)
+    record = dataset[2]
+    data = record.protos[0].byte_data
+    dataset.close()
+    assert record.protos[0].byte_data == data and data[:2] == b"\xff\xd8"
+
+
+def test_record_num_is_checked(records):
+    with pytest.raises(ValueError, match="record_num=2 but"):
+        TorchRecord(records, record_num=2)
+    assert TorchRecord(records).dataset.record_num == 4
+
+
+def test_legacy_fixture_reads_pixel_and_label_exact(legacy_fixture):
+    dataset = TRDataset(legacy_fixture / "record", transform=None)
+    assert (dataset.codec, dataset.serializer, dataset.record_num, len(dataset)) == (
+        "raw_rgb",
+        "tensorprotos",
+        2,
+        40,
+    )
+    lines = (legacy_fixture / "data_list.txt").read_text().splitlines()
+    assert len(lines) == 40
+    for i, line in enumerate(lines):  # db0 = first 20 lines, db1 = last 20, in list order
+        path, label = line.rsplit(" ", 1)
+        record = dataset[i]
+        with Image.open(legacy_fixture / path) as img:
+            rgb = img.convert("RGB")
+        assert tuple(record.protos[0].dims) == rgb.size
+        assert record.protos[0].byte_data == rgb.tobytes()
+        assert int(record.protos[1].byte_data) == int(label)
+    # and through the loader with the seed's defaults, in worker processes
+    loader = TorchRecord(legacy_fixture / "record", 2, True, 8, 2)
+    labels = sorted(int(x) for _, batch_labels in loader for x in batch_labels)
+    assert labels == sorted(int(line.rsplit(" ", 1)[1]) for line in lines)

@@ -1,0 +1,223 @@
+"""The Writer: 0.1's signature, data lists, sharding, determinism, errors and atomic publish."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from conftest import read_list
+from PIL import Image
+
+from torchrecord import DataListError, DatasetExistsError, RecordReader, TRDataset, Writer
+from torchrecord import default_data_process_func as seed_func
+
+
+def all_bytes(path) -> list[bytes]:
+    reader = RecordReader(path)
+    try:
+        return [reader.read_bytes(i) for i in range(len(reader))]
+    finally:
+        reader.close()
+
+
+def test_seed_signature_positional(photos, tmp_path):
+    out = tmp_path / "records"
+    manifest = Writer(str(photos), str(out), 4, True, seed_func).write()
+    assert manifest.codec == "raw_rgb" and manifest.serializer == "tensorprotos"
+    assert [s.num_records for s in manifest.shards] == [6, 6, 6, 6]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        *[f"shard-0000{i}.lmdb" for i in range(4)],
+    ]
+    # shuffled at write time: every line once, not in list order
+    labels = [int(TRDataset(out, transform=None)[i].protos[1].byte_data) for i in range(24)]
+    assert sorted(labels) == sorted(label for _, label in read_list(photos))
+
+
+def test_unequal_split_is_contiguous(photos, tmp_path):
+    manifest = Writer(photos, tmp_path / "r", db_num=5).write()
+    assert [s.num_records for s in manifest.shards] == [5, 5, 5, 5, 4]
+    dataset = TRDataset(tmp_path / "r", transform=None)
+    expected = [label for _, label in read_list(photos)]
+    assert [int(dataset[i].protos[1].byte_data) for i in range(24)] == expected
+
+
+@pytest.mark.parametrize("codec", ["raw_rgb", "jpeg"])
+def test_output_is_identical_for_any_num_workers(photos, tmp_path, codec):
+    outs = []
+    for workers in (0, 1, 2):
+        out = tmp_path / f"w{workers}"
+        Writer(
+            photos, out, db_num=3, shuffle=True, seed=11, codec=codec, num_workers=workers
+        ).write()
+        outs.append(all_bytes(out))
+    assert outs[0] == outs[1] == outs[2]
+    assert len(outs[0]) == 24
+
+
+def test_shuffle_depends_on_seed_only(photos, tmp_path):
+    a = all_bytes(
+        Writer(photos, tmp_path / "a", shuffle=True, seed=1, codec="jpeg").write()
+        and tmp_path / "a"
+    )
+    b = all_bytes(
+        Writer(photos, tmp_path / "b", shuffle=True, seed=1, codec="jpeg").write()
+        and tmp_path / "b"
+    )
+    c = all_bytes(
+        Writer(photos, tmp_path / "c", shuffle=True, seed=2, codec="jpeg").write()
+        and tmp_path / "c"
+    )
+    assert a == b and a != c and sorted(a) == sorted(c)
+
+
+def test_paths_with_spaces_csv_and_root(photos, tmp_path):
+    samples = read_list(photos)
+    spaced = tmp_path / "my photos" / "a b.jpg"
+    spaced.parent.mkdir()
+    shutil.copy(samples[0][0], spaced)
+    txt = tmp_path / "list.txt"
+    txt.write_text(f"my photos/a b.jpg 3\n\n{samples[1][0]} 4\n")  # blank line ignored
+    dataset = TRDataset(
+        Writer(txt, tmp_path / "t", codec="jpeg").write() and tmp_path / "t", transform=None
+    )
+    assert [dataset[i].protos[0].byte_data for i in range(2)] == [
+        spaced.read_bytes(),
+        samples[1][0].read_bytes(),
+    ]
+    assert [int(dataset[i].protos[1].byte_data) for i in range(2)] == [3, 4]
+
+    csv_list = tmp_path / "lists" / "train.csv"
+    csv_list.parent.mkdir()
+    csv_list.write_text('path,label\n"my photos/a b.jpg",5\n')
+    Writer(csv_list, tmp_path / "c", codec="jpeg", root=tmp_path).write()
+    record = TRDataset(tmp_path / "c", transform=None)[0]
+    assert record.protos[0].byte_data == spaced.read_bytes()
+    assert int(record.protos[1].byte_data) == 5
+
+
+def _break_line(photos, line_no, new_text):
+    lines = photos.read_text().splitlines()
+    lines[line_no - 1] = new_text
+    photos.write_text("\n".join(lines) + "\n")
+
+
+def _text_file_as_image(photos, line_no):
+    (photos.parent / "notes.jpg").write_text("hello, I am text")
+    _break_line(photos, line_no, "notes.jpg 1")
+
+
+@pytest.mark.parametrize(
+    ("make_bad", "expected"),
+    [
+        (
+            lambda p: _break_line(p, 7, "missing/nowhere.jpg 2"),
+            r"data_list\.txt:7: file .*"
+            r"nowhere\.jpg does not exist",
+        ),
+        (
+            lambda p: _break_line(p, 3, p.read_text().splitlines()[2].rsplit(" ", 1)[0]),
+            r"data_list\.txt:3: missing label",
+        ),
+        (
+            lambda p: _text_file_as_image(p, 5),
+            r"data_list\.txt:5: cannot encode .*notes\.jpg "
+            r"\(not an image Pillow can read\)",
+        ),
+        (
+            lambda p: _break_line(p, 2, p.read_text().splitlines()[1].rsplit(" ", 1)[0] + " cat"),
+            r"data_list\.txt:2: label 'cat' is not an integer",
+        ),
+        (
+            lambda p: _break_line(p, 4, "000.class_000 1"),
+            r"data_list\.txt:4: file .* is a "
+            r"directory",
+        ),
+    ],
+    ids=["missing-file", "missing-label", "not-an-image", "bad-label", "directory"],
+)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_bad_line_names_list_and_line(photos, tmp_path, make_bad, expected, num_workers):
+    make_bad(photos)
+    out = tmp_path / "out"
+    with pytest.raises(DataListError, match=expected) as info:
+        Writer(photos, out, db_num=2, num_workers=num_workers).write()
+    assert info.value.data_list == str(photos)
+    # nothing published, no staging left behind
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_truncated_image_names_line(photos, tmp_path):
+    path = read_list(photos)[9][0]
+    data = path.read_bytes()
+    path.write_bytes(data[:200])
+    with pytest.raises(DataListError, match=r"data_list\.txt:10: cannot encode"):
+        Writer(photos, tmp_path / "out").write()
+
+
+def test_empty_and_missing_list(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(DataListError, match="empty.txt: the data list is empty"):
+        Writer(empty, tmp_path / "o").write()
+    with pytest.raises(DataListError, match="nothere.txt: the data list does not exist"):
+        Writer(tmp_path / "nothere.txt", tmp_path / "o").write()
+
+
+def test_refuses_to_overwrite_and_keeps_the_old_dataset(photos, tmp_path):
+    out = tmp_path / "records"
+    Writer(photos, out, codec="jpeg").write()
+    before = all_bytes(out)
+    with pytest.raises(DatasetExistsError, match="overwrite=True"):
+        Writer(photos, out, codec="raw_rgb").write()
+    assert all_bytes(out) == before
+
+    # a failing overwrite leaves the old dataset readable and unchanged
+    _break_line(photos, 20, "gone.jpg 1")
+    with pytest.raises(DataListError):
+        Writer(photos, out, overwrite=True).write()
+    assert all_bytes(out) == before
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_overwrite_replaces_every_shard(photos, tmp_path):
+    out = tmp_path / "records"
+    Writer(photos, out, db_num=4, codec="jpeg").write()
+    Writer(photos, out, db_num=2, codec="raw_rgb", overwrite=True).write()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "shard-00000.lmdb",
+        "shard-00001.lmdb",
+    ]
+    dataset = TRDataset(out, transform=None)
+    assert dataset.codec == "raw_rgb" and len(dataset) == 24
+    path, _ = read_list(photos)[0]
+    with Image.open(path) as img:
+        assert dataset[0].protos[0].byte_data == img.convert("RGB").tobytes()
+
+
+def test_refuses_bad_arguments(photos, tmp_path):
+    with pytest.raises(ValueError, match="db_num=25 is more than the 24 samples"):
+        Writer(photos, tmp_path / "o", db_num=25).write()
+    with pytest.raises(ValueError, match="db_num must be at least 1"):
+        Writer(photos, tmp_path / "o", db_num=0)
+    with pytest.raises(ValueError, match="either a codec or a custom data_process_func"):
+        Writer(photos, tmp_path / "o", codec="jpeg", data_process_func=lambda line: None)
+    assert not (tmp_path / "o").exists()
+
+
+def test_shards_are_readable_from_a_read_only_directory(photos, tmp_path):
+    out = tmp_path / "records"
+    Writer(photos, out, db_num=2).write()
+    os.chmod(out, 0o555)
+    try:
+        # no lock file is created next to the shards
+        assert len(all_bytes(out)) == 24
+        assert sorted(p.name for p in out.iterdir()) == [
+            "manifest.json",
+            "shard-00000.lmdb",
+            "shard-00001.lmdb",
+        ]
+    finally:
+        os.chmod(out, 0o755)

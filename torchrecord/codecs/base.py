@@ -1,0 +1,85 @@
+"""The codec interface and the record layout every image codec shares.
+
+A record is a ``TensorProtos`` message with (at least) two protos, exactly as TorchRecord 0.1
+wrote them:
+
+* ``protos[0]``: the image. ``dims = [width, height]``, ``data_type = BYTE``, ``byte_data`` = the
+  stored bytes, and ``name`` = the codec that wrote them (empty for raw RGB pixels, as in 0.1).
+* ``protos[1]``: the label as ASCII digits in ``byte_data`` (``data_type = BYTE``).
+
+Keeping that layout means the seed's ``default_transform`` reads ``raw_rgb`` records unchanged,
+and old 0.1 datasets are simply ``raw_rgb`` datasets.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..errors import EncodeError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from ..serializers.tensorprotos import TensorProtos
+
+BYTE = 3  # TensorProto.DataType.BYTE
+
+
+def make_record(image_bytes: bytes, size: tuple[int, int], label: int | str, name: str = ""):
+    """Build the two-proto record of the layout above."""
+    from ..serializers.tensorprotos import TensorProtos
+
+    record = TensorProtos()
+    image = record.protos.add()
+    image.dims.extend(size)
+    image.data_type = BYTE
+    image.byte_data = image_bytes
+    if name:
+        image.name = name
+    label_proto = record.protos.add()
+    label_proto.data_type = BYTE
+    label_proto.byte_data = str(label).encode("ascii")
+    return record
+
+
+def record_label(record: TensorProtos) -> int:
+    """The integer label of a record of the shared layout."""
+    return int(record.protos[1].byte_data)
+
+
+def parse_label(label: Any) -> int:
+    """Labels are integers in this version; anything else is refused with a clear message."""
+    try:
+        value = int(label)
+    except (TypeError, ValueError):
+        raise EncodeError(f"label {label!r} is not an integer") from None
+    if isinstance(label, float) and not float(label).is_integer():
+        raise EncodeError(f"label {label!r} is not an integer")
+    return value
+
+
+class Codec:
+    """Base class of codecs. Subclasses set ``name`` and implement the two image methods.
+
+    ``encode(path, label)`` runs at write time, in worker processes, and returns a
+    ``TensorProtos`` record; ``decode_image(record)`` runs at read time and returns an RGB
+    ``PIL.Image``. ``transform(record)`` is the codec's default read-time transform: the seed's
+    3x224x224 float tensor in [0, 1] and an int label.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def encode(self, path: str, label: Any) -> TensorProtos:
+        raise NotImplementedError
+
+    def decode_image(self, record: TensorProtos) -> Image:
+        raise NotImplementedError
+
+    def transform(self, record: TensorProtos) -> tuple[Any, int]:
+        from ..transforms import to_seed_tensor
+
+        return to_seed_tensor(self.decode_image(record)), record_label(record)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} codec {self.name!r}>"

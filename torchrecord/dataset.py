@@ -1,0 +1,79 @@
+"""TRDataset: a map-style PyTorch dataset over a TorchRecord dataset directory.
+
+Any PyTorch sampler can drive it (``len`` and ``__getitem__``). The codec and serializer are read
+from the dataset itself; the LMDB shards are opened lazily in each worker process, read-only and
+without a lock file, and the dataset pickles (for spawn workers) without them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch.utils.data as data
+
+from .format import CUSTOM_CODEC
+from .reader import RecordReader
+from .serializers.tensorprotos import TensorProtos
+from .transforms import default_transform
+
+
+class TRDataset(data.Dataset):
+    """Records of one dataset by index, passed through ``transform``.
+
+    With the default ``transform`` the codec's own default transform is used (for the built-in
+    codecs: the seed's 3x224x224 float tensor and int label); ``transform=None`` returns the
+    record itself (a ``TensorProtos``). ``shuffle``, ``batch_size`` and ``proto`` are accepted for
+    TorchRecord 0.1 compatibility; ordering is the sampler's job.
+    """
+
+    def __init__(
+        self,
+        record_path: str | os.PathLike = "",
+        transform: Callable[[Any], Any] | None = default_transform,
+        record_num: int | None = None,
+        shuffle: bool = False,
+        batch_size: int = 1,
+        proto: type = TensorProtos,
+        *,
+        verify_checksums: bool = True,
+    ):
+        self.reader = RecordReader(record_path, verify_checksums=verify_checksums)
+        if record_num is not None and int(record_num) != self.reader.num_shards:
+            raise ValueError(
+                f"record_num={record_num} but {record_path} has {self.reader.num_shards} shards; "
+                "omit record_num to detect it"
+            )
+        if transform is default_transform and self.reader.codec_name != CUSTOM_CODEC:
+            transform = self.reader.codec.transform  # resolves the codec by name, now
+        self.transform = transform
+        self.record_path = str(record_path)
+
+    @property
+    def codec(self) -> str:
+        return self.reader.codec_name
+
+    @property
+    def serializer(self) -> str:
+        return self.reader.serializer_name
+
+    @property
+    def record_num(self) -> int:
+        return self.reader.num_shards
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> Any:
+        record = self.reader.read_record(int(index))
+        return record if self.transform is None else self.transform(record)
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"TRDataset({self.record_path!r}, records={len(self)}, "
+            f"shards={self.record_num}, codec={self.codec!r}, serializer={self.serializer!r})"
+        )

@@ -1,0 +1,119 @@
+"""One exception hierarchy for TorchRecord.
+
+Every error says what happened, where (the data list and line, or the shard and record key) and
+what to do next, so that a failure at hour 30 of a training run can be acted on without a debugger.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TorchRecordError",
+    "PluginError",
+    "UnknownPluginError",
+    "DuplicatePluginError",
+    "DataListError",
+    "EncodeError",
+    "DatasetError",
+    "DatasetNotFoundError",
+    "DatasetExistsError",
+    "FormatVersionError",
+    "ShardCorruptedError",
+    "RecordCorruptedError",
+    "SerializationError",
+]
+
+
+class TorchRecordError(Exception):
+    """Base class of every error TorchRecord raises on purpose."""
+
+
+class PluginError(TorchRecordError):
+    """A codec or serializer plugin is missing, broken or clashes with another."""
+
+
+class UnknownPluginError(PluginError, KeyError):
+    """No codec or serializer is registered under the requested name."""
+
+    def __init__(self, kind: str, name: str, available: list[str]):
+        self.kind, self.name, self.available = kind, name, available
+        super().__init__(
+            f"unknown {kind} {name!r}; available {kind}s: {', '.join(available) or '(none)'}. "
+            f"The plugin that provides {kind} {name!r} may not be installed: install it "
+            "(its package registers through the 'torchrecord' entry-point group) and check "
+            "`torchrecord plugins`."
+        )
+
+    def __str__(self) -> str:  # KeyError would otherwise print the repr of the message
+        return self.args[0]
+
+    def __reduce__(self):
+        return (type(self), (self.kind, self.name, self.available))
+
+
+class DuplicatePluginError(PluginError):
+    """Two plugins register the same codec or serializer name."""
+
+
+class DataListError(TorchRecordError, ValueError):
+    """A line of a data list cannot be turned into a record."""
+
+    def __init__(self, data_list: str, line_no: int | None, message: str):
+        self.data_list, self.line_no = data_list, line_no
+        self.message = message
+        where = f"{data_list}:{line_no}" if line_no is not None else str(data_list)
+        super().__init__(f"{where}: {message}")
+
+    def __reduce__(self):  # errors cross process boundaries (writer workers): keep them picklable
+        return (type(self), (self.data_list, self.line_no, self.message))
+
+
+class EncodeError(TorchRecordError, ValueError):
+    """A codec cannot encode one input file (raised with the file; the writer adds the line)."""
+
+
+class DatasetError(TorchRecordError):
+    """A dataset on disk cannot be opened or read."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+    """The path holds no TorchRecord dataset."""
+
+
+class DatasetExistsError(DatasetError, FileExistsError):
+    """The writer's output directory already holds a dataset."""
+
+
+class FormatVersionError(DatasetError):
+    """The dataset was written by a newer TorchRecord whose format this version cannot read."""
+
+
+class ShardCorruptedError(DatasetError):
+    """A shard file is truncated, damaged or disagrees with the manifest."""
+
+    def __init__(self, shard: str, message: str):
+        self.shard, self.message = shard, message
+        super().__init__(
+            f"shard {shard}: {message}. Run `torchrecord verify` on the dataset and re-write it "
+            "from its source."
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.shard, self.message))
+
+
+class RecordCorruptedError(DatasetError):
+    """One record's bytes do not match its checksum or do not decode."""
+
+    def __init__(self, shard: str, key: bytes, index: int, message: str):
+        self.shard, self.key, self.index, self.message = shard, key, index, message
+        super().__init__(
+            f"shard {shard}, record key {key.hex()} (record {index} of the shard): {message}. "
+            "Run `torchrecord verify` on the dataset and re-write it from its source."
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.shard, self.key, self.index, self.message))
+
+
+class SerializationError(TorchRecordError, ValueError):
+    """Bytes cannot be turned into a record, or a record into bytes, by a serializer."""

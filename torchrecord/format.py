@@ -1,0 +1,227 @@
+"""The on-disk layout of a TorchRecord dataset (see ``docs/FORMAT.md``).
+
+A dataset is a directory::
+
+    manifest.json            written last: a directory without it is not a dataset
+    shard-00000.lmdb         one single-file LMDB environment per shard
+    shard-00001.lmdb
+    ...
+
+Inside each shard, record ``i`` lives under the 8-byte big-endian key ``i`` (keys sort in record
+order), the JSON metadata under :data:`META_KEY`, and the CRC-32 of every record value under
+:data:`CHECKSUMS_KEY` (little-endian ``uint32``, one per record). TorchRecord 0.1 datasets (one LMDB
+environment with sub-databases ``db0``..``dbN-1``) are recognised and read as ``raw_rgb``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import DatasetError, DatasetNotFoundError, FormatVersionError, ShardCorruptedError
+
+FORMAT_NAME = "torchrecord"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SHARD_TEMPLATE = "shard-{:05d}.lmdb"
+META_KEY = b"__torchrecord__"
+CHECKSUMS_KEY = b"__checksums__"
+KEY_STRUCT = struct.Struct(">Q")
+CHECKSUM_ALGORITHM = "crc32"
+LEGACY_DATA_FILE = "data.mdb"
+CUSTOM_CODEC = "custom"  # records written by a user's data_process_func (no codec plugin)
+
+# Options for opening a finished shard: no lock file (works in read-only directories and on
+# read-only media), no readahead (random access), nothing kept between transactions.
+READ_OPTIONS = dict(readonly=True, lock=False, readahead=False, max_spare_txns=0, meminit=False)
+
+
+def record_key(index: int) -> bytes:
+    """The key of record ``index`` inside its shard."""
+    return KEY_STRUCT.pack(index)
+
+
+def shard_name(index: int) -> str:
+    return SHARD_TEMPLATE.format(index)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What the manifest says about one shard."""
+
+    file: str
+    num_records: int
+    bytes: int
+    legacy_db: str | None = None  # sub-database name, for TorchRecord 0.1 datasets
+
+
+@dataclass
+class Manifest:
+    """The dataset-level description; for 0.1 datasets it is built from the LMDB itself."""
+
+    codec: str
+    serializer: str
+    shards: list[ShardInfo]
+    format_version: int = FORMAT_VERSION
+    legacy: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_records(self) -> int:
+        return sum(s.num_records for s in self.shards)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "codec": self.codec,
+            "serializer": self.serializer,
+            "num_records": self.num_records,
+            "checksum": CHECKSUM_ALGORITHM,
+            "shards": [
+                {"file": s.file, "num_records": s.num_records, "bytes": s.bytes}
+                for s in self.shards
+            ],
+            **self.extra,
+        }
+
+
+def check_format_version(version: Any, where: str) -> None:
+    if not isinstance(version, int) or version < 1:
+        raise DatasetError(f"{where}: invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        from . import __version__
+
+        raise FormatVersionError(
+            f"{where} uses TorchRecord format version {version}, but this TorchRecord "
+            f"({__version__}) reads versions up to {FORMAT_VERSION}. Upgrade TorchRecord "
+            "(pip install -U torchrecord) to read it."
+        )
+
+
+def is_legacy_dataset(path: Path) -> bool:
+    return (path / LEGACY_DATA_FILE).is_file() and not (path / MANIFEST_NAME).exists()
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """Read a dataset's manifest, or describe a TorchRecord 0.1 dataset."""
+    root = Path(path)
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"{root} is not a directory holding a TorchRecord dataset")
+    if is_legacy_dataset(root):
+        return _legacy_manifest(root)
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.is_file():
+        hint = ""
+        if any(root.glob(".tmp-*")) or any(root.glob("shard-*.lmdb")):
+            hint = (
+                " It holds shard files but no manifest: a write was interrupted or is still "
+                "running; run the same write again."
+            )
+        raise DatasetNotFoundError(
+            f"{root} holds no TorchRecord dataset (no {MANIFEST_NAME}).{hint}"
+        )
+    try:
+        doc = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if doc.get("format") != FORMAT_NAME:
+            raise DatasetError(f"{manifest_path} is not a TorchRecord manifest")
+        check_format_version(doc.get("format_version"), str(manifest_path))
+        shards = [
+            ShardInfo(s["file"], int(s["num_records"]), int(s["bytes"])) for s in doc["shards"]
+        ]
+        known = {
+            "format",
+            "format_version",
+            "codec",
+            "serializer",
+            "num_records",
+            "checksum",
+            "shards",
+        }
+        manifest = Manifest(
+            codec=str(doc["codec"]),
+            serializer=str(doc["serializer"]),
+            shards=shards,
+            format_version=doc["format_version"],
+            extra={k: v for k, v in doc.items() if k not in known},
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DatasetError(
+            f"{manifest_path} is damaged ({type(exc).__name__}: {exc}); re-write the dataset"
+        ) from exc
+    for shard in shards:
+        if Path(shard.file).name != shard.file or shard.file.startswith("."):
+            raise DatasetError(f"{manifest_path}: shard file name {shard.file!r} is not allowed")
+    if doc.get("num_records") != manifest.num_records:
+        raise DatasetError(
+            f"{manifest_path}: num_records {doc.get('num_records')} disagrees with the sum of "
+            f"its shards ({manifest.num_records}); re-write the dataset"
+        )
+    return manifest
+
+
+def _legacy_manifest(root: Path) -> Manifest:
+    import lmdb
+
+    from .environments import SHARED
+
+    names, counts = [], []
+    generation = SHARED.current_generation()
+    key, env = SHARED.acquire(
+        root / LEGACY_DATA_FILE, lambda: lmdb.open(str(root), max_dbs=4096, **READ_OPTIONS)
+    )
+    try:
+        with env.begin() as txn:
+            for key, _ in txn.cursor():
+                name = key.decode("ascii", "replace")
+                if name.startswith("db") and name[2:].isdigit():
+                    names.append(name)
+            names.sort(key=lambda n: int(n[2:]))
+            for name in names:
+                db = env.open_db(name.encode(), txn=txn, create=False)
+                counts.append(txn.stat(db)["entries"])
+    finally:
+        SHARED.release(key, generation)
+    if not names:
+        raise DatasetError(f"{root}/{LEGACY_DATA_FILE} holds no TorchRecord 0.1 sub-databases")
+    size = (root / LEGACY_DATA_FILE).stat().st_size
+    shards = [
+        ShardInfo(LEGACY_DATA_FILE, n, size, legacy_db=name) for name, n in zip(names, counts)
+    ]
+    return Manifest("raw_rgb", "tensorprotos", shards, format_version=0, legacy=True)
+
+
+def read_shard_meta(txn: Any, shard: str) -> dict[str, Any]:
+    raw = txn.get(META_KEY)
+    if raw is None:
+        raise ShardCorruptedError(shard, "has no TorchRecord metadata key")
+    try:
+        meta = json.loads(bytes(raw))
+    except ValueError as exc:
+        raise ShardCorruptedError(shard, f"metadata is not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise ShardCorruptedError(shard, "metadata is not a JSON object")
+    check_format_version(meta.get("format_version"), f"shard {shard}")
+    return meta
+
+
+def check_shard_file(path: Path, expected_bytes: int) -> None:
+    """Refuse a shard whose size is not what the manifest recorded.
+
+    LMDB maps the file and a read past the end of a truncated file kills the process with SIGBUS,
+    so this runs before the first read of every shard.
+    """
+    try:
+        actual = path.stat().st_size
+    except FileNotFoundError:
+        raise ShardCorruptedError(str(path), "is missing") from None
+    if actual != expected_bytes:
+        raise ShardCorruptedError(
+            str(path),
+            f"is {actual} bytes but the manifest recorded {expected_bytes} "
+            "(truncated or modified after it was written)",
+        )

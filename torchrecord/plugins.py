@@ -1,0 +1,282 @@
+"""The plugin manager: built-ins, lazy entry-point loading, and typed lookups.
+
+The rest of TorchRecord calls :func:`get_codec` and :func:`get_serializer` and never touches
+``pm.hook``. Plugins are loaded once, on the first lookup, never at ``import torchrecord``.
+
+Environment variables:
+
+``TORCHRECORD_STRICT_PLUGINS=1``
+    a plugin that fails to load raises instead of warning.
+``TORCHRECORD_DISABLE_PLUGIN_AUTOLOAD=1``
+    entry points in the ``torchrecord`` group are not loaded (built-ins still are).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import DuplicatePluginError, PluginError, UnknownPluginError
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "DEFAULT_PLUGINS",
+    "PluginInfo",
+    "get_codec",
+    "get_serializer",
+    "list_codecs",
+    "list_serializers",
+    "get_plugin_manager",
+    "register_plugin",
+    "unregister_plugin",
+    "reset",
+]
+
+ENTRY_POINT_GROUP = "torchrecord"
+
+DEFAULT_PLUGINS = (
+    "torchrecord.codecs.raw_rgb",
+    "torchrecord.codecs.jpeg",
+    "torchrecord.serializers.tensorprotos",
+    "torchrecord.serializers.msgpack",
+)
+
+_BUILTIN_OWNER = "torchrecord (built-in)"
+_RUNTIME_OWNER = "(registered at run time)"
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """Who provides a registered codec or serializer."""
+
+    kind: str  # "codec" or "serializer"
+    name: str
+    obj: Any
+    distribution: str
+    version: str
+    plugin: str  # the pluggy plugin name
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class _Registry:
+    """A typed layer over the pluggy PluginManager."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._loaded = False
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self.pm.add_hookspecs(hookspecs)
+        self._owners: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
+        self._codecs: dict[str, PluginInfo] = {}
+        self._serializers: dict[str, PluginInfo] = {}
+
+    # -- loading ---------------------------------------------------------------------------
+    def ensure_loaded(self) -> None:
+        if self._loaded:
+            return
+        with self._lock:
+            if self._loaded:
+                return
+            if not _env_flag("TORCHRECORD_DISABLE_PLUGIN_AUTOLOAD"):
+                self._load_entry_points()
+            version = _own_version()
+            for module_name in DEFAULT_PLUGINS:
+                if self.pm.has_plugin(module_name):
+                    continue
+                self.pm.register(importlib.import_module(module_name), name=module_name)
+                self._owners[module_name] = (_BUILTIN_OWNER, version)
+            self._loaded = True
+            self._collect()
+
+    def _load_entry_points(self) -> None:
+        strict = _env_flag("TORCHRECORD_STRICT_PLUGINS")
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = getattr(ep, "dist", None)
+            dist_name = dist.metadata["Name"] if dist is not None else "(unknown distribution)"
+            dist_version = dist.version if dist is not None else "?"
+            plugin_name = f"{dist_name}:{ep.name}"
+            if self.pm.has_plugin(plugin_name) or self.pm.is_blocked(plugin_name):
+                continue
+            try:
+                plugin = ep.load()
+                self.pm.register(plugin, name=plugin_name)
+            except Exception as exc:  # one broken plugin must not break every program
+                message = (
+                    f"TorchRecord plugin {ep.name!r} from distribution {dist_name} {dist_version} "
+                    f"failed to load and is ignored: {type(exc).__name__}: {exc}. "
+                    "Reinstall or uninstall it; set TORCHRECORD_STRICT_PLUGINS=1 to make this "
+                    "an error."
+                )
+                if strict:
+                    raise PluginError(message) from exc
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                continue
+            self._owners[plugin_name] = (dist_name, dist_version)
+
+    def _collect(self) -> None:
+        """Ask every registered plugin for its codecs and serializers, one plugin at a time.
+
+        Calling each hook implementation on its own tells us which plugin registered which name,
+        so a clash can name both owners.
+        """
+        codecs: dict[str, PluginInfo] = {}
+        serializers: dict[str, PluginInfo] = {}
+        strict = _env_flag("TORCHRECORD_STRICT_PLUGINS")
+        for kind, hook, table in (
+            ("codec", self.pm.hook.torchrecord_register_codecs, codecs),
+            ("serializer", self.pm.hook.torchrecord_register_serializers, serializers),
+        ):
+            for impl in hook.get_hookimpls():  # registration order
+                owner = self._owners.get(impl.plugin_name, (_RUNTIME_OWNER, "-"))
+
+                def register(obj: Any, _kind=kind, _table=table, _impl=impl, _owner=owner):
+                    _validate(_kind, obj, _impl.plugin_name)
+                    name = obj.name
+                    if name in _table:
+                        first = _table[name]
+                        raise DuplicatePluginError(
+                            f"{_kind} name {name!r} is registered twice: by "
+                            f"{first.distribution} {first.version} (plugin {first.plugin}) and by "
+                            f"{_owner[0]} {_owner[1]} (plugin {_impl.plugin_name}). Names written "
+                            "to disk must be unique: uninstall one of them."
+                        )
+                    _table[name] = PluginInfo(
+                        _kind, name, obj, _owner[0], _owner[1], _impl.plugin_name
+                    )
+
+                try:
+                    impl.function(register=register)
+                except DuplicatePluginError:
+                    raise
+                except Exception as exc:
+                    # Built-ins and plugins registered at run time fail loudly; an installed
+                    # third-party package only warns, so it cannot break every program.
+                    if owner[0] in (_BUILTIN_OWNER, _RUNTIME_OWNER) or strict:
+                        raise
+                    warnings.warn(
+                        f"TorchRecord plugin {impl.plugin_name} ({owner[0]} {owner[1]}) failed "
+                        f"while registering {kind}s and is ignored: {type(exc).__name__}: {exc}",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+        self._codecs, self._serializers = codecs, serializers
+
+    # -- run-time registration (tests, notebooks) -------------------------------------------
+    def register(self, plugin: Any, name: str | None = None) -> str:
+        with self._lock:
+            self.ensure_loaded()
+            plugin_name = self.pm.register(plugin, name=name)
+            assert plugin_name is not None
+            self._owners.setdefault(plugin_name, (_RUNTIME_OWNER, "-"))
+            try:
+                self._collect()
+            except Exception:
+                self.pm.unregister(name=plugin_name)
+                self._owners.pop(plugin_name, None)
+                self._collect()
+                raise
+            return plugin_name
+
+    def unregister(self, plugin: Any = None, name: str | None = None) -> None:
+        with self._lock:
+            plugin_name = name if name is not None else self.pm.get_name(plugin)
+            if plugin_name is None or not self.pm.has_plugin(plugin_name):
+                raise PluginError(f"plugin {plugin or name!r} is not registered")
+            self.pm.unregister(name=plugin_name)
+            self._owners.pop(plugin_name, None)
+            self._collect()
+
+    # -- lookups ------------------------------------------------------------------------------
+    def codecs(self) -> dict[str, PluginInfo]:
+        self.ensure_loaded()
+        return self._codecs
+
+    def serializers(self) -> dict[str, PluginInfo]:
+        self.ensure_loaded()
+        return self._serializers
+
+
+def _validate(kind: str, obj: Any, plugin_name: str) -> None:
+    required = ("name", "encode", "decode_image") if kind == "codec" else ("name", "dumps", "loads")
+    missing = [attr for attr in required if not hasattr(obj, attr)]
+    if missing:
+        raise PluginError(
+            f"plugin {plugin_name} registered a {kind} {obj!r} without {', '.join(missing)}"
+        )
+    if kind == "codec" and getattr(obj, "name", None) == "custom":
+        raise PluginError(f"plugin {plugin_name}: the codec name 'custom' is reserved")
+    if not isinstance(obj.name, str) or not obj.name or not obj.name.replace("_", "a").isalnum():
+        raise PluginError(
+            f"plugin {plugin_name} registered a {kind} with an invalid name {obj.name!r}: "
+            "use letters, digits and underscores"
+        )
+
+
+def _own_version() -> str:
+    try:
+        return metadata.version("torchrecord")
+    except metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+_registry = _Registry()
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The underlying pluggy manager, with every plugin loaded."""
+    _registry.ensure_loaded()
+    return _registry.pm
+
+
+def get_codec(name: str) -> Any:
+    """The codec registered under ``name``; :class:`UnknownPluginError` lists the others."""
+    table = _registry.codecs()
+    try:
+        return table[name].obj
+    except KeyError:
+        raise UnknownPluginError("codec", name, sorted(table)) from None
+
+
+def get_serializer(name: str) -> Any:
+    """The serializer registered under ``name``; :class:`UnknownPluginError` lists the others."""
+    table = _registry.serializers()
+    try:
+        return table[name].obj
+    except KeyError:
+        raise UnknownPluginError("serializer", name, sorted(table)) from None
+
+
+def list_codecs() -> list[PluginInfo]:
+    return [info for _, info in sorted(_registry.codecs().items())]
+
+
+def list_serializers() -> list[PluginInfo]:
+    return [info for _, info in sorted(_registry.serializers().items())]
+
+
+def register_plugin(plugin: Any, name: str | None = None) -> str:
+    """Register a plugin object at run time (tests, notebooks); returns its pluggy name."""
+    return _registry.register(plugin, name=name)
+
+
+def unregister_plugin(plugin: Any = None, name: str | None = None) -> None:
+    _registry.unregister(plugin=plugin, name=name)
+
+
+def reset() -> None:
+    """Forget every plugin; the next lookup loads built-ins and entry points again."""
+    global _registry
+    _registry = _Registry()

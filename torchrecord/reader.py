@@ -1,0 +1,283 @@
+"""Random access to the records of a dataset, without torch.
+
+:class:`RecordReader` maps a global record index to (shard, key), opens each shard lazily in the
+process that reads it (LMDB environments must not cross ``fork``), checks the shard's size before
+the first memory-mapped read, verifies each record's CRC-32 and hands back the serializer's record.
+The per-record index is two small numpy arrays, so DataLoader workers share it copy-on-write.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import format as fmt
+from .environments import SHARED
+from .errors import DatasetError, RecordCorruptedError, SerializationError, ShardCorruptedError
+from .plugins import get_codec, get_serializer
+
+
+class RecordReader:
+    """Read records of one dataset by global index. Picklable; opens shards lazily."""
+
+    def __init__(self, path: str | os.PathLike, verify_checksums: bool = True):
+        self.path = Path(path)
+        self.manifest = fmt.read_manifest(self.path)
+        self.verify_checksums = verify_checksums and not self.manifest.legacy
+        counts = np.array([s.num_records for s in self.manifest.shards], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.codec_name = self.manifest.codec
+        self.serializer_name = self.manifest.serializer
+        self._state_init()
+
+    def _state_init(self) -> None:
+        self._envs: dict[int, Any] = {}  # shard -> environment, for the current generation
+        self._held: dict[tuple, int] = {}  # shared-environment key -> references this reader holds
+        self._dbs: dict[int, Any] = {}
+        self._checksums: dict[int, np.ndarray] = {}
+        self._legacy_keys: dict[int, list[bytes]] = {}
+        self._generation = SHARED.generation
+        self._serializer = None
+
+    # -- pickling: environments never travel -------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for key in (
+            "_envs",
+            "_held",
+            "_dbs",
+            "_checksums",
+            "_legacy_keys",
+            "_serializer",
+            "_generation",
+        ):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._state_init()
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.manifest.shards)
+
+    @property
+    def codec(self) -> Any:
+        return get_codec(self.codec_name)
+
+    @property
+    def serializer(self) -> Any:
+        if self._serializer is None:
+            self._serializer = get_serializer(self.serializer_name)
+        return self._serializer
+
+    def shard_path(self, shard: int) -> Path:
+        return self.path / self.manifest.shards[shard].file
+
+    def shard_label(self, shard: int) -> str:
+        info = self.manifest.shards[shard]
+        label = str(self.path / info.file)
+        return f"{label}[{info.legacy_db}]" if info.legacy_db else label
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard, index inside the shard) of a global record index."""
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"record index {index} out of range for a dataset of {n} records")
+        shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return shard, index - int(self.offsets[shard])
+
+    # -- shards --------------------------------------------------------------------------------
+    def _open(self, shard: int) -> Any:
+        if self._generation != SHARED.current_generation():
+            # the environments were closed before a fork, or we are the forked child
+            checksums, legacy_keys = self._checksums, self._legacy_keys
+            self._state_init()
+            self._checksums, self._legacy_keys = checksums, legacy_keys
+        env = self._envs.get(shard)
+        if env is not None:
+            return env
+        import lmdb
+
+        info = self.manifest.shards[shard]
+        path = self.shard_path(shard)
+        label = self.shard_label(shard)
+        fmt.check_shard_file(path, info.bytes)
+        try:
+            if info.legacy_db is not None:
+                env = self._acquire(
+                    path, lambda: lmdb.open(str(self.path), max_dbs=4096, **fmt.READ_OPTIONS)
+                )
+                self._check_pages(env, path, label)
+                db = env.open_db(info.legacy_db.encode(), create=False)
+                with env.begin(db=db) as txn:
+                    keys = list(txn.cursor().iternext(keys=True, values=False))
+                if len(keys) != info.num_records:
+                    raise ShardCorruptedError(label, "changed while it was being opened")
+                # 0.1 keys are zero-padded decimal indices: numeric order is record order
+                self._legacy_keys[shard] = sorted(keys, key=lambda k: int(k))
+                self._dbs[shard] = db
+            else:
+                env = self._acquire(
+                    path, lambda: lmdb.open(str(path), subdir=False, **fmt.READ_OPTIONS)
+                )
+                self._check_pages(env, path, label)
+                with env.begin() as txn:
+                    meta = fmt.read_shard_meta(txn, label)
+                    self._check_meta(meta, shard, label)
+                    if self.verify_checksums:
+                        raw = txn.get(fmt.CHECKSUMS_KEY)
+                        if raw is None or len(raw) != 4 * info.num_records:
+                            raise ShardCorruptedError(
+                                label, "its checksum table is missing or has the wrong length"
+                            )
+                        self._checksums[shard] = np.frombuffer(bytes(raw), dtype="<u4")
+                self._dbs[shard] = None
+        except lmdb.Error as exc:
+            raise ShardCorruptedError(label, f"LMDB cannot open it ({exc})") from exc
+        self._envs[shard] = env
+        return env
+
+    def _acquire(self, path: Path, opener: Callable[[], Any]) -> Any:
+        key, env = SHARED.acquire(path, opener)
+        self._held[key] = self._held.get(key, 0) + 1
+        return env
+
+    @staticmethod
+    def _check_pages(env: Any, path: Path, label: str) -> None:
+        used = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        size = path.stat().st_size
+        if used > size:
+            raise ShardCorruptedError(
+                label, f"is truncated: LMDB uses {used} bytes but the file has {size}"
+            )
+
+    def _check_meta(self, meta: dict[str, Any], shard: int, label: str) -> None:
+        expected = {
+            "codec": self.codec_name,
+            "serializer": self.serializer_name,
+            "num_records": self.manifest.shards[shard].num_records,
+        }
+        for key, value in expected.items():
+            if meta.get(key) != value:
+                raise ShardCorruptedError(
+                    label,
+                    f"its metadata says {key}={meta.get(key)!r} but the manifest says {value!r}",
+                )
+
+    def close(self) -> None:
+        """Release this reader's shards (an environment closes when no reader holds it)."""
+        held, generation = getattr(self, "_held", {}), getattr(self, "_generation", -1)
+        for key, count in held.items():
+            for _ in range(count):
+                SHARED.release(key, generation)
+        checksums, legacy_keys = self._checksums, self._legacy_keys
+        self._state_init()
+        self._checksums, self._legacy_keys = checksums, legacy_keys
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- records -------------------------------------------------------------------------------
+    def key_of(self, shard: int, local: int) -> bytes:
+        if self.manifest.shards[shard].legacy_db is not None:
+            self._open(shard)
+            return self._legacy_keys[shard][local]
+        return fmt.record_key(local)
+
+    def read_bytes(self, index: int) -> bytes:
+        """The stored bytes of one record, checked against its CRC-32."""
+        shard, local = self.locate(index)
+        env = self._open(shard)
+        key = self.key_of(shard, local)
+        with env.begin(db=self._dbs.get(shard)) as txn:
+            value = txn.get(key)
+        if value is None:
+            raise RecordCorruptedError(self.shard_label(shard), key, local, "the record is missing")
+        checksums = self._checksums.get(shard)
+        if checksums is not None and zlib.crc32(value) != int(checksums[local]):
+            raise RecordCorruptedError(
+                self.shard_label(shard),
+                key,
+                local,
+                "its bytes do not match the stored CRC-32 (the file was damaged on disk)",
+            )
+        return value
+
+    def read_record(self, index: int) -> Any:
+        """One record, deserialized (a ``TensorProtos`` message)."""
+        value = self.read_bytes(index)
+        try:
+            return self.serializer.loads(value)
+        except SerializationError as exc:
+            shard, local = self.locate(index)
+            raise RecordCorruptedError(
+                self.shard_label(shard), self.key_of(shard, local), local, str(exc)
+            ) from exc
+
+    def shard_of(self, index: int) -> int:
+        return self.locate(index)[0]
+
+    def __repr__(self) -> str:
+        return (
+            f"RecordReader({str(self.path)!r}, records={len(self)}, shards={self.num_shards}, "
+            f"codec={self.codec_name!r}, serializer={self.serializer_name!r})"
+        )
+
+
+def verify(reader: RecordReader) -> Iterator[DatasetError]:
+    """Read every record of every shard; yield one error per bad record or unreadable shard."""
+    try:
+        for shard in range(reader.num_shards):
+            for index in range(int(reader.offsets[shard]), int(reader.offsets[shard + 1])):
+                try:
+                    reader.read_record(index)
+                except ShardCorruptedError as exc:
+                    yield exc
+                    break  # the rest of this shard cannot be read either
+                except DatasetError as exc:
+                    yield exc
+    finally:
+        reader.close()
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """A summary for ``torchrecord info``."""
+    manifest = fmt.read_manifest(path)
+    root = Path(path)
+    files = {s.file for s in manifest.shards}
+    total = sum((root / f).stat().st_size for f in files if (root / f).exists())
+    if not manifest.shards:
+        raise DatasetError(f"{root} has no shards")
+    return {
+        "path": str(root),
+        "format_version": manifest.format_version,
+        "legacy": manifest.legacy,
+        "codec": manifest.codec,
+        "serializer": manifest.serializer,
+        "records": manifest.num_records,
+        "shards": [
+            {
+                "file": s.file + (f"[{s.legacy_db}]" if s.legacy_db else ""),
+                "records": s.num_records,
+                "bytes": s.bytes,
+            }
+            for s in manifest.shards
+        ],
+        "bytes": total,
+        **{k: v for k, v in manifest.extra.items()},
+    }

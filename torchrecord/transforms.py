@@ -1,0 +1,43 @@
+"""Read-time transforms: from a record to what the training loop receives.
+
+:func:`default_transform` gives what TorchRecord 0.1 gave: a 3x224x224 float tensor in [0, 1]
+(``Resize((224, 224))`` then ``ToTensor()`` on a PIL image) and an int label. It reads records of
+any image codec: the image proto's ``name`` says which codec wrote it (empty means raw RGB, as in
+0.1).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+
+@lru_cache(maxsize=1)
+def _seed_pipeline() -> Any:
+    import torchvision.transforms as tvt
+
+    return tvt.Compose([tvt.Resize((224, 224)), tvt.ToTensor()])
+
+
+def to_seed_tensor(img: Any) -> Any:
+    """The seed's image pipeline: ``Resize((224, 224))`` then ``ToTensor()``."""
+    return _seed_pipeline()(img)
+
+
+def decode_image(record: Any) -> Any:
+    """The RGB ``PIL.Image`` of a record of the shared two-proto layout, whatever its codec."""
+    from PIL import Image
+
+    proto = record.protos[0]
+    if not proto.name:  # raw RGB pixels, as TorchRecord 0.1 wrote them
+        return Image.frombytes("RGB", tuple(proto.dims), proto.byte_data)
+    from .plugins import get_codec
+
+    return get_codec(proto.name).decode_image(record)
+
+
+def default_transform(tensor_protos: Any) -> tuple[Any, int]:
+    """The seed's default transform: (3x224x224 float tensor in [0, 1], int label)."""
+    img = to_seed_tensor(decode_image(tensor_protos))
+    label = int(tensor_protos.protos[1].byte_data)
+    return img, label
