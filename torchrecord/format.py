@@ -90,8 +90,14 @@ class Manifest:
         }
 
 
+def _count(value: Any, where: str, what: str) -> int:
+    if type(value) is not int or value < 0:
+        raise DatasetError(f"{where}: {what} must be a non-negative integer, got {value!r}")
+    return value
+
+
 def check_format_version(version: Any, where: str) -> None:
-    if not isinstance(version, int) or version < 1:
+    if type(version) is not int or version < 1:
         raise DatasetError(f"{where}: invalid format_version {version!r}")
     if version > FORMAT_VERSION:
         from . import __version__
@@ -127,38 +133,47 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         )
     try:
         doc = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if doc.get("format") != FORMAT_NAME:
-            raise DatasetError(f"{manifest_path} is not a TorchRecord manifest")
-        check_format_version(doc.get("format_version"), str(manifest_path))
-        shards = [
-            ShardInfo(s["file"], int(s["num_records"]), int(s["bytes"])) for s in doc["shards"]
-        ]
-        known = {
-            "format",
-            "format_version",
-            "codec",
-            "serializer",
-            "num_records",
-            "checksum",
-            "shards",
-        }
-        manifest = Manifest(
-            codec=str(doc["codec"]),
-            serializer=str(doc["serializer"]),
-            shards=shards,
-            format_version=doc["format_version"],
-            extra={k: v for k, v in doc.items() if k not in known},
+    except ValueError as exc:
+        raise DatasetError(f"{manifest_path} is damaged ({exc}); re-write the dataset") from exc
+    where = str(manifest_path)
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise DatasetError(f"{where} is not a TorchRecord manifest")
+    check_format_version(doc.get("format_version"), where)
+    if doc.get("checksum", CHECKSUM_ALGORITHM) != CHECKSUM_ALGORITHM:
+        raise DatasetError(f"{where}: unknown checksum algorithm {doc.get('checksum')!r}")
+    shard_docs = doc.get("shards")
+    if not isinstance(shard_docs, list) or not shard_docs:
+        raise DatasetError(f"{where}: 'shards' must be a non-empty list; re-write the dataset")
+    shards = []
+    for i, item in enumerate(shard_docs):
+        if not isinstance(item, dict):
+            raise DatasetError(f"{where}: shard {i} is not an object")
+        name = item.get("file")
+        if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
+            raise DatasetError(f"{where}: shard file name {name!r} is not allowed")
+        shards.append(
+            ShardInfo(
+                name,
+                _count(item.get("num_records"), where, f"shard {name} num_records"),
+                _count(item.get("bytes"), where, f"shard {name} bytes"),
+            )
         )
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DatasetError(
-            f"{manifest_path} is damaged ({type(exc).__name__}: {exc}); re-write the dataset"
-        ) from exc
-    for shard in shards:
-        if Path(shard.file).name != shard.file or shard.file.startswith("."):
-            raise DatasetError(f"{manifest_path}: shard file name {shard.file!r} is not allowed")
+    if len({s.file for s in shards}) != len(shards):
+        raise DatasetError(f"{where}: a shard file is listed twice")
+    for key in ("codec", "serializer"):
+        if not isinstance(doc.get(key), str) or not doc[key]:
+            raise DatasetError(f"{where}: {key!r} must be a non-empty string")
+    known = {"format", "format_version", "codec", "serializer", "num_records", "checksum", "shards"}
+    manifest = Manifest(
+        codec=doc["codec"],
+        serializer=doc["serializer"],
+        shards=shards,
+        format_version=doc["format_version"],
+        extra={k: v for k, v in doc.items() if k not in known},
+    )
     if doc.get("num_records") != manifest.num_records:
         raise DatasetError(
-            f"{manifest_path}: num_records {doc.get('num_records')} disagrees with the sum of "
+            f"{where}: num_records {doc.get('num_records')} disagrees with the sum of "
             f"its shards ({manifest.num_records}); re-write the dataset"
         )
     return manifest

@@ -126,7 +126,9 @@ class RecordReader:
                 if len(keys) != info.num_records:
                     raise ShardCorruptedError(label, "changed while it was being opened")
                 # 0.1 keys are zero-padded decimal indices: numeric order is record order
-                self._legacy_keys[shard] = sorted(keys, key=lambda k: int(k))
+                if not all(k.isdigit() for k in keys):
+                    raise ShardCorruptedError(label, "holds a key that is not a decimal index")
+                self._legacy_keys[shard] = sorted(keys, key=int)
                 self._dbs[shard] = db
             else:
                 env = self._acquire(
@@ -134,6 +136,12 @@ class RecordReader:
                 )
                 self._check_pages(env, path, label)
                 with env.begin() as txn:
+                    entries = txn.stat()["entries"]
+                    if entries != info.num_records + 2:
+                        raise ShardCorruptedError(
+                            label, f"holds {entries} keys, expected {info.num_records} records "
+                            "and 2 metadata keys"
+                        )
                     meta = fmt.read_shard_meta(txn, label)
                     self._check_meta(meta, shard, label)
                     if self.verify_checksums:
@@ -165,6 +173,9 @@ class RecordReader:
 
     def _check_meta(self, meta: dict[str, Any], shard: int, label: str) -> None:
         expected = {
+            "format": fmt.FORMAT_NAME,
+            "shard_index": shard,
+            "checksum": fmt.CHECKSUM_ALGORITHM,
             "codec": self.codec_name,
             "serializer": self.serializer_name,
             "num_records": self.manifest.shards[shard].num_records,
