@@ -44,7 +44,10 @@ def test_shard_layout(records):
     manifest = json.loads((records / "manifest.json").read_text())
     assert manifest["format"] == "torchrecord" and manifest["format_version"] == 1
     assert (manifest["codec"], manifest["serializer"], manifest["num_records"]) == (
-        "jpeg", "msgpack", 24)
+        "jpeg",
+        "msgpack",
+        24,
+    )
     for index, shard in enumerate(manifest["shards"]):
         path = records / shard["file"]
         assert shard["file"] == f"shard-{index:05d}.lmdb"
@@ -58,7 +61,10 @@ def test_shard_layout(records):
         meta = json.loads(dict(items)[b"__torchrecord__"])
         assert meta["format_version"] == 1 and meta["shard_index"] == index
         assert (meta["codec"], meta["serializer"], meta["num_records"]) == (
-            "jpeg", "msgpack", shard["num_records"])
+            "jpeg",
+            "msgpack",
+            shard["num_records"],
+        )
         crcs = struct.unpack(f"<{shard['num_records']}I", dict(items)[b"__checksums__"])
         assert list(crcs) == [zlib.crc32(v) for k, v in items if len(k) == 8]
 
@@ -87,8 +93,9 @@ def test_newer_shard_version_is_refused_clearly(records):
     _resize_in_manifest(records, "shard-00001.lmdb")
     dataset = TRDataset(records, transform=None)
     assert dataset[0] is not None  # shard 0 is fine
-    with pytest.raises(FormatVersionError, match="shard .*shard-00001.lmdb uses TorchRecord "
-                                                 "format version 7"):
+    with pytest.raises(
+        FormatVersionError, match="shard .*shard-00001.lmdb uses TorchRecord format version 7"
+    ):
         dataset[23]
 
 
@@ -126,9 +133,41 @@ def test_manifest_disagreeing_with_shard_metadata(records):
     doc["shards"][0]["num_records"] -= 1
     doc["shards"][1]["num_records"] += 1
     path.write_text(json.dumps(doc))
-    with pytest.raises(ShardCorruptedError, match="metadata says num_records=12 but the "
-                                                  "manifest says 11"):
+    with pytest.raises(
+        ShardCorruptedError,
+        match="shard-00000.lmdb: holds 14 keys, expected 11 records and 2 metadata keys",
+    ):
         TRDataset(records, transform=None)[0]
+    doc["shards"][0]["num_records"] += 1
+    doc["shards"][1]["num_records"] -= 1
+    doc["serializer"] = "tensorprotos"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(
+        ShardCorruptedError,
+        match="metadata says serializer='msgpack' but the manifest says 'tensorprotos'",
+    ):
+        TRDataset(records, transform=None)[0]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.update(format_version=True), "invalid format_version True"),
+        (lambda d: d["shards"][0].update(bytes="123"), "bytes must be a non-negative integer"),
+        (lambda d: d["shards"][1].update(file=d["shards"][0]["file"]), "listed twice"),
+        (lambda d: d["shards"][0].update(file="../elsewhere.lmdb"), "is not allowed"),
+        (lambda d: d.update(checksum="md5"), "unknown checksum algorithm 'md5'"),
+        (lambda d: d.update(num_records=25), "num_records 25 disagrees"),
+    ],
+    ids=["bool-version", "string-bytes", "duplicate-file", "path-escape", "checksum", "count"],
+)
+def test_manifest_fields_are_checked_strictly(records, edit, message):
+    path = records / "manifest.json"
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DatasetError, match=message):
+        TRDataset(records)
 
 
 def test_damaged_manifest(records):
