@@ -172,3 +172,18 @@ def test_info_on_a_legacy_dataset(legacy_fixture):
     assert fields["shards"] == "2"
     assert fields["codec"] == "raw_rgb"
     assert "(TorchRecord 0.1 layout)" in fields["dataset"]
+
+
+def test_bench_reports_every_worker_count(photos, tmp_path):
+    out = tmp_path / "bench"
+    run_cli("write", str(photos), str(out), "--codec", "jpeg", "-q")
+    result = run_cli("bench", str(out), "--workers", "0,2", "--limit", "24", "--epochs", "1",
+                     "--transform", "fast")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "24 records in 1 shards, codec jpeg" in lines[0]
+    read = [line for line in lines if line.startswith("read")]
+    load = [line for line in lines if line.startswith("load")]
+    assert len(read) == 1 and float(read[0].split()[1]) > 0
+    assert [line.split()[4] for line in load] == ["0", "2"]
+    assert all(float(line.split()[1]) > 0 for line in load)

@@ -139,8 +139,9 @@ class RecordReader:
                     entries = txn.stat()["entries"]
                     if entries != info.num_records + 2:
                         raise ShardCorruptedError(
-                            label, f"holds {entries} keys, expected {info.num_records} records "
-                            "and 2 metadata keys"
+                            label,
+                            f"holds {entries} keys, expected {info.num_records} records "
+                            "and 2 metadata keys",
                         )
                     meta = fmt.read_shard_meta(txn, label)
                     self._check_meta(meta, shard, label)

@@ -8,8 +8,11 @@ any image codec: the image proto's ``name`` says which codec wrote it (empty mea
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 from typing import Any
+
+TRANSFORMS = ("pil", "fast", "uint8")  # names accepted by TRDataset(transform=...)
 
 
 @lru_cache(maxsize=1)
@@ -41,3 +44,27 @@ def default_transform(tensor_protos: Any) -> tuple[Any, int]:
     img = to_seed_tensor(decode_image(tensor_protos))
     label = int(tensor_protos.protos[1].byte_data)
     return img, label
+
+
+def tensor_view(data: bytes) -> Any:
+    """A read-only uint8 tensor over ``data`` without copying it (nothing writes to it)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given buffer is not writable"
+        return torch.frombuffer(data, dtype=torch.uint8)
+
+
+def pil_to_uint8(img: Any) -> Any:
+    """A PIL RGB image as a uint8 ``3 x H x W`` tensor."""
+    width, height = img.size
+    return tensor_view(img.convert("RGB").tobytes()).view(height, width, 3).permute(2, 0, 1)
+
+
+def resize_224(image: Any) -> Any:
+    """Antialiased bilinear resize of a uint8 ``3 x H x W`` tensor to ``3 x 224 x 224``."""
+    from torchvision.transforms.v2.functional import resize
+
+    if tuple(image.shape[-2:]) == (224, 224):
+        return image.contiguous()
+    return resize(image, [224, 224], antialias=True)

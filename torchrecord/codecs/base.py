@@ -76,10 +76,31 @@ class Codec:
     def decode_image(self, record: TensorProtos) -> Image:
         raise NotImplementedError
 
+    def decode_tensor(self, record: TensorProtos) -> Any:
+        """The image as a uint8 ``3 x H x W`` torch tensor. Codecs override it with a faster
+        path than this default, which goes through :meth:`decode_image`."""
+        from ..transforms import pil_to_uint8
+
+        return pil_to_uint8(self.decode_image(record))
+
     def transform(self, record: TensorProtos) -> tuple[Any, int]:
+        """0.1's transform, exactly: PIL image, ``Resize((224, 224))``, ``ToTensor()``."""
         from ..transforms import to_seed_tensor
 
         return to_seed_tensor(self.decode_image(record)), record_label(record)
+
+    def fast_transform(self, record: TensorProtos) -> tuple[Any, int]:
+        """The same output as :meth:`transform` (3x224x224 float in [0, 1], int label) through
+        tensor decode and an antialiased tensor resize; values differ from PIL's by rounding."""
+        from ..transforms import resize_224
+
+        return resize_224(self.decode_tensor(record)).float().div_(255), record_label(record)
+
+    def uint8_transform(self, record: TensorProtos) -> tuple[Any, int]:
+        """3x224x224 uint8 and the int label: convert to float on the GPU, in the batch."""
+        from ..transforms import resize_224
+
+        return resize_224(self.decode_tensor(record)), record_label(record)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} codec {self.name!r}>"

@@ -8,6 +8,8 @@ that suggests ``raw_rgb``.
 from __future__ import annotations
 
 import io
+import warnings
+from functools import lru_cache, partial
 from typing import Any
 
 from ..errors import EncodeError
@@ -55,6 +57,32 @@ class JPEGCodec(Codec):
 
         with Image.open(io.BytesIO(record.protos[0].byte_data)) as img:
             return img.convert("RGB")
+
+    def decode_tensor(self, record):
+        decode = _tensor_decoder()
+        if decode is None:  # a torchvision without image decoding: Pillow's path
+            return super().decode_tensor(record)
+        from ..transforms import tensor_view
+
+        return decode(tensor_view(record.protos[0].byte_data))
+
+
+@lru_cache(maxsize=1)
+def _tensor_decoder():
+    """``torchvision.io.decode_jpeg`` (libjpeg-turbo into a uint8 CHW tensor), or None.
+
+    torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still work and
+    decode faster than Pillow's path into a tensor, so we use them while they exist.
+    """
+    warnings.filterwarnings(
+        "ignore", message="The image decoding and encoding capabilities of TorchVision",
+        category=DeprecationWarning,
+    )
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
+    return partial(decode_jpeg, mode=ImageReadMode.RGB)
 
 
 CODEC = JPEGCodec()

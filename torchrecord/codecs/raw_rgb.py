@@ -30,6 +30,13 @@ class RawRGBCodec(Codec):
         proto = record.protos[0]
         return Image.frombytes("RGB", tuple(proto.dims), proto.byte_data)
 
+    def decode_tensor(self, record):
+        from ..transforms import tensor_view
+
+        proto = record.protos[0]
+        width, height = proto.dims
+        return tensor_view(proto.byte_data).view(height, width, 3).permute(2, 0, 1)
+
 
 CODEC = RawRGBCodec()
 

@@ -1,0 +1,67 @@
+"""Read-time transforms: 0.1's PIL path, the tensor ("fast") path and uint8 output agree."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision.transforms as tvt
+from conftest import read_list
+from PIL import Image
+
+from torchrecord import TorchRecord, TRDataset, Writer
+from torchrecord.transforms import pil_to_uint8, resize_224
+
+
+@pytest.fixture(scope="module")
+def datasets(photo_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("transforms")
+    paths = {}
+    for codec in ("raw_rgb", "jpeg"):
+        paths[codec] = out / codec
+        Writer(photo_dir / "data_list.txt", paths[codec], db_num=2, codec=codec).write()
+    return paths
+
+
+@pytest.mark.parametrize("codec", ["raw_rgb", "jpeg"])
+def test_fast_and_uint8_match_the_pil_path(photo_dir, datasets, codec):
+    pil = TRDataset(datasets[codec], transform="pil")
+    fast = TRDataset(datasets[codec], transform="fast")
+    uint8 = TRDataset(datasets[codec], transform="uint8")
+    samples = read_list(photo_dir / "data_list.txt")
+    seed = tvt.Compose([tvt.Resize((224, 224)), tvt.ToTensor()])
+    for i in range(0, len(samples), 5):
+        path, label = samples[i]
+        with Image.open(path) as img:
+            reference = seed(img.convert("RGB"))
+        a, la = pil[i]
+        b, lb = fast[i]
+        c, lc = uint8[i]
+        assert la == lb == lc == label
+        assert torch.equal(a, reference)
+        assert b.shape == (3, 224, 224) and b.dtype == torch.float32
+        # the tensor resize rounds differently from PIL's, by at most one level
+        assert (a - b).abs().max().item() <= 1 / 255 + 1e-6
+        assert (a - b).abs().mean().item() < 1e-3
+        assert c.dtype == torch.uint8 and c.shape == (3, 224, 224)
+        assert torch.equal(c.float().div(255), b)
+
+
+def test_named_transforms_through_the_loader(datasets):
+    loader = TorchRecord(datasets["jpeg"], batch_size=8, num_workers=2, transform="uint8")
+    batches = list(loader)
+    assert [tuple(images.shape) for images, _ in batches] == [(8, 3, 224, 224)] * 3
+    assert all(images.dtype == torch.uint8 for images, _ in batches)
+    with pytest.raises(ValueError, match="unknown transform 'bilinear'"):
+        TRDataset(datasets["jpeg"], transform="bilinear")
+
+
+def test_tensor_helpers(photo_dir):
+    path, _ = read_list(photo_dir / "data_list.txt")[0]
+    with Image.open(path) as img:
+        rgb = img.convert("RGB")
+    chw = pil_to_uint8(rgb)
+    assert chw.shape == (3, rgb.height, rgb.width)
+    assert tuple(chw[:, 7, 11].tolist()) == rgb.getpixel((11, 7))
+    assert resize_224(chw).shape == (3, 224, 224)
+    small = resize_224(chw)
+    assert torch.equal(resize_224(small), small)  # already 224x224: unchanged
