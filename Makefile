@@ -5,13 +5,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.torchrecord-installed
 
-.PHONY: demo test test-long bench clean
+.PHONY: demo test bench clean
 
 $(STAMP): pyproject.toml plugins_example/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[demo,test]' -e ./plugins_example
 	touch $(STAMP)
+
+$(VENV)/.torchrecord-bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	touch $@
+
+# every peer side by side, warm then cold page cache (about 15 minutes on 2 cores)
+bench: $(VENV)/.torchrecord-bench
+	$(PY) -m benchmarks.compare
+	$(PY) -m benchmarks.compare --cold
 
 demo: $(STAMP)
 	$(PY) -m benchmarks.demo

@@ -46,30 +46,52 @@ def main(argv: list[str] | None = None) -> int:
 
     source = args.data / f"cub_like_{args.num_images}"
     started = time.perf_counter()
-    data_list = make_dataset(source, num_images=args.num_images, num_classes=200, seed=0,
-                             workers=args.workers)
+    data_list = make_dataset(
+        source, num_images=args.num_images, num_classes=200, seed=0, workers=args.workers
+    )
     jpeg_bytes = sum(p.stat().st_size for p in source.rglob("*.jpg"))
-    print(f"dataset: {args.num_images} JPEGs in 200 classes, {jpeg_bytes / 1e6:.1f} MB, "
-          f"{source} ({time.perf_counter() - started:.1f} s)")
+    print(
+        f"dataset: {args.num_images} JPEGs in 200 classes, {jpeg_bytes / 1e6:.1f} MB, "
+        f"{source} ({time.perf_counter() - started:.1f} s)"
+    )
 
     methods = {}
     for codec in ("raw_rgb", "jpeg"):
         out = args.data / f"records_{codec}_{args.num_images}"
         started = time.perf_counter()
-        manifest = Writer(data_list, out, db_num=4, shuffle=True, codec=codec,
-                          num_workers=args.workers, overwrite=True, progress=False).write()
+        manifest = Writer(
+            data_list,
+            out,
+            db_num=4,
+            shuffle=True,
+            codec=codec,
+            num_workers=args.workers,
+            overwrite=True,
+            progress=False,
+        ).write()
         seconds = time.perf_counter() - started
         size = sum(s.bytes for s in manifest.shards)
-        print(f"write {codec:<8} {manifest.num_records} records, 4 shards, {size / 1e6:7.1f} MB, "
-              f"{seconds:5.1f} s ({manifest.num_records / seconds:5.0f} images/s)")
+        print(
+            f"write {codec:<8} {manifest.num_records} records, 4 shards, {size / 1e6:7.1f} MB, "
+            f"{seconds:5.1f} s ({manifest.num_records / seconds:5.0f} images/s)"
+        )
         methods[f"TorchRecord {codec}"] = TorchRecord(
-            out, 4, shuffle=True, batch_size=32, num_workers=args.workers,
-            transform=default_transform, persistent_workers=True)
+            out,
+            4,
+            shuffle=True,
+            batch_size=32,
+            num_workers=args.workers,
+            transform=default_transform,
+            persistent_workers=True,
+        )
 
     folder = torchvision.datasets.ImageFolder(str(source), transform=to_seed_tensor)
-    methods = {"ImageFolder (loose files)": torch.utils.data.DataLoader(
-        folder, batch_size=32, shuffle=True, num_workers=args.workers,
-        persistent_workers=True), **methods}
+    methods = {
+        "ImageFolder (loose files)": torch.utils.data.DataLoader(
+            folder, batch_size=32, shuffle=True, num_workers=args.workers, persistent_workers=True
+        ),
+        **methods,
+    }
 
     rates: dict[str, list[float]] = {name: [] for name in methods}
     for loader in methods.values():  # warm-up: page cache, worker start, first decode
@@ -79,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             rates[name].append(_epoch_rate(loader))
 
     base = statistics.median(rates["ImageFolder (loose files)"])
-    print(f"\nread: batch 32, {args.workers} workers, seed transform (3x224x224 float), warm "
-          f"cache, median of {args.epochs} epochs")
+    print(
+        f"\nread: batch 32, {args.workers} workers, seed transform (3x224x224 float), warm "
+        f"cache, median of {args.epochs} epochs"
+    )
     for name, values in rates.items():
         median = statistics.median(values)
         print(f"  {name:<28} {median:7.0f} images/s   x{median / base:4.2f}")

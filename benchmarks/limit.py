@@ -1,0 +1,106 @@
+"""The limit: images/s on one core for each read-time pipeline, with the data already in memory.
+
+Each pipeline turns stored bytes into a 3x224x224 image tensor. Timed one step at a time
+(decode, resize, to-tensor) over the same images, single-threaded, in this process, so the sum
+is what one DataLoader worker can do at best; twice that is the 2-core ideal a loader with two
+workers could approach if reading, transport and collation were free.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+PIPELINES = {
+    "PIL (jpeg)": "PIL decode + convert RGB, Resize((224, 224)), ToTensor()",
+    "PIL (raw)": "Image.frombytes, Resize((224, 224)), ToTensor()",
+    "tensor (jpeg)": "torchvision.io.decode_jpeg, antialiased tensor resize, float / 255",
+    "tensor (raw)": "torch.frombuffer view, antialiased tensor resize, float / 255",
+    "tensor uint8 (jpeg)": "torchvision.io.decode_jpeg, antialiased tensor resize",
+    "tensor uint8 (raw)": "torch.frombuffer view, antialiased tensor resize",
+}
+
+
+def _time_steps(
+    items: list[Any], steps: list[tuple[str, Callable[[Any], Any]]], repeats: int = 3
+) -> dict[str, float]:
+    """Seconds per image for each step (median of ``repeats`` passes), chained in order."""
+    import statistics
+
+    per_step: dict[str, list[float]] = {name: [] for name, _ in steps}
+    for _ in range(repeats):
+        values = items
+        for name, fn in steps:
+            started = time.perf_counter()
+            values = [fn(v) for v in values]
+            per_step[name].append((time.perf_counter() - started) / len(items))
+    return {name: statistics.median(times) for name, times in per_step.items()}
+
+
+def measure_limits(jpeg_files: list[Path], count: int = 300) -> dict[str, dict[str, float]]:
+    """``{pipeline: {step: seconds per image, ..., "total": ..., "images_per_s": ...}}``."""
+    import torch
+    import torchvision.transforms as tvt
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from torchrecord.transforms import resize_224, tensor_view
+
+    torch.set_num_threads(1)  # one core: what one DataLoader worker gets
+    datas = [p.read_bytes() for p in jpeg_files[:count]]
+    raws = []
+    for data in datas:
+        with Image.open(io.BytesIO(data)) as img:
+            rgb = img.convert("RGB")
+        raws.append((rgb.tobytes(), rgb.size))
+    resize, to_tensor = tvt.Resize((224, 224)), tvt.ToTensor()
+
+    def pil_decode(data: bytes) -> Any:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+
+    def raw_view(item: tuple[bytes, tuple[int, int]]) -> Any:
+        data, (width, height) = item
+        return tensor_view(data).view(height, width, 3).permute(2, 0, 1)
+
+    def jpeg_tensor(data: bytes) -> Any:
+        return decode_jpeg(tensor_view(data), mode=ImageReadMode.RGB)
+
+    def to_float(t: Any) -> Any:
+        return t.float().div_(255)
+
+    plans = {
+        "PIL (jpeg)": (
+            datas,
+            [("decode", pil_decode), ("resize", resize), ("to-tensor", to_tensor)],
+        ),
+        "PIL (raw)": (
+            raws,
+            [
+                ("decode", lambda r: Image.frombytes("RGB", r[1], r[0])),
+                ("resize", resize),
+                ("to-tensor", to_tensor),
+            ],
+        ),
+        "tensor (jpeg)": (
+            datas,
+            [("decode", jpeg_tensor), ("resize", resize_224), ("to-tensor", to_float)],
+        ),
+        "tensor (raw)": (
+            raws,
+            [("decode", raw_view), ("resize", resize_224), ("to-tensor", to_float)],
+        ),
+        "tensor uint8 (jpeg)": (datas, [("decode", jpeg_tensor), ("resize", resize_224)]),
+        "tensor uint8 (raw)": (raws, [("decode", raw_view), ("resize", resize_224)]),
+    }
+    results = {}
+    for name, (items, steps) in plans.items():
+        _time_steps(items[:20], steps, repeats=1)  # warm-up
+        timing = _time_steps(items, steps)
+        timing["total"] = sum(timing.values())
+        timing["images_per_s"] = 1.0 / timing["total"]
+        results[name] = timing
+    return results
