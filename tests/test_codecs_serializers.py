@@ -55,18 +55,20 @@ def test_default_transform_gives_the_seed_output(photos, tmp_path, codec):
     out = tmp_path / "records"
     Writer(photos, out, codec=codec).write()
     path, label = read_list(photos)[5]
+    import torchvision.transforms as tvt
+
+    with Image.open(path) as img:  # the seed's pipeline on the decoded photo, independently
+        expected = tvt.ToTensor()(tvt.Resize((224, 224))(img.convert("RGB")))
+    # asked for by name, 0.1's transform is exact, in the dataset and as a function
+    for image, got_label in (TRDataset(out, transform=default_transform)[5],
+                             TRDataset(out, transform="pil")[5],
+                             default_transform(TRDataset(out, transform=None)[5])):
+        assert torch.equal(image, expected) and got_label == label
+    # the default takes the fast path: the same output up to one grey level of rounding
     image, got_label = TRDataset(out)[5]
     assert got_label == label and isinstance(got_label, int)
     assert image.shape == (3, 224, 224) and image.dtype == torch.float32
-    # the seed's pipeline on the decoded photo, computed independently
-    import torchvision.transforms as tvt
-
-    with Image.open(path) as img:
-        expected = tvt.ToTensor()(tvt.Resize((224, 224))(img.convert("RGB")))
-    assert torch.equal(image, expected)
-    # the seed's default_transform reads records of either codec
-    seed_image, seed_label = default_transform(TRDataset(out, transform=None)[5])
-    assert torch.equal(seed_image, expected) and seed_label == label
+    assert (image - expected).abs().max().item() <= 1 / 255 + 1e-6
 
 
 @pytest.mark.parametrize("name", SERIALIZERS)

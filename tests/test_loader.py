@@ -72,7 +72,8 @@ def test_order_depends_on_seed_and_epoch_only(records):
     base = order(0, 4, epoch=1)
     assert order(2, 4, epoch=1) == base
     assert order(2, 7, epoch=1) == base  # same pool size: batch size does not matter
-    assert order(0, 4, epoch=1, pool_size=None) == base  # the seed's pool: min(4 * 4, 64) = 16
+    # the default pool (64, 0.1's for batches of 16 or more) does not depend on the batch size
+    assert order(0, 4, epoch=1, pool_size=None) == order(2, 32, epoch=1, pool_size=None)
     assert order(0, 4, epoch=2) != base
     assert order(0, 4, epoch=1, seed=4) != base
 
@@ -86,7 +87,7 @@ def test_sampler_modes(records):
     full.set_epoch(0)
     assert list(full) == first
     # the seed's shuffle: shard order and in-shard order permuted, then the item pool
-    local = TRSampler(str(records), shuffle=True, batch_size=1, seed=5)  # pool of 4
+    local = TRSampler(str(records), shuffle=True, batch_size=1, seed=5)
     order = list(local)
     assert sorted(order) == list(range(24)) and order != list(range(24))
     with pytest.raises(ValueError, match="record_num=3 but .* has 4 shards"):

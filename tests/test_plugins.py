@@ -482,7 +482,10 @@ def test_run_time_codec_writes_and_reads_back(photos, tmp_path):
         assert torch.equal(tensor[0], tensor[1]) and torch.equal(tensor[1], tensor[2])
         with Image.open(samples[3][0]) as img:
             expected = to_seed_tensor(img.convert("L").convert("RGB"))
-        assert torch.equal(tensor, expected)
+        # the default read path is the fast one: within one grey level of 0.1's
+        assert (tensor - expected).abs().max().item() <= 1 / 255 + 1e-6
+        exact, _ = torchrecord.TRDataset(out, transform="pil")[3]
+        assert torch.equal(exact, expected)
         dataset.close()
     finally:
         plugins.unregister_plugin(name=name)

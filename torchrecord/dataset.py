@@ -22,11 +22,13 @@ from .transforms import TRANSFORMS, default_transform
 class TRDataset(data.Dataset):
     """Records of one dataset by index, passed through ``transform``.
 
-    With the default ``transform`` the codec's own default transform is used (for the built-in
-    codecs: the seed's 3x224x224 float tensor and int label, through PIL as in 0.1).
-    ``transform="fast"`` gives the same shapes through tensor decoding and resizing (2-4x
-    faster), ``"uint8"`` the 3x224x224 uint8 image (for normalising on the GPU), ``"pil"`` the
-    0.1 path explicitly; ``transform=None`` returns the record itself (a ``TensorProtos``).
+    The default ``transform="auto"`` gives what 0.1 gave (a 3x224x224 float tensor in [0, 1]
+    and an int label) through the codec's fastest path (``"fast"``: tensor decoding and an
+    antialiased tensor resize, within one grey level of PIL's result). ``"pil"`` or
+    ``default_transform`` is 0.1's exact PIL path, ``"uint8"`` the 3x224x224 uint8 image (for
+    normalising on the GPU); ``transform=None`` returns the record itself (a
+    ``TensorProtos``). Datasets written by a custom ``data_process_func`` get 0.1's
+    ``default_transform`` unless you pass your own.
     ``shuffle``, ``batch_size`` and ``proto`` are accepted for TorchRecord 0.1 compatibility;
     ordering is the sampler's job.
     """
@@ -34,7 +36,7 @@ class TRDataset(data.Dataset):
     def __init__(
         self,
         record_path: str | os.PathLike = "",
-        transform: Callable[[Any], Any] | None = default_transform,
+        transform: Callable[[Any], Any] | str | None = "auto",
         record_num: int | None = None,
         shuffle: bool = False,
         batch_size: int = 1,
@@ -48,10 +50,15 @@ class TRDataset(data.Dataset):
                 f"record_num={record_num} but {record_path} has {self.reader.num_shards} shards; "
                 "omit record_num to detect it"
             )
+        if self.reader.codec_name == CUSTOM_CODEC:
+            if transform in ("auto", default_transform):
+                transform = default_transform  # 0.1: the user's records, 0.1's transform
+        elif transform == "auto":
+            transform = self.reader.codec.fast_transform  # resolves the codec by name, now
+        elif transform is default_transform:
+            transform = self.reader.codec.transform  # asked for by name: 0.1's exact PIL path
         if isinstance(transform, str):
             transform = self._named_transform(transform)
-        elif transform is default_transform and self.reader.codec_name != CUSTOM_CODEC:
-            transform = self.reader.codec.transform  # resolves the codec by name, now
         self.transform = transform
         self.record_path = str(record_path)
 

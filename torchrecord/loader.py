@@ -3,38 +3,46 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch.utils.data import DataLoader
 
 from .dataset import TRDataset
 from .sampler import TRSampler
-from .transforms import default_transform
+
+STATE_VERSION = 1
 
 
 class TorchRecord(DataLoader):
     """A ``DataLoader`` over a :class:`TRDataset`, driven by a :class:`TRSampler`.
 
     The first five parameters are TorchRecord 0.1's; the codec, serializer and number of shards
-    are detected from the dataset (``record_num`` is checked when given). Any other keyword
-    (``pin_memory``, ``persistent_workers``, ``prefetch_factor``, ``collate_fn``,
-    ``drop_last``, ``multiprocessing_context``...) goes to ``DataLoader``.
+    are detected from the dataset (``record_num`` is checked when given). ``shuffle`` is a bool
+    (0.1) or a mode: ``"none"``, ``"block"`` or ``"global"``. Under ``torch.distributed`` each
+    rank reads its own share. Any other keyword (``pin_memory``, ``persistent_workers``,
+    ``prefetch_factor``, ``collate_fn``, ``drop_last``, ``multiprocessing_context``...) goes to
+    ``DataLoader``. :meth:`state_dict` and :meth:`load_state_dict` resume in the middle of an
+    epoch, also with a different number of workers, batch size or world size.
     """
 
     def __init__(
         self,
         record_path: str | os.PathLike,
         record_num: int | None = None,
-        shuffle: bool = False,
+        shuffle: bool | str = False,
         batch_size: int = 1,
         num_workers: int = 0,
-        transform: Callable[[Any], Any] | None = default_transform,
+        transform: Callable[[Any], Any] | str | None = "auto",
         *,
         full_shuffle: bool = False,
         seed: int = 0,
         pool_size: int | None = None,
+        block_shards: int = 2,
+        rank: int | None = None,
+        world_size: int | None = None,
         verify_checksums: bool = True,
+        drop_last: bool = False,
         **loader_kwargs: Any,
     ):
         dataset = TRDataset(
@@ -52,15 +60,77 @@ class TorchRecord(DataLoader):
             num_workers=num_workers,
             seed=seed,
             pool_size=pool_size,
+            block_shards=block_shards,
+            rank=rank,
+            world_size=world_size,
+            drop_last=drop_last,
         )
+        if sampler.mode == "block":
+            # a worker needs at most the shards of one window (two when crossing into the next)
+            dataset.reader.max_open_shards = 2 * sampler.block_shards
         super().__init__(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
             num_workers=num_workers,
+            drop_last=drop_last,
             **loader_kwargs,
         )
+        self._progress: dict[str, int] | None = None  # the epoch being iterated
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order the next iteration yields."""
         self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler: TRSampler = self.sampler
+        progress = {
+            "epoch": sampler.epoch,
+            "start": sampler.start,
+            "samples": 0,
+            "share": len(sampler),
+        }
+        self._progress = progress
+        for batch in super().__iter__():
+            # batches come back in sampler order whatever the number of workers
+            progress["samples"] = min(progress["samples"] + self.batch_size, progress["share"])
+            yield batch
+        self._progress = None  # the epoch is complete: the sampler has moved to the next one
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where reading stands: the epoch and how many of its records all ranks consumed."""
+        sampler: TRSampler = self.sampler
+        if self._progress is None:
+            epoch, consumed = sampler.epoch, sampler.start
+        else:
+            epoch = self._progress["epoch"]
+            consumed = min(
+                sampler.num_records,
+                self._progress["start"] + self._progress["samples"] * sampler.world_size,
+            )
+        return {
+            "version": STATE_VERSION,
+            "epoch": epoch,
+            "consumed": consumed,
+            "seed": sampler.seed,
+            "mode": sampler.mode,
+            "pool_size": sampler.pool_size,
+            "block_shards": sampler.block_shards,
+            "num_records": sampler.num_records,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`: the next iteration yields the rest of that epoch."""
+        sampler: TRSampler = self.sampler
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported TorchRecord state version {state.get('version')!r}")
+        for key in ("seed", "mode", "pool_size", "block_shards", "num_records"):
+            if state[key] != getattr(sampler, key):
+                raise ValueError(
+                    f"cannot resume: the saved state has {key}={state[key]!r} but this loader "
+                    f"has {getattr(sampler, key)!r}; create the loader with the same dataset, "
+                    "seed and shuffle settings"
+                )
+        sampler.set_epoch(state["epoch"])
+        sampler.set_start(state["consumed"])
+        self._progress = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,13 @@ class RecordReader:
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.codec_name = self.manifest.codec
         self.serializer_name = self.manifest.serializer
+        self.max_open_shards: int | None = None  # None: keep every opened shard open
         self._state_init()
 
     def _state_init(self) -> None:
-        self._envs: dict[int, Any] = {}  # shard -> environment, for the current generation
-        self._held: dict[tuple, int] = {}  # shared-environment key -> references this reader holds
+        # shard -> environment, least recently used first, for the current generation
+        self._envs: OrderedDict[int, Any] = OrderedDict()
+        self._keys: dict[int, tuple] = {}  # shard -> the shared environment it holds
         self._dbs: dict[int, Any] = {}
         self._checksums: dict[int, np.ndarray] = {}
         self._legacy_keys: dict[int, list[bytes]] = {}
@@ -49,7 +52,7 @@ class RecordReader:
         state = self.__dict__.copy()
         for key in (
             "_envs",
-            "_held",
+            "_keys",
             "_dbs",
             "_checksums",
             "_legacy_keys",
@@ -107,6 +110,7 @@ class RecordReader:
             self._checksums, self._legacy_keys = checksums, legacy_keys
         env = self._envs.get(shard)
         if env is not None:
+            self._envs.move_to_end(shard)
             return env
         import lmdb
 
@@ -117,7 +121,9 @@ class RecordReader:
         try:
             if info.legacy_db is not None:
                 env = self._acquire(
-                    path, lambda: lmdb.open(str(self.path), max_dbs=4096, **fmt.READ_OPTIONS)
+                    shard,
+                    path,
+                    lambda: lmdb.open(str(self.path), max_dbs=4096, **fmt.READ_OPTIONS),
                 )
                 self._check_pages(env, path, label)
                 db = env.open_db(info.legacy_db.encode(), create=False)
@@ -132,7 +138,7 @@ class RecordReader:
                 self._dbs[shard] = db
             else:
                 env = self._acquire(
-                    path, lambda: lmdb.open(str(path), subdir=False, **fmt.READ_OPTIONS)
+                    shard, path, lambda: lmdb.open(str(path), subdir=False, **fmt.READ_OPTIONS)
                 )
                 self._check_pages(env, path, label)
                 with env.begin() as txn:
@@ -154,14 +160,33 @@ class RecordReader:
                         self._checksums[shard] = np.frombuffer(bytes(raw), dtype="<u4")
                 self._dbs[shard] = None
         except lmdb.Error as exc:
+            self._release(shard)
             raise ShardCorruptedError(label, f"LMDB cannot open it ({exc})") from exc
+        except Exception:
+            self._release(shard)
+            raise
         self._envs[shard] = env
+        while self.max_open_shards and len(self._envs) > self.max_open_shards:
+            oldest, _ = self._envs.popitem(last=False)
+            self._release(oldest)
         return env
 
-    def _acquire(self, path: Path, opener: Callable[[], Any]) -> Any:
+    def _acquire(self, shard: int, path: Path, opener: Callable[[], Any]) -> Any:
         key, env = SHARED.acquire(path, opener)
-        self._held[key] = self._held.get(key, 0) + 1
+        self._keys[shard] = key
         return env
+
+    def _release(self, shard: int) -> None:
+        self._envs.pop(shard, None)
+        self._dbs.pop(shard, None)
+        key = self._keys.pop(shard, None)
+        if key is not None:
+            SHARED.release(key, self._generation)
+
+    @property
+    def open_shards(self) -> list[int]:
+        """The shards this reader holds open in this process, least recently used first."""
+        return list(self._envs)
 
     @staticmethod
     def _check_pages(env: Any, path: Path, label: str) -> None:
@@ -190,10 +215,9 @@ class RecordReader:
 
     def close(self) -> None:
         """Release this reader's shards (an environment closes when no reader holds it)."""
-        held, generation = getattr(self, "_held", {}), getattr(self, "_generation", -1)
-        for key, count in held.items():
-            for _ in range(count):
-                SHARED.release(key, generation)
+        keys, generation = getattr(self, "_keys", {}), getattr(self, "_generation", -1)
+        for key in keys.values():
+            SHARED.release(key, generation)
         checksums, legacy_keys = self._checksums, self._legacy_keys
         self._state_init()
         self._checksums, self._legacy_keys = checksums, legacy_keys

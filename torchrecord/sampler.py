@@ -1,19 +1,25 @@
 """TRSampler: the order in which records are read, as a function of ``(seed, epoch)`` alone.
 
-Modes:
+Shuffle modes:
 
-* ``shuffle=False``: record order, shard after shard.
-* ``shuffle=True``: TorchRecord 0.1's shuffle, finished: the shard order is permuted, records are
-  permuted inside each shard (so one shard at a time is the working set, the reason for 0.1's
-  ``record_num``), and the stream passes through an item pool of ``min(4 * batch_size, 64)``.
-* ``full_shuffle=True``: a new permutation of all records every epoch (0.1's unfinished mode).
+* ``"none"`` (``shuffle=False``): record order, shard after shard.
+* ``"block"`` (``shuffle=True``, TorchRecord 0.1's shuffle, finished): the shard order is
+  permuted, then the records of ``block_shards`` consecutive shards at a time are permuted
+  together, so only a window of shards is the working set: the reason for 0.1's ``record_num``
+  when a dataset is larger than memory. 0.1's item pool (``pool_size``) runs on top.
+* ``"global"`` (``full_shuffle=True``): a new permutation of all records every epoch.
 
-Each epoch visits every record exactly once. The order never depends on ``num_workers``.
+The order never depends on ``num_workers`` or ``batch_size``: it is computed in the main process
+from ``(seed, epoch)``, and DataLoader workers only fetch what it says. Under ``torch.distributed``
+(or given ``rank`` and ``world_size``) each rank takes every ``world_size``-th record of the
+epoch's order: disjoint shares of equal length (the order is padded by repeating its first
+records, or its tail dropped with ``drop_last``) that cover the whole dataset. ``start`` skips
+the first records of the epoch's order (counted over all ranks), which is how a resumed job, of
+any world size, sees every remaining record exactly once.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +27,9 @@ import numpy as np
 import torch.utils.data as data
 
 from .reader import RecordReader
+
+MODES = ("none", "block", "global")
+DEFAULT_POOL_SIZE = 64  # 0.1's min(4 * batch_size, 64) for any batch size of 16 or more
 
 
 def item_pool_size(batch_size: int) -> int:
@@ -47,6 +56,30 @@ def pool_shuffle(indices: np.ndarray, pool_size: int, rng: np.random.Generator) 
     return out
 
 
+def resolve_mode(shuffle: bool | str, full_shuffle: bool) -> str:
+    if full_shuffle:
+        return "global"
+    if isinstance(shuffle, str):
+        if shuffle not in MODES:
+            raise ValueError(f"unknown shuffle mode {shuffle!r}; use one of {', '.join(MODES)}")
+        return shuffle
+    return "block" if shuffle else "none"
+
+
+def distributed_rank_and_size(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """``rank``/``world_size`` as given, else from an initialised ``torch.distributed``."""
+    if rank is None or world_size is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            rank = dist.get_rank() if rank is None else rank
+            world_size = dist.get_world_size() if world_size is None else world_size
+    rank, world_size = int(rank or 0), int(world_size or 1)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+    return rank, world_size
+
+
 def _offsets_of(source: Any) -> np.ndarray:
     reader = getattr(source, "reader", source)
     if not isinstance(reader, RecordReader):
@@ -55,24 +88,28 @@ def _offsets_of(source: Any) -> np.ndarray:
 
 
 class TRSampler(data.Sampler[int]):
-    """Yields global record indices for one epoch at a time.
+    """Yields this rank's global record indices for one epoch at a time.
 
     ``record_path`` may be a dataset directory, a :class:`TRDataset` or a ``RecordReader``.
-    ``record_num`` (0.1's number of shards) is checked when given. ``num_workers`` is accepted
-    for 0.1 compatibility: the order does not depend on it.
+    ``record_num`` (0.1's number of shards) is checked when given. ``batch_size`` and
+    ``num_workers`` are accepted for 0.1 compatibility: the order depends on neither.
     """
 
     def __init__(
         self,
         record_path: Any,
         record_num: int | None = None,
-        shuffle: bool = False,
+        shuffle: bool | str = False,
         full_shuffle: bool = False,
         batch_size: int = 1,
         num_workers: int = 1,
         *,
         seed: int = 0,
         pool_size: int | None = None,
+        block_shards: int = 2,
+        rank: int | None = None,
+        world_size: int | None = None,
+        drop_last: bool = False,
     ):
         self.offsets = _offsets_of(record_path)
         num_shards = len(self.offsets) - 1
@@ -82,46 +119,92 @@ class TRSampler(data.Sampler[int]):
                 "omit record_num to detect it"
             )
         self.record_num = num_shards
-        self.shuffle = bool(shuffle)
-        self.full_shuffle = bool(full_shuffle)
+        self.mode = resolve_mode(shuffle, full_shuffle)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.seed = int(seed)
-        self.pool_size = item_pool_size(batch_size) if pool_size is None else int(pool_size)
+        if pool_size is None:
+            pool_size = DEFAULT_POOL_SIZE if self.mode == "block" else 0
+        self.pool_size = int(pool_size)
+        if int(block_shards) < 1:
+            raise ValueError(f"block_shards must be at least 1, got {block_shards}")
+        self.block_shards = int(block_shards)
+        self.rank, self.world_size = distributed_rank_and_size(rank, world_size)
+        self.drop_last = bool(drop_last)
         self.epoch = 0
+        self.start = 0  # records of this epoch's order already consumed, over all ranks
 
-    def __len__(self) -> int:
+    # 0.1 attribute names
+    @property
+    def shuffle(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def full_shuffle(self) -> bool:
+        return self.mode == "global"
+
+    @property
+    def num_records(self) -> int:
         return int(self.offsets[-1])
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order the next iteration yields (as DistributedSampler)."""
         self.epoch = int(epoch)
 
-    def indices(self, epoch: int) -> np.ndarray:
-        """The whole order of one epoch, as an int64 array."""
-        n = len(self)
-        if not (self.shuffle or self.full_shuffle):
+    def set_start(self, start: int) -> None:
+        """Skip the first ``start`` records of the next epoch's order (counted over all ranks)."""
+        if not 0 <= int(start) <= self.num_records:
+            raise ValueError(f"start {start} is outside an epoch of {self.num_records} records")
+        self.start = int(start)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The whole order of one epoch over all ranks, as an int64 array."""
+        n = self.num_records
+        if self.mode == "none":
             return np.arange(n, dtype=np.int64)
         rng = np.random.default_rng([self.seed, epoch])
-        if self.full_shuffle:
-            return rng.permutation(n).astype(np.int64)
-        parts = []
-        for shard in rng.permutation(self.record_num):
-            start, stop = int(self.offsets[shard]), int(self.offsets[shard + 1])
-            parts.append(start + rng.permutation(stop - start))
-        order = np.concatenate(parts).astype(np.int64) if parts else np.arange(0)
+        if self.mode == "global":
+            order = rng.permutation(n).astype(np.int64)
+        else:
+            shards = rng.permutation(self.record_num)
+            parts = []
+            for first in range(0, len(shards), self.block_shards):
+                window = [
+                    np.arange(self.offsets[s], self.offsets[s + 1], dtype=np.int64)
+                    for s in shards[first : first + self.block_shards]
+                ]
+                parts.append(rng.permutation(np.concatenate(window)))
+            order = np.concatenate(parts) if parts else np.arange(0, dtype=np.int64)
         return pool_shuffle(order, self.pool_size, rng)
 
+    def rank_indices(self, epoch: int, start: int = 0) -> np.ndarray:
+        """This rank's share of epoch ``epoch`` after skipping ``start`` records."""
+        remaining = self.order(epoch)[start:]
+        world = self.world_size
+        if world > 1:
+            if self.drop_last:
+                remaining = remaining[: len(remaining) // world * world]
+            elif len(remaining) % world:
+                pad = world - len(remaining) % world
+                base = remaining if len(remaining) else self.order(epoch)
+                remaining = np.concatenate([remaining, np.resize(base, pad)])
+        return remaining[self.rank :: world]
+
+    def __len__(self) -> int:
+        remaining = self.num_records - self.start
+        if self.world_size == 1:
+            return remaining
+        if self.drop_last:
+            return remaining // self.world_size
+        return -(-remaining // self.world_size)
+
     def __iter__(self) -> Iterator[int]:
-        epoch = self.epoch
-        self.epoch += 1  # the next epoch shuffles differently unless set_epoch() says otherwise
-        yield from self.indices(epoch).tolist()
+        epoch, start = self.epoch, self.start
+        # the next epoch shuffles differently unless set_epoch() says otherwise
+        self.epoch, self.start = epoch + 1, 0
+        return iter(self.rank_indices(epoch, start).tolist())
 
 
 def _where(source: Any) -> str:
     reader = getattr(source, "reader", source)
-    return (
-        str(getattr(reader, "path", source))
-        if not isinstance(source, (str, os.PathLike))
-        else str(source)
-    )
+    return str(getattr(reader, "path", source))

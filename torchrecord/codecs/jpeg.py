@@ -75,7 +75,8 @@ def _tensor_decoder():
     decode faster than Pillow's path into a tensor, so we use them while they exist.
     """
     warnings.filterwarnings(
-        "ignore", message="The image decoding and encoding capabilities of TorchVision",
+        "ignore",
+        message="The image decoding and encoding capabilities of TorchVision",
         category=DeprecationWarning,
     )
     try:
