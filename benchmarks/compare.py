@@ -171,6 +171,40 @@ def versions() -> dict[str, str]:
     return out
 
 
+def shuffle_quality(dataset_dir: Path, batch_size: int) -> dict[str, dict[str, float]]:
+    """How well each TorchRecord shuffle mode mixes one epoch (from the sampler's order).
+
+    ``correlation``: Spearman rank correlation of read position and storage position (0 for a
+    perfect shuffle, 1 for none); ``displacement``: mean |read position - storage position| / n
+    (about 1/3 for a uniform permutation); ``shards_per_batch``: distinct shards in a batch (the
+    working set a batch touches).
+    """
+    import numpy as np
+
+    from torchrecord import TRSampler
+
+    results = {}
+    for mode in ("none", "block", "global"):
+        sampler = TRSampler(dataset_dir, shuffle=mode, seed=0)
+        order = sampler.order(0)
+        n = len(order)
+        positions = np.arange(n)
+        correlation = float(np.corrcoef(positions, order)[0, 1]) if mode != "none" else 1.0
+        shard_of = np.searchsorted(sampler.offsets, order, side="right") - 1
+        per_batch = [
+            len(set(shard_of[i : i + batch_size].tolist())) for i in range(0, n, batch_size)
+        ]
+        results[mode] = {
+            "correlation": abs(correlation),
+            "displacement": float(np.abs(order - positions).mean() / n),
+            "shards_per_batch": float(np.mean(per_batch)),
+            "shards": sampler.record_num,
+            "pool_size": sampler.pool_size,
+            "block_shards": sampler.block_shards,
+        }
+    return results
+
+
 # -- the run -----------------------------------------------------------------------------------
 def build_methods(workdir: Path, only: set[str] | None) -> list[Any]:
     from benchmarks import peers
@@ -271,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     limits = measure_limits([p for p, _ in source.entries])
+    jpeg_dirs = [m.data_dir() for m in methods if getattr(m, "codec", None) == "jpeg"]
+    quality = shuffle_quality(jpeg_dirs[0], args.batch_size) if jpeg_dirs else {}
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "command": "python -m benchmarks.compare " + " ".join(argv or sys.argv[1:]),
@@ -283,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "limits": limits,
         "pipelines": PIPELINES,
+        "shuffle_quality": quality,
         "methods": {},
     }
     for method in methods:
@@ -340,6 +377,20 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"{t['resize'] * 1e3:.2f} | {to_tensor} | {t['total'] * 1e3:.2f} | "
             f"{t['images_per_s']:.0f} |"
         )
+    if results.get("shuffle_quality"):
+        lines += [
+            "",
+            "Shuffle quality of TorchRecord's modes (one epoch of the sampler's order):",
+            "",
+            "| mode | rank correlation (0 = ideal) | mean displacement / n (ideal 0.33) "
+            "| shards per batch |",
+            "|---|---:|---:|---:|",
+        ]
+        for mode, q in results["shuffle_quality"].items():
+            lines.append(
+                f"| {mode} | {q['correlation']:.3f} | {q['displacement']:.3f} | "
+                f"{q['shards_per_batch']:.1f} of {q['shards']} |"
+            )
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items())]
     return "\n".join(lines) + "\n"
 

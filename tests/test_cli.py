@@ -121,11 +121,21 @@ def test_verify_ok_then_names_the_damaged_record(written, tmp_path):
     bad = run_cli("verify", out)
     assert bad.returncode == 1, bad.stdout + bad.stderr
     problems = [line for line in bad.stdout.splitlines() if line.startswith("BAD")]
-    assert len(problems) == 1, bad.stdout
-    assert str(shard) in problems[0]
-    assert "0000000000000003" in problems[0]
-    assert "CRC-32" in problems[0]
-    assert "1 problem(s): checked 24 records" in bad.stdout
+    assert len(problems) == 2, bad.stdout
+    # the shard's hash no longer matches the manifest, and the record is named
+    assert str(shard) in problems[0] and "SHA-256" in problems[0]
+    assert str(shard) in problems[1]
+    assert "0000000000000003" in problems[1]
+    assert "CRC-32" in problems[1]
+    assert "2 problem(s): checked 24 records" in bad.stdout
+    # --quick checks sizes, pages, keys and metadata only: a flipped byte passes it
+    quick = run_cli("verify", out, "--quick")
+    assert quick.returncode == 0 and "OK: checked sizes, pages, keys and metadata" in quick.stdout
+    with open(shard, "r+b") as f:
+        f.truncate(len(data) - 4096)
+    truncated = run_cli("verify", out, "--quick")
+    assert truncated.returncode == 1
+    assert "shard-00000.lmdb" in truncated.stdout and "manifest recorded" in truncated.stdout
 
 
 def test_write_help_and_plugins():
@@ -177,8 +187,18 @@ def test_info_on_a_legacy_dataset(legacy_fixture):
 def test_bench_reports_every_worker_count(photos, tmp_path):
     out = tmp_path / "bench"
     run_cli("write", str(photos), str(out), "--codec", "jpeg", "-q")
-    result = run_cli("bench", str(out), "--workers", "0,2", "--limit", "24", "--epochs", "1",
-                     "--transform", "fast")
+    result = run_cli(
+        "bench",
+        str(out),
+        "--workers",
+        "0,2",
+        "--limit",
+        "24",
+        "--epochs",
+        "1",
+        "--transform",
+        "fast",
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "24 records in 1 shards, codec jpeg" in lines[0]

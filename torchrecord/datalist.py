@@ -1,5 +1,8 @@
 """Data lists: the ``path label`` files the Writer reads, parsed with their line numbers.
 
+Also the other inputs the Writer takes: an ImageFolder-style directory and a Python iterable of
+``(path, label)`` pairs or dicts. String labels become indices (:func:`index_labels`).
+
 ``.txt``: one sample per line, the label is the last whitespace-separated token and the path is
 everything before it (so paths may contain spaces). ``.csv``: two columns, path and label, an
 optional ``path,label`` header. Blank lines are ignored. Relative paths resolve against the data
@@ -11,20 +14,25 @@ from __future__ import annotations
 import csv
 import io
 import os
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from .errors import DataListError
+
+ITERABLE_NAME = "<iterable>"
 
 
 @dataclass(frozen=True)
 class Entry:
     """One sample of a data list, with where it came from."""
 
-    line_no: int
+    line_no: int  # 1-based line of a data list, or position in a folder or an iterable
     path: str  # resolved
     label: str
     text: str  # the line as written
+    extras: dict[str, Any] | None = None  # extra per-sample fields (from dicts)
 
 
 def read_data_list(
@@ -85,3 +93,82 @@ def _csv_rows(name: str, text: str):
                 name, line_no, f"expected two columns (path, label), got {len(cells)}: {row!r}"
             )
         yield line_no, cells[0], cells[1] if len(cells) > 1 else "", ",".join(row)
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def read_image_folder(folder: str | os.PathLike) -> tuple[list[Entry], list[str]]:
+    """An ImageFolder-style directory: one sub-folder per class, labels by sorted folder name.
+
+    Returns the entries (in sorted class, then sorted path order; ``line_no`` is the position)
+    and the class names.
+    """
+    root = Path(folder)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataListError(str(root), None, "no class folders: expected root/<class>/<image>")
+    entries: list[Entry] = []
+    for label, name in enumerate(classes):
+        files = sorted(
+            p
+            for p in (root / name).rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in IMAGE_EXTENSIONS
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
+        for path in files:
+            rel = str(path.relative_to(root))
+            entries.append(Entry(len(entries) + 1, str(path), str(label), rel))
+    if not entries:
+        raise DataListError(str(root), None, f"no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+    return entries, classes
+
+
+def read_iterable(items: Iterable[Any], root: str | os.PathLike | None = None) -> list[Entry]:
+    """``(path, label)`` pairs or dicts with ``path``, ``label`` and extra fields."""
+    base = Path(root) if root is not None else Path.cwd()
+    entries = []
+    for position, item in enumerate(items, start=1):
+        extras = None
+        if isinstance(item, dict):
+            if "path" not in item or "label" not in item:
+                raise DataListError(
+                    ITERABLE_NAME,
+                    position,
+                    f"a dict needs 'path' and 'label' keys, got {sorted(item)}",
+                )
+            path, label = item["path"], item["label"]
+            extras = {k: v for k, v in item.items() if k not in ("path", "label")} or None
+        elif isinstance(item, (tuple, list)) and len(item) == 2:
+            path, label = item
+        else:
+            raise DataListError(
+                ITERABLE_NAME, position, f"expected a (path, label) pair or a dict, got {item!r}"
+            )
+        if label is None or (isinstance(label, str) and not label.strip()):
+            raise DataListError(ITERABLE_NAME, position, f"missing label for {path!r}")
+        path = os.fspath(path)
+        resolved = path if os.path.isabs(path) else str(base / path)
+        entries.append(Entry(position, resolved, str(label).strip(), path, extras))
+    if not entries:
+        raise DataListError(ITERABLE_NAME, None, "the iterable is empty: it names no samples")
+    return entries
+
+
+def index_labels(entries: list[Entry]) -> tuple[list[Entry], list[str] | None]:
+    """Integer labels stay as they are; otherwise every distinct label gets an index in sorted
+    order, and the names are returned (they go into the manifest)."""
+
+    def is_int(text: str) -> bool:
+        try:
+            int(text)
+        except ValueError:
+            return False
+        return True
+
+    if all(is_int(e.label) for e in entries):
+        return entries, None
+    names = sorted({e.label for e in entries})
+    index = {name: str(i) for i, name in enumerate(names)}
+    return [replace(e, label=index[e.label]) for e in entries], names

@@ -16,7 +16,18 @@ import torch.utils.data as data
 from .format import CUSTOM_CODEC
 from .reader import RecordReader
 from .serializers.tensorprotos import TensorProtos
-from .transforms import TRANSFORMS, default_transform
+from .transforms import TRANSFORMS, default_transform, preload
+from .writer import record_extras
+
+
+class _WithExtras:
+    """Adds the record's extra fields to what a built-in transform returns."""
+
+    def __init__(self, transform: Callable[[Any], Any]):
+        self.transform = transform
+
+    def __call__(self, record: Any) -> tuple[Any, ...]:
+        return (*self.transform(record), record_extras(record))
 
 
 class TRDataset(data.Dataset):
@@ -50,6 +61,8 @@ class TRDataset(data.Dataset):
                 f"record_num={record_num} but {record_path} has {self.reader.num_shards} shards; "
                 "omit record_num to detect it"
             )
+        builtin = transform in ("auto", default_transform) or isinstance(transform, str)
+        builtin = isinstance(transform, str) or transform is default_transform
         if self.reader.codec_name == CUSTOM_CODEC:
             if transform in ("auto", default_transform):
                 transform = default_transform  # 0.1: the user's records, 0.1's transform
@@ -59,6 +72,10 @@ class TRDataset(data.Dataset):
             transform = self.reader.codec.transform  # asked for by name: 0.1's exact PIL path
         if isinstance(transform, str):
             transform = self._named_transform(transform)
+        if transform is not None:
+            preload()  # import torchvision once, here, not in every worker of every epoch
+        if self.extra_fields and builtin:
+            transform = _WithExtras(transform)
         self.transform = transform
         self.record_path = str(record_path)
 
@@ -79,6 +96,18 @@ class TRDataset(data.Dataset):
             "fast": codec.fast_transform,
             "uint8": codec.uint8_transform,
         }[name]
+
+    @property
+    def label_names(self) -> list[str] | None:
+        """Names of the labels (string labels or ImageFolder classes), index = label."""
+        return self.reader.manifest.extra.get("label_names")
+
+    classes = label_names  # torchvision's name for the same thing
+
+    @property
+    def extra_fields(self) -> list[str]:
+        """Extra per-sample fields stored with the records (built-in transforms return them)."""
+        return list(self.reader.manifest.extra.get("extra_fields", []))
 
     @property
     def codec(self) -> str:

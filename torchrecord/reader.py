@@ -275,10 +275,33 @@ class RecordReader:
         )
 
 
-def verify(reader: RecordReader) -> Iterator[DatasetError]:
-    """Read every record of every shard; yield one error per bad record or unreadable shard."""
+def verify(reader: RecordReader, quick: bool = False) -> Iterator[DatasetError]:
+    """Check a dataset; yield one error per bad shard or record, naming it.
+
+    ``quick``: every shard's size, LMDB page count, key count and metadata against the manifest.
+    Otherwise also each shard file's SHA-256 (when the manifest has it) and every record's
+    CRC-32 and deserialization.
+    """
     try:
         for shard in range(reader.num_shards):
+            try:
+                reader._open(shard)
+            except DatasetError as exc:
+                yield exc
+                continue  # nothing more can be read from this shard
+            if quick:
+                continue
+            info = reader.manifest.shards[shard]
+            if info.sha256 is not None:
+                from .writer import file_sha256
+
+                actual = file_sha256(reader.shard_path(shard))
+                if actual != info.sha256:
+                    yield ShardCorruptedError(
+                        reader.shard_label(shard),
+                        f"its SHA-256 is {actual[:16]}... but the manifest recorded "
+                        f"{info.sha256[:16]}... (modified after it was written)",
+                    )
             for index in range(int(reader.offsets[shard]), int(reader.offsets[shard + 1])):
                 try:
                     reader.read_record(index)

@@ -68,3 +68,17 @@ def resize_224(image: Any) -> Any:
     if tuple(image.shape[-2:]) == (224, 224):
         return image.contiguous()
     return resize(image, [224, 224], antialias=True)
+
+
+def preload() -> None:
+    """Import what the built-in transforms use, in this process.
+
+    Forked DataLoader workers inherit the parent's modules; without this, every worker of every
+    epoch (unless ``persistent_workers``) would import torchvision itself, about a second each.
+    """
+    import torchvision.transforms  # noqa: F401  (0.1's PIL pipeline)
+    import torchvision.transforms.v2.functional  # noqa: F401  (resize_224)
+
+    from .codecs.jpeg import _tensor_decoder
+
+    _tensor_decoder()

@@ -150,13 +150,16 @@ def test_loader_with_workers(data_list, dataset_dir):
     assert sorted(labels) == sorted(label for _, label in samples)
 
 
-def test_non_integer_label_is_refused(tmp_path):
+def test_non_integer_label_is_refused_by_the_codec(tmp_path):
     src = tmp_path / "cat.jpg"
     Image.fromarray(_photo_crops()[3]).save(src, format="JPEG")
     codec = torchrecord.get_codec("png")
     with pytest.raises(torchrecord.EncodeError, match="not an integer"):
         codec.encode(str(src), "tabby")
-    data_list = tmp_path / "bad.txt"
-    data_list.write_text("cat.jpg 1\ncat.jpg tabby\n", encoding="utf-8")
-    with pytest.raises(torchrecord.DataListError, match="tabby"):
-        torchrecord.Writer(data_list, tmp_path / "out", codec="png").write()
+    # the Writer maps string labels to indices before the codec sees them
+    data_list = tmp_path / "names.txt"
+    data_list.write_text("cat.jpg tabby\ncat.jpg siamese\n", encoding="utf-8")
+    torchrecord.Writer(data_list, tmp_path / "out", codec="png").write()
+    dataset = torchrecord.TRDataset(tmp_path / "out")
+    assert dataset.label_names == ["siamese", "tabby"]
+    assert [dataset[i][1] for i in range(2)] == [1, 0]

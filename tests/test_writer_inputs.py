@@ -1,0 +1,150 @@
+"""Writer inputs and sharding: folders, iterables, string labels, extra fields, shard limits,
+the skip policy and shard hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from conftest import read_list
+
+from torchrecord import DataListError, RecordReader, TorchRecord, TRDataset, Writer
+
+
+def contents(path):
+    """(image bytes, label) of every record, in storage order."""
+    dataset = TRDataset(path, transform=None)
+    return [
+        (r.protos[0].byte_data, int(r.protos[1].byte_data))
+        for r in (dataset[i] for i in range(len(dataset)))
+    ]
+
+
+def test_image_folder_input(photo_dir, tmp_path):
+    out = tmp_path / "folder"
+    manifest = Writer(photo_dir, out, db_num=2, codec="jpeg").write()
+    classes = sorted(p.name for p in photo_dir.iterdir() if p.is_dir())
+    assert manifest.extra["label_names"] == classes and len(classes) == 4
+    dataset = TRDataset(out)
+    assert dataset.classes == classes
+    expected = sorted(
+        (p.read_bytes(), classes.index(p.parent.name)) for p in photo_dir.rglob("*.jpg")
+    )
+    assert sorted(contents(out)) == expected
+
+
+def test_iterable_of_pairs_with_string_labels(photos, tmp_path):
+    names = ["cat", "dog", "bird", "eel"]
+    samples = read_list(photos)
+    pairs = [(str(path), names[label]) for path, label in samples]
+    out = tmp_path / "pairs"
+    manifest = Writer(pairs, out, codec="jpeg").write()
+    assert manifest.extra["label_names"] == sorted(names)
+    dataset = TRDataset(out)
+    assert dataset.label_names == ["bird", "cat", "dog", "eel"]
+    got = contents(out)
+    assert [b for b, _ in got] == [p.read_bytes() for p, _ in samples]
+    assert [dataset.label_names[label] for _, label in got] == [n for _, n in pairs]
+
+
+def test_dicts_with_extra_fields_round_trip(photos, tmp_path):
+    samples = read_list(photos)
+    items = [
+        {"path": path, "label": label, "bbox": [i, i + 1, 30, 40], "caption": f"photo number {i}"}
+        for i, (path, label) in enumerate(samples)
+    ]
+    out = tmp_path / "extras"
+    manifest = Writer(items, out, db_num=2, codec="jpeg").write()
+    assert manifest.extra["extra_fields"] == ["bbox", "caption"]
+    dataset = TRDataset(out)
+    image, label, extras = dataset[5]
+    assert image.shape == (3, 224, 224) and label == samples[5][1]
+    assert extras == {"bbox": [5, 6, 30, 40], "caption": "photo number 5"}
+    # and through the loader's default collation, in worker processes
+    loader = TorchRecord(out, batch_size=24, num_workers=2)
+    images, labels, batch_extras = next(iter(loader))
+    assert batch_extras["caption"] == [f"photo number {i}" for i in range(24)]
+    assert labels.tolist() == [label for _, label in samples]
+    with pytest.raises(DataListError, match=r"<iterable>:2: a dict needs 'path' and 'label'"):
+        Writer([items[0], {"label": 1}], tmp_path / "bad", codec="jpeg").write()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_records_per_shard(photos, tmp_path, num_workers):
+    manifest = Writer(
+        photos, tmp_path / "r", records_per_shard=10, codec="jpeg", num_workers=num_workers
+    ).write()
+    assert [s.num_records for s in manifest.shards] == [10, 10, 4]
+    assert [b for b, _ in contents(tmp_path / "r")] == [
+        p.read_bytes() for p, _ in read_list(photos)
+    ]
+
+
+def test_bytes_per_shard_is_the_same_for_any_num_workers(photos, tmp_path):
+    sizes = [p.stat().st_size for p, _ in read_list(photos)]
+    limit = sum(sizes) // 5
+    outs = []
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        manifest = Writer(
+            photos, out, bytes_per_shard=limit, codec="jpeg", shuffle=True, num_workers=workers
+        ).write()
+        outs.append(([s.num_records for s in manifest.shards], contents(out)))
+    assert outs[0] == outs[1]
+    counts = outs[0][0]
+    assert len(counts) >= 5 and sum(counts) == 24
+    # each shard but the last holds at least `limit` bytes of records and one record fewer
+    # would have held less
+    reader = RecordReader(tmp_path / "w0")
+    for shard in range(len(counts) - 1):
+        values = [
+            len(reader.read_bytes(i))
+            for i in range(int(reader.offsets[shard]), int(reader.offsets[shard + 1]))
+        ]
+        assert sum(values) >= limit > sum(values[:-1])
+
+
+def test_only_one_way_to_shard(photos, tmp_path):
+    with pytest.raises(ValueError, match="choose one way to shard"):
+        Writer(photos, tmp_path / "o", db_num=2, records_per_shard=5)
+    with pytest.raises(ValueError, match="choose one way to shard"):
+        Writer(photos, tmp_path / "o", records_per_shard=5, bytes_per_shard=10)
+
+
+def test_skip_policy_reports_every_skipped_line(photos, tmp_path):
+    lines = photos.read_text().splitlines()
+    lines[3] = "missing/one.jpg 1"
+    (photos.parent / "text.jpg").write_text("not an image")
+    lines[10] = "text.jpg 2"
+    photos.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "skip"
+    manifest = Writer(photos, out, db_num=2, on_error="skip", num_workers=2).write()
+    assert manifest.num_records == 22 and manifest.extra["skipped"] == 2
+    report = (out / "skipped.tsv").read_text().splitlines()
+    assert report[0] == "line\tpath\treason"
+    assert report[1].startswith("4\t") and "does not exist" in report[1]
+    assert report[2].startswith("11\t") and "not an image Pillow can read" in report[2]
+    assert len(TRDataset(out)) == 22
+    # the default still stops at the first bad line
+    with pytest.raises(DataListError, match=r"data_list\.txt:4"):
+        Writer(photos, tmp_path / "raise").write()
+
+
+def test_manifest_records_each_shard_hash(photos, tmp_path):
+    out = tmp_path / "hash"
+    Writer(photos, out, db_num=3, codec="jpeg").write()
+    doc = json.loads((out / "manifest.json").read_text())
+    for shard in doc["shards"]:
+        assert shard["sha256"] == hashlib.sha256((out / shard["file"]).read_bytes()).hexdigest()
+    assert doc["sharding"] == {"db_num": 3} and doc["skipped"] == 0
+
+
+def test_label_mapping_keeps_integer_labels(photos, tmp_path):
+    manifest = Writer(photos, tmp_path / "ints", codec="jpeg").write()
+    assert "label_names" not in manifest.extra
+    assert TRDataset(tmp_path / "ints").label_names is None
+    assert torch.tensor([label for _, label in contents(tmp_path / "ints")]).tolist() == [
+        label for _, label in read_list(photos)
+    ]
