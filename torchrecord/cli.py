@@ -26,17 +26,47 @@ codecs (see `torchrecord plugins` for those your plugins add):
             about 10x the bytes of the source JPEGs
   jpeg      store the original JPEG bytes unchanged; decoded when reading
 
+resuming: if a write is killed (Ctrl-C, SIGKILL, a crash), run the same command again: the
+shards it finished are checked against their SHA-256 and kept, and the result equals an
+uninterrupted write. Nothing is visible in OUTPUT_DIR until the write completes.
+
 examples:
   torchrecord write data_list.txt records/ --db-num 4 --shuffle
+  torchrecord write train/ records/ --codec jpeg --bytes-per-shard 1GB --num-workers 8
+  torchrecord write more.txt records/ --append
   torchrecord write train.csv records/ --codec jpeg --num-workers 4
 """
+
+
+def _size(text: str) -> int:
+    """``64MB``, ``1.5GiB``, ``500000`` -> bytes."""
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
+    try:
+        digits = text.strip().upper()
+        for suffix in sorted(units, key=len, reverse=True):
+            if suffix and digits.endswith(suffix):
+                return int(float(digits[: -len(suffix)]) * units[suffix])
+        return int(float(digits))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64MB or 1GiB)") from None
 
 
 def _cmd_write(args: argparse.Namespace) -> int:
     from .writer import Writer
 
     started = time.perf_counter()
-    manifest = Writer(
+    writer = Writer(
         args.data_list,
         args.output_dir,
         db_num=args.db_num,
@@ -47,15 +77,21 @@ def _cmd_write(args: argparse.Namespace) -> int:
         seed=args.seed,
         root=args.root,
         overwrite=args.overwrite,
+        append=args.append,
+        records_per_shard=args.records_per_shard,
+        bytes_per_shard=args.bytes_per_shard,
+        on_error=args.on_error,
         progress=False if args.quiet else None,
-    ).write()
+    )
+    manifest = writer.write()
     seconds = time.perf_counter() - started
     total = sum(s.bytes for s in manifest.shards)
+    skipped = manifest.extra.get("skipped", 0)
     print(
         f"wrote {manifest.num_records} records into {len(manifest.shards)} shards of "
         f"{args.output_dir} ({total / 1e6:.1f} MB, codec {manifest.codec}, serializer "
         f"{manifest.serializer}) in {seconds:.1f} s ({manifest.num_records / seconds:.0f} "
-        "images/s)"
+        "images/s)" + (f"; skipped {skipped}, see {args.output_dir}/skipped.tsv" if skipped else "")
     )
     return 0
 
@@ -155,7 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=WRITE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    write.add_argument("data_list", metavar="DATA_LIST", help="the .txt or .csv data list")
+    write.add_argument(
+        "data_list",
+        metavar="DATA_LIST",
+        help="the .txt or .csv data list, or an ImageFolder-style directory",
+    )
     write.add_argument("output_dir", metavar="OUTPUT_DIR", help="directory to write the dataset to")
     write.add_argument(
         "--db-num",
@@ -200,6 +240,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         help="replace a dataset that already exists in OUTPUT_DIR",
+    )
+    write.add_argument(
+        "--append",
+        action="store_true",
+        help="add the samples to the dataset in OUTPUT_DIR as new shards",
+    )
+    write.add_argument(
+        "--records-per-shard",
+        type=int,
+        default=None,
+        metavar="N",
+        help="start a new shard every N records (instead of --db-num)",
+    )
+    write.add_argument(
+        "--bytes-per-shard",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="start a new shard once one holds SIZE bytes, e.g. 1GB",
+    )
+    write.add_argument(
+        "--on-error",
+        choices=["raise", "skip"],
+        default="raise",
+        help="raise: stop at the first bad sample, naming its line (default); "
+        "skip: go on, and list every skipped line with its reason in "
+        "OUTPUT_DIR/skipped.tsv",
     )
     write.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     write.set_defaults(func=_cmd_write)

@@ -15,7 +15,6 @@ import random
 import shutil
 import sys
 import time
-import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -39,6 +38,8 @@ _BATCH_RECORDS = 512
 _BATCH_BYTES = 64 << 20
 EXTRAS_PROTO_NAME = "extras"  # the third proto of a record with extra fields (JSON)
 SKIPPED_REPORT = "skipped.tsv"
+STAGING_PREFIX = ".tmp-"
+DONE_SUFFIX = ".done"
 
 
 class Writer:
@@ -79,6 +80,7 @@ class Writer:
         records_per_shard: int | None = None,
         bytes_per_shard: int | None = None,
         on_error: str = "raise",
+        append: bool = False,
     ):
         if int(db_num) < 1:
             raise ValueError(f"db_num must be at least 1, got {db_num}")
@@ -113,6 +115,9 @@ class Writer:
         self.root = root
         self.overwrite = bool(overwrite)
         self.on_error = on_error
+        self.append = bool(append)
+        if self.append and self.overwrite:
+            raise ValueError("append=True adds shards to a dataset; overwrite=True replaces it")
         self.progress = sys.stderr.isatty() if progress is None else bool(progress)
         self.skipped: list[tuple[Entry, str]] = []
         # Resolve names now: an unknown codec or serializer fails before any work is done.
@@ -134,17 +139,32 @@ class Writer:
             raise ValueError(
                 "extra fields need a codec; a custom data_process_func stores its own records"
             )
-        self._check_output_dir()
         order = list(range(len(entries)))
         if self.shuffle:
             random.Random(self.seed).shuffle(order)
         ordered = [entries[i] for i in order]
+        finished = self._already_written(ordered)
+        if finished is not None:
+            return finished
+        base = self._check_output_dir()
+        if base is not None:
+            ordered, label_names = _merge_label_names(base, ordered, label_names, source)
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        staging = self.output_dir / f".tmp-{uuid.uuid4().hex[:12]}"
-        staging.mkdir()
-        try:
-            shards = self._write_shards(ordered, source, staging)
+        first_index = len(base.shards) if base is not None else 0
+        job = self._job_id(ordered, first_index)
+        staging = self.output_dir / f"{STAGING_PREFIX}{job[:16]}"
+        _remove_stale_staging(self.output_dir, keep=staging)
+        staging.mkdir(exist_ok=True)
+        with _StagingLock(staging):
+            resumed = _resumable_shards(staging, self.output_dir, first_index)
+            try:
+                shards = self._write_shards(ordered, source, staging, first_index, resumed)
+            except (DataListError, ValueError):
+                # bad input: the write cannot resume as it is, leave nothing behind. (After
+                # Ctrl-C or a crash the finished shards stay, and the same write resumes.)
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
             if not shards:
                 raise DataListError(
                     source,
@@ -153,11 +173,55 @@ class Writer:
                 )
             extra = self._manifest_extra(source, label_names, ordered)
             extra["write_seconds"] = round(time.perf_counter() - started, 3)
+            extra["job"] = job
+            if base is not None:
+                extra = {
+                    **base.extra,
+                    **extra,
+                    "skipped": base.extra.get("skipped", 0) + extra["skipped"],
+                    "appended": base.extra.get("appended", 0) + 1,
+                }
+                shards = [*base.shards, *shards]
             manifest = fmt.Manifest(self.codec_name, self.serializer_name, shards, extra=extra)
-            self._publish(staging, manifest)
-        finally:
+            self._publish(staging, manifest, first_index)
+        shutil.rmtree(staging, ignore_errors=True)
+        return manifest
+
+    def _already_written(self, entries: list[Entry]) -> fmt.Manifest | None:
+        """The manifest, if this very write already completed here (killed before it exited)."""
+        path = self.output_dir / fmt.MANIFEST_NAME
+        if self.append or self.overwrite or not path.exists():
+            return None
+        try:
+            manifest = fmt.read_manifest(self.output_dir)
+        except TorchRecordError:
+            return None
+        if manifest.extra.get("job") != self._job_id(entries, 0):
+            return None
+        for staging in self.output_dir.glob(STAGING_PREFIX + "*"):
             shutil.rmtree(staging, ignore_errors=True)
         return manifest
+
+    def _job_id(self, entries: list[Entry], first_index: int) -> str:
+        """Names the staging directory: the same write, run again, finds its finished shards."""
+        digest = hashlib.sha256()
+        params = [
+            fmt.FORMAT_VERSION,
+            self.codec_name,
+            self.serializer_name,
+            self.db_num,
+            self.records_per_shard,
+            self.bytes_per_shard,
+            self.shuffle,
+            self.seed,
+            self.on_error,
+            first_index,
+            _func_name(self.data_process_func),
+        ]
+        digest.update(json.dumps(params).encode())
+        for e in entries:
+            digest.update(json.dumps([e.path, e.label, e.extras], sort_keys=True).encode())
+        return digest.hexdigest()
 
     # -- steps ---------------------------------------------------------------------------------
     def _entries(self) -> tuple[list[Entry], str, list[str] | None]:
@@ -176,24 +240,33 @@ class Writer:
         entries, label_names = index_labels(entries)
         return entries, name, label_names
 
-    def _check_output_dir(self) -> None:
+    def _check_output_dir(self) -> fmt.Manifest | None:
+        """Refuse to write over a dataset unless asked; the dataset to append to, if any."""
         out = self.output_dir
         if not out.exists():
-            return
+            if self.append:
+                raise DatasetExistsError(f"append=True but {out} holds no dataset to append to")
+            return None
         if not out.is_dir():
             raise DatasetExistsError(f"{out} exists and is not a directory")
-        existing = [
-            p.name
-            for p in out.iterdir()
-            if p.name in (fmt.MANIFEST_NAME, fmt.LEGACY_DATA_FILE)
-            or (p.name.startswith("shard-") and p.name.endswith(".lmdb"))
-        ]
-        if existing and not self.overwrite:
+        has_dataset = (out / fmt.MANIFEST_NAME).exists() or (out / fmt.LEGACY_DATA_FILE).exists()
+        if self.append:
+            if not (out / fmt.MANIFEST_NAME).exists():
+                raise DatasetExistsError(f"append=True but {out} holds no dataset to append to")
+            base = fmt.read_manifest(out)
+            if (base.codec, base.serializer) != (self.codec_name, self.serializer_name):
+                raise ValueError(
+                    f"{out} was written with codec {base.codec!r} and serializer "
+                    f"{base.serializer!r}; append with the same ones"
+                )
+            return base
+        if has_dataset and not self.overwrite:
             raise DatasetExistsError(
-                f"{out} already holds a dataset ({', '.join(sorted(existing)[:3])}...); "
-                "refusing to write over it. Choose another output_dir, or pass overwrite=True "
-                "(--overwrite) to replace it."
+                f"{out} already holds a dataset; refusing to write over it. Choose another "
+                "output_dir, pass overwrite=True (--overwrite) to replace it, or append=True "
+                "(--append) to add to it."
             )
+        return None
 
     def _rollover_positions(self, n: int) -> set[int]:
         """Input positions that start a new shard in ``db_num`` mode (0.1's equal split)."""
@@ -205,33 +278,47 @@ class Writer:
         return starts - {0}
 
     def _write_shards(
-        self, entries: list[Entry], source: str, staging: Path
+        self,
+        entries: list[Entry],
+        source: str,
+        staging: Path,
+        first_index: int,
+        resumed: list[_DoneShard],
     ) -> list[fmt.ShardInfo]:
-        shards: list[fmt.ShardInfo] = []
         splits = self._rollover_positions(len(entries)) if self.db_num > 1 else set()
+        shards = [done.info for done in resumed]
+        start = resumed[-1].input_end if resumed else 0
+        for done in resumed:
+            self.skipped += [
+                (Entry(line, path, "", ""), reason) for line, path, reason in done.skipped
+            ]
+        pending_skips: list[tuple[Entry, str]] = []
         shard: _ShardWriter | None = None
-        encoded = self._encoded(entries, source)
+        encoded = self._encoded(entries[start:], source)
         bar = _progress_bar(len(entries), self.progress)
+        bar.update(start, 0)
         try:
-            for position, (entry, ok, value) in enumerate(encoded):
+            for position, (entry, ok, value) in enumerate(encoded, start=start):
                 if shard is not None and (
                     position in splits
                     or (self.records_per_shard and shard.count >= self.records_per_shard)
                     or (self.bytes_per_shard and shard.payload >= self.bytes_per_shard)
                 ):
-                    shards.append(shard.finish())
-                    shard = None
+                    shards.append(shard.finish(position, pending_skips))
+                    shard, pending_skips = None, []
                 bar.update(1, len(value) if ok else 0)
                 if not ok:
                     self.skipped.append((entry, value.decode()))
+                    pending_skips.append((entry, value.decode()))
                     continue
                 if shard is None:
                     shard = _ShardWriter(
-                        staging, len(shards), self.codec_name, self.serializer_name
+                        staging, first_index + len(shards), self.codec_name, self.serializer_name
                     )
                 shard.add(value)
             if shard is not None:
-                shards.append(shard.finish())
+                shards.append(shard.finish(len(entries), pending_skips))
+                shard = None
         finally:
             if shard is not None:
                 shard.close()
@@ -313,7 +400,7 @@ class Writer:
             extra["data_process_func"] = f"{func.__module__}.{func.__qualname__}"
         return extra
 
-    def _publish(self, staging: Path, manifest: fmt.Manifest) -> None:
+    def _publish(self, staging: Path, manifest: fmt.Manifest, first_index: int) -> None:
         out = self.output_dir
         old_manifest = out / fmt.MANIFEST_NAME
         if self.skipped:
@@ -321,19 +408,22 @@ class Writer:
                 f"{e.line_no}\t{e.path}\t{reason}".replace("\n", " ") for e, reason in self.skipped
             ]
             (staging / SKIPPED_REPORT).write_text("\n".join(lines) + "\n", encoding="utf-8")
-        if self.overwrite:
+        if self.overwrite and old_manifest.exists():
             # The old dataset stops being a dataset first (its manifest goes), then its files.
-            if old_manifest.exists():
-                old_manifest.unlink()
-                _fsync(out)
-            for p in out.iterdir():
+            old_manifest.unlink()
+            _fsync(out)
+        new_files = {s.file for s in manifest.shards[first_index:]}
+        if not self.append:
+            for p in out.iterdir():  # an old dataset's files, or leftovers of a killed publish
+                stale_shard = p.name.startswith("shard-") and p.name.endswith(".lmdb")
                 if p.is_file() and (
                     p.name in (fmt.LEGACY_DATA_FILE, "lock.mdb", SKIPPED_REPORT)
-                    or (p.name.startswith("shard-") and p.name.endswith(".lmdb"))
+                    or (stale_shard and p.name not in new_files)
                 ):
                     p.unlink()
-        for shard in manifest.shards:
-            os.replace(staging / shard.file, out / shard.file)
+        for name in sorted(new_files):
+            if (staging / name).exists():  # else moved already by a publish that was killed
+                os.replace(staging / name, out / name)
         if self.skipped:
             os.replace(staging / SKIPPED_REPORT, out / SKIPPED_REPORT)
         _fsync(out)
@@ -378,7 +468,8 @@ class _ShardWriter:
         _put_batch(self.env, self.batch, self.path, append=append)
         self.batch, self.batch_bytes = [], 0
 
-    def finish(self) -> fmt.ShardInfo:
+    def finish(self, input_end: int, skipped: list[tuple[Entry, str]]) -> fmt.ShardInfo:
+        """Complete the shard; record it as done (for resume) with the input it covered."""
         self._flush()
         meta = {
             "format": fmt.FORMAT_NAME,
@@ -397,9 +488,19 @@ class _ShardWriter:
         self.env.sync(True)
         self.close()
         _fsync(self.path)
-        return fmt.ShardInfo(
+        info = fmt.ShardInfo(
             self.name, self.count, self.path.stat().st_size, sha256=file_sha256(self.path)
         )
+        done = {
+            "file": info.file,
+            "num_records": info.num_records,
+            "bytes": info.bytes,
+            "sha256": info.sha256,
+            "input_end": input_end,
+            "skipped": [[e.line_no, e.path, reason] for e, reason in skipped],
+        }
+        _atomic_write_text(self.path.with_name(info.file + DONE_SUFFIX), json.dumps(done))
+        return info
 
     def close(self) -> None:
         self.env.close()
@@ -471,6 +572,117 @@ class _EncodeJob:
                 entry.line_no,
                 f"cannot encode {entry.path}{hint}: {kind}: {exc}; fix or remove the line",
             ) from None
+
+
+class _DoneShard:
+    """A shard finished by an earlier run of the same write."""
+
+    def __init__(self, info: fmt.ShardInfo, input_end: int, skipped: list[list[Any]]):
+        self.info, self.input_end, self.skipped = info, input_end, skipped
+
+
+def _resumable_shards(staging: Path, out: Path, first_index: int) -> list[_DoneShard]:
+    """The consecutive shards an interrupted run finished, checked against their hashes.
+
+    Everything after the first missing or damaged one is removed, so the write continues from
+    there and the result equals an uninterrupted run.
+    """
+    kept: list[_DoneShard] = []
+    index = first_index
+    while True:
+        name = fmt.shard_name(index)
+        done_path = staging / (name + DONE_SUFFIX)
+        try:
+            done = json.loads(done_path.read_text())
+        except (OSError, ValueError):
+            break
+        path = staging / name if (staging / name).exists() else out / name
+        if (
+            not path.exists()
+            or path.stat().st_size != done["bytes"]
+            or file_sha256(path) != done["sha256"]
+        ):
+            break
+        info = fmt.ShardInfo(name, done["num_records"], done["bytes"], sha256=done["sha256"])
+        kept.append(_DoneShard(info, done["input_end"], done["skipped"]))
+        index += 1
+    for p in staging.iterdir():  # an unfinished shard, or anything after the first gap
+        if p.name.startswith("shard-"):
+            shard_file = p.name[: -len(DONE_SUFFIX)] if p.name.endswith(DONE_SUFFIX) else p.name
+            if shard_file not in {d.info.file for d in kept}:
+                p.unlink()
+    return kept
+
+
+class _StagingLock:
+    """An exclusive lock on a staging directory: two runs of one write must not interleave."""
+
+    def __init__(self, staging: Path):
+        self.path = staging / ".lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> _StagingLock:
+        import fcntl
+
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise DatasetExistsError(
+                f"another write to {self.path.parent.parent} is running (it holds "
+                f"{self.path}); wait for it to finish"
+            ) from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+def _remove_stale_staging(out: Path, keep: Path) -> None:
+    """Remove the staging directories of other, abandoned writes (none holds its lock)."""
+    import fcntl
+
+    for staging in out.glob(STAGING_PREFIX + "*"):
+        if staging == keep or not staging.is_dir():
+            continue
+        try:
+            fd = os.open(staging / ".lock", os.O_RDWR)
+        except OSError:
+            fd = None  # killed before it took its lock
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # another write is running there
+        finally:
+            if fd is not None:
+                os.close(fd)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _merge_label_names(
+    base: fmt.Manifest, entries: list[Entry], names: list[str] | None, source: str
+) -> tuple[list[Entry], list[str] | None]:
+    """Appended samples keep the dataset's label indices; new names are added at the end."""
+    old = base.extra.get("label_names")
+    if old is None and names is None:
+        return entries, None
+    if old is None or names is None:
+        raise ValueError(
+            f"cannot append {source}: the dataset has "
+            f"{'integer labels' if old is None else 'string labels'} and the new samples do not"
+        )
+    merged = list(old) + [name for name in names if name not in old]
+    from dataclasses import replace
+
+    index = {str(i): str(merged.index(name)) for i, name in enumerate(names)}
+    return [replace(e, label=index[e.label]) for e in entries], merged
+
+
+def _func_name(func: Callable[..., Any] | None) -> str | None:
+    return None if func is None else f"{func.__module__}.{func.__qualname__}"
 
 
 def add_extras(record: Any, extras: dict[str, Any]) -> None:

@@ -1,0 +1,157 @@
+"""Resume after SIGKILL, and append: the result always equals an uninterrupted write."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import read_list
+
+from torchrecord import DatasetExistsError, TRDataset, Writer
+
+SLOW_MODULE = '''
+import os, time
+from torchrecord import default_data_process_func
+
+def slow_process(line):
+    """0.1-style data_process_func that takes a while and logs each call."""
+    with open(os.environ["CALL_LOG"], "a") as log:
+        log.write(line.rsplit(" ", 1)[0] + "\\n")
+    time.sleep(0.01)
+    return default_data_process_func(line)
+'''
+
+WRITE = """
+import sys
+sys.path.insert(0, sys.argv[3])
+from slowmod import slow_process
+from torchrecord import Writer
+Writer(sys.argv[1], sys.argv[2], data_process_func=slow_process, records_per_shard=6,
+       shuffle=True, seed=3).write()
+"""
+
+
+@pytest.fixture
+def slow_list(photos, tmp_path):
+    """48 samples (the 24 photos twice, with different labels) and the slow encoder module."""
+    lines = photos.read_text().splitlines()
+    extra = [f"{line.rsplit(' ', 1)[0]} {int(line.rsplit(' ', 1)[1]) + 10}" for line in lines]
+    photos.write_text("\n".join(lines + extra) + "\n")
+    (tmp_path / "slowmod.py").write_text(SLOW_MODULE)
+    return photos
+
+
+def run_write(data_list, out, module_dir, log, kill_after=None):
+    env = {**os.environ, "CALL_LOG": str(log)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITE, str(data_list), str(out), str(module_dir)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    if kill_after is None:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        return True
+    time.sleep(kill_after)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    return proc.returncode == 0
+
+
+def dataset_state(out):
+    """None when no dataset is visible; else every record's bytes, in order."""
+    if not (out / "manifest.json").exists():
+        return None
+    dataset = TRDataset(out, transform=None)
+    try:
+        return [dataset.reader.read_bytes(i) for i in range(len(dataset))]
+    finally:
+        dataset.close()
+
+
+def kill_and_resume(slow_list, tmp_path, kill_points):
+    module_dir = tmp_path
+    reference = tmp_path / "reference"
+    run_write(slow_list, reference, module_dir, tmp_path / "ref.log")
+    expected = dataset_state(reference)
+    assert len(expected) == 48
+    resumed_with_work_saved = 0
+    for i, delay in enumerate(kill_points):
+        out = tmp_path / f"killed{i}"
+        finished = run_write(slow_list, out, module_dir, tmp_path / f"kill{i}.log", delay)
+        state = dataset_state(out)
+        # either no dataset at all, or the complete one
+        assert state is None or state == expected, f"partial dataset after kill at {delay}s"
+        if finished:
+            continue
+        log = tmp_path / f"resume{i}.log"
+        run_write(slow_list, out, module_dir, log)
+        assert dataset_state(out) == expected
+        assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+        calls = len(log.read_text().splitlines()) if log.exists() else 0
+        if calls < 48:
+            resumed_with_work_saved += 1
+    return resumed_with_work_saved
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_write(slow_list, tmp_path):
+    # the write takes about 0.5 s of encoding plus start-up: kill it at several points
+    saved = kill_and_resume(slow_list, tmp_path, [0.3, 0.8, 1.1, 1.4, 1.7, 2.0])
+    assert saved >= 1  # at least one resume kept finished shards instead of starting over
+
+
+@pytest.mark.long
+def test_sigkill_at_random_points_many_times(slow_list, tmp_path):
+    rng = random.Random(7)
+    kill_and_resume(slow_list, tmp_path, [rng.uniform(0.2, 2.5) for _ in range(25)])
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_append_adds_shards_and_leaves_the_published_ones(photos, tmp_path):
+    out = tmp_path / "records"
+    names = ["ant", "bee", "cow", "dog"]
+    samples = read_list(photos)
+    first = [(p, names[label]) for p, label in samples[:16]]
+    second = [(p, names[label]) for p, label in samples[16:]]
+    Writer(first, out, db_num=2, codec="jpeg").write()
+    before = {p.name: sha(p) for p in out.glob("shard-*.lmdb")}
+    manifest = Writer(second, out, db_num=1, codec="jpeg", append=True).write()
+    assert [s.num_records for s in manifest.shards] == [8, 8, 8]
+    assert {p.name: sha(p) for p in out.glob("shard-*.lmdb") if p.name in before} == before
+    dataset = TRDataset(out)
+    # the first write saw ant, bee, cow; the append adds dog after them
+    assert len(dataset) == 24 and dataset.label_names == ["ant", "bee", "cow", "dog"]
+    got = [
+        (r.protos[0].byte_data, dataset.label_names[int(r.protos[1].byte_data)])
+        for r in (TRDataset(out, transform=None)[i] for i in range(24))
+    ]
+    assert got == [(p.read_bytes(), n) for p, n in first + second]
+    doc = json.loads((out / "manifest.json").read_text())
+    assert doc["appended"] == 1 and doc["num_records"] == 24
+    # appending needs the same codec, and a dataset to append to
+    with pytest.raises(ValueError, match="append with the same ones"):
+        Writer(second, out, codec="raw_rgb", append=True).write()
+    with pytest.raises(DatasetExistsError, match="holds no dataset to append to"):
+        Writer(second, tmp_path / "nothing", codec="jpeg", append=True).write()
+
+
+def test_a_failed_write_leaves_nothing_behind_and_refuses_concurrent_writes(photos, tmp_path):
+    out = tmp_path / "records"
+    Writer(photos, out, codec="jpeg").write()
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-00000.lmdb"]
+    # a staging directory left by a killed write of different content is cleaned up
+    (out / ".tmp-0123456789abcdef").mkdir()
+    (out / ".tmp-0123456789abcdef" / "shard-00000.lmdb").write_bytes(b"partial")
+    Writer(photos, out, codec="raw_rgb", overwrite=True).write()
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-00000.lmdb"]
