@@ -60,9 +60,11 @@ def test_default_transform_gives_the_seed_output(photos, tmp_path, codec):
     with Image.open(path) as img:  # the seed's pipeline on the decoded photo, independently
         expected = tvt.ToTensor()(tvt.Resize((224, 224))(img.convert("RGB")))
     # asked for by name, 0.1's transform is exact, in the dataset and as a function
-    for image, got_label in (TRDataset(out, transform=default_transform)[5],
-                             TRDataset(out, transform="pil")[5],
-                             default_transform(TRDataset(out, transform=None)[5])):
+    for image, got_label in (
+        TRDataset(out, transform=default_transform)[5],
+        TRDataset(out, transform="pil")[5],
+        default_transform(TRDataset(out, transform=None)[5]),
+    ):
         assert torch.equal(image, expected) and got_label == label
     # the default takes the fast path: the same output up to one grey level of rounding
     image, got_label = TRDataset(out)[5]
@@ -195,3 +197,29 @@ def test_jpeg_decode_matches_pillow(photos):
     record = get_codec("jpeg").encode(str(path), 3)
     decoded = get_codec("jpeg").decode_image(record)
     assert decoded.tobytes() == Image.open(io.BytesIO(path.read_bytes())).convert("RGB").tobytes()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"progressive": True},
+        {"exif": b"Exif\x00\x00" + b"\x00" * 64},
+        {"quality": 30, "subsampling": 0},
+    ],
+)
+def test_jpeg_size_reads_the_frame_header(photos, tmp_path, options):
+    from torchrecord.codecs.jpeg import jpeg_size
+
+    path, _ = read_list(photos)[4]
+    with Image.open(path) as img:
+        out = tmp_path / "variant.jpg"
+        img.crop((3, 5, 203, 155)).save(out, format="JPEG", **options)
+    assert jpeg_size(out.read_bytes()) == (200, 150)
+    for broken in (
+        b"\xff\xd8\xff\xe0\x00",
+        b"\xff\xd8" + b"\x00" * 20,
+        b"\xff\xd8\xff\xda\x00\x08" + b"\x00" * 10,
+    ):
+        with pytest.raises(ValueError):
+            jpeg_size(broken)

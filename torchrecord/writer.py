@@ -293,10 +293,14 @@ class Writer:
                 (Entry(line, path, "", ""), reason) for line, path, reason in done.skipped
             ]
         pending_skips: list[tuple[Entry, str]] = []
+        pending: list[Any] = []  # futures of finished shards' ShardInfo (hashing)
         shard: _ShardWriter | None = None
         encoded = self._encoded(entries[start:], source)
         bar = _progress_bar(len(entries), self.progress)
         bar.update(start, 0)
+        from concurrent.futures import ThreadPoolExecutor
+
+        hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchrecord-hash")
         try:
             for position, (entry, ok, value) in enumerate(encoded, start=start):
                 if shard is not None and (
@@ -304,7 +308,7 @@ class Writer:
                     or (self.records_per_shard and shard.count >= self.records_per_shard)
                     or (self.bytes_per_shard and shard.payload >= self.bytes_per_shard)
                 ):
-                    shards.append(shard.finish(position, pending_skips))
+                    pending.append(shard.finish(position, pending_skips, hasher))
                     shard, pending_skips = None, []
                 bar.update(1, len(value) if ok else 0)
                 if not ok:
@@ -313,15 +317,20 @@ class Writer:
                     continue
                 if shard is None:
                     shard = _ShardWriter(
-                        staging, first_index + len(shards), self.codec_name, self.serializer_name
+                        staging,
+                        first_index + len(shards) + len(pending),
+                        self.codec_name,
+                        self.serializer_name,
                     )
                 shard.add(value)
             if shard is not None:
-                shards.append(shard.finish(len(entries), pending_skips))
+                pending.append(shard.finish(len(entries), pending_skips, hasher))
                 shard = None
+            shards += [future.result() for future in pending]
         finally:
             if shard is not None:
                 shard.close()
+            hasher.shutdown(wait=True)
             bar.close()
             encoded.close()
         return shards
@@ -468,8 +477,9 @@ class _ShardWriter:
         _put_batch(self.env, self.batch, self.path, append=append)
         self.batch, self.batch_bytes = [], 0
 
-    def finish(self, input_end: int, skipped: list[tuple[Entry, str]]) -> fmt.ShardInfo:
-        """Complete the shard; record it as done (for resume) with the input it covered."""
+    def finish(self, input_end: int, skipped: list[tuple[Entry, str]], hasher: Any) -> Any:
+        """Complete the shard; a future of its ShardInfo, recorded as done (for resume) with
+        the input it covered once its hash is known."""
         self._flush()
         meta = {
             "format": fmt.FORMAT_NAME,
@@ -488,19 +498,23 @@ class _ShardWriter:
         self.env.sync(True)
         self.close()
         _fsync(self.path)
-        info = fmt.ShardInfo(
-            self.name, self.count, self.path.stat().st_size, sha256=file_sha256(self.path)
-        )
-        done = {
-            "file": info.file,
-            "num_records": info.num_records,
-            "bytes": info.bytes,
-            "sha256": info.sha256,
-            "input_end": input_end,
-            "skipped": [[e.line_no, e.path, reason] for e, reason in skipped],
-        }
-        _atomic_write_text(self.path.with_name(info.file + DONE_SUFFIX), json.dumps(done))
-        return info
+        size = self.path.stat().st_size
+
+        def hash_and_mark_done() -> fmt.ShardInfo:
+            info = fmt.ShardInfo(self.name, self.count, size, sha256=file_sha256(self.path))
+            done = {
+                "file": info.file,
+                "num_records": info.num_records,
+                "bytes": info.bytes,
+                "sha256": info.sha256,
+                "input_end": input_end,
+                "skipped": [[e.line_no, e.path, reason] for e, reason in skipped],
+            }
+            _atomic_write_text(self.path.with_name(info.file + DONE_SUFFIX), json.dumps(done))
+            return info
+
+        # hashing a finished shard overlaps with writing the next one (hashlib drops the GIL)
+        return hasher.submit(hash_and_mark_done)
 
     def close(self) -> None:
         self.env.close()

@@ -1,0 +1,130 @@
+"""Write (conversion) throughput: TorchRecord against its peers and ``cp -r``, side by side.
+
+    python -m benchmarks.write_bench [--num-images 2000] [--rounds 3]
+
+Every method converts the same generated CUB-like JPEGs (read from files that are in the page
+cache: each round reads them first) into its own format; rounds interleave the methods and a
+figure is the median over rounds. ``cp -r`` of the source folder is the floor any conversion is
+measured against. The original TorchRecord 0.1.1 writer no longer imports on today's protobuf;
+its stand-in is TorchRecord's ``raw_rgb`` writer in one process, which does the same work
+(Pillow decode, RGB pixels into TensorProtos, one LMDB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-images", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--data", type=Path, default=REPO / "data")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+
+    from benchmarks import peers
+    from benchmarks.compare import dir_bytes, machine, versions
+    from benchmarks.make_dataset import make_dataset
+    from torchrecord import Writer
+
+    data_list = make_dataset(
+        args.data / f"cub_like_{args.num_images}",
+        num_images=args.num_images,
+        num_classes=200,
+        seed=0,
+    )
+    source = peers.Source.from_data_list(data_list)
+    work = args.data / f"write_bench_{args.num_images}"
+    work.mkdir(parents=True, exist_ok=True)
+    list_path = work / "list.txt"
+    list_path.write_text("".join(f"{p} {label}\n" for p, label in source.entries))
+
+    def cp() -> Path:
+        target = work / "cp"
+        shutil.rmtree(target, ignore_errors=True)
+        subprocess.run(["cp", "-r", str(source.root), str(target)], check=True)
+        return target
+
+    def torchrecord(codec: str, workers: int):
+        def run() -> Path:
+            target = work / f"tr_{codec}_{workers}"
+            Writer(
+                list_path,
+                target,
+                db_num=8,
+                codec=codec,
+                num_workers=workers,
+                overwrite=True,
+                progress=False,
+            ).write()
+            return target
+
+        return run
+
+    def peer(method):
+        def run() -> Path:
+            method.prepare(source)
+            return method.data_dir()
+
+        return run
+
+    methods = {
+        "cp -r (the floor)": cp,
+        "WebDataset ShardWriter": peer(peers.WebDatasetMethod(work)),
+        "MosaicML MDSWriter": peer(peers.StreamingMethod(work)),
+        "LitData optimize": peer(peers.LitDataMethod(work)),
+        "TorchRecord jpeg, 1 process": torchrecord("jpeg", 0),
+        "TorchRecord jpeg, 2 workers": torchrecord("jpeg", 2),
+        "TorchRecord raw_rgb, 1 process (as 0.1.1)": torchrecord("raw_rgb", 0),
+        "TorchRecord raw_rgb, 2 workers": torchrecord("raw_rgb", 2),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in methods}
+    sizes: dict[str, int] = {}
+    for _ in range(args.rounds):
+        for name, run in methods.items():
+            for path, _ in source.entries:  # the source files are in the page cache
+                path.read_bytes()
+            started = time.perf_counter()
+            target = run()
+            seconds[name].append(time.perf_counter() - started)
+            sizes[name] = dir_bytes(target)
+        print("round: " + ", ".join(f"{n}={s[-1]:.2f}s" for n, s in seconds.items()), flush=True)
+
+    n = len(source.entries)
+    src_bytes = sum(p.stat().st_size for p, _ in source.entries)
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    fastest_peer = min(
+        medians[k] for k in methods if k.split()[0] in ("WebDataset", "MosaicML", "LitData")
+    )
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d')} with `python -m benchmarks.write_bench`: {n} "
+        f"CUB-like JPEGs ({src_bytes / 1e6:.1f} MB), source files in the page cache, median of "
+        f"{args.rounds} rounds. Machine: {machine()['cpu']}, {machine()['cores']} cores.",
+        "",
+        "| method | seconds | images/s | x fastest peer | x cp -r | MB on disk | x source bytes |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, value in medians.items():
+        lines.append(
+            f"| {name} | {value:.2f} | {n / value:.0f} | {fastest_peer / value:.2f} | "
+            f"{medians['cp -r (the floor)'] / value:.2f} | {sizes[name] / 1e6:.1f} | "
+            f"{sizes[name] / src_bytes:.3f} |"
+        )
+    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items())]
+    text = "\n".join(lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "write.md").write_text(text)
+    print("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
