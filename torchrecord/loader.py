@@ -81,6 +81,7 @@ class TorchRecord(DataLoader):
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order the next iteration yields."""
         self.sampler.set_epoch(epoch)
+        self._progress = None  # an interrupted epoch is abandoned
 
     def __iter__(self) -> Iterator[Any]:
         sampler: TRSampler = self.sampler

@@ -148,7 +148,12 @@ class TRSampler(data.Sampler[int]):
         return int(self.offsets[-1])
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order the next iteration yields (as DistributedSampler)."""
+        """Select the epoch whose order the next iteration yields (as DistributedSampler).
+
+        A resumed position (:meth:`set_start`) is kept when ``epoch`` is the epoch it belongs
+        to, so a training loop that calls ``set_epoch`` after ``load_state_dict`` resumes."""
+        if int(epoch) != self.epoch:
+            self.start = 0
         self.epoch = int(epoch)
 
     def set_start(self, start: int) -> None:

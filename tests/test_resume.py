@@ -1,0 +1,231 @@
+"""Resuming an epoch: state_dict/load_state_dict across numbers of workers and batch sizes."""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+
+import pytest
+from conftest import read_list
+
+from torchrecord import TorchRecord, TRDataset, TRSampler, Writer
+
+SEED = 11
+MODES = ("none", "block", "global")
+N = 26  # not a multiple of either batch size used (4 and 3)
+
+
+def fingerprint(record):
+    """(crc of the stored image bytes, label): identifies a record without decoding it."""
+    return zlib.crc32(record.protos[0].byte_data), int(record.protos[1].byte_data)
+
+
+@pytest.fixture(scope="module")
+def records(photo_dir, tmp_path_factory):
+    """26 records in 4 shards (7, 7, 6, 6): the 24 photos, then two of them with new labels."""
+    entries = read_list(photo_dir / "data_list.txt")
+    entries += [(entries[0][0], 100), (entries[1][0], 101)]
+    out = tmp_path_factory.mktemp("resume")
+    data_list = out / "data_list.txt"
+    data_list.write_text("".join(f"{path} {label}\n" for path, label in entries))
+    Writer(data_list, out / "records", db_num=4, codec="jpeg").write()
+    return out / "records"
+
+
+@pytest.fixture(scope="module")
+def index_of(records):
+    """fingerprint -> global record index."""
+    dataset = TRDataset(records, transform=fingerprint)
+    index = {dataset[i]: i for i in range(len(dataset))}
+    assert len(dataset) == N and len(index) == N  # every record has its own fingerprint
+    return index
+
+
+def make(records, mode, batch_size=4, num_workers=0, seed=SEED, **kwargs):
+    return TorchRecord(
+        records,
+        shuffle=mode,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        transform=fingerprint,
+        seed=seed,
+        **kwargs,
+    )
+
+
+def read(loader, index_of, batches=None):
+    """The batches read (as lists of global indices), stopping after ``batches`` of them."""
+    out = []
+    for crcs, labels in loader:
+        out.append([index_of[(int(c), int(label))] for c, label in zip(crcs, labels)])
+        if len(out) == batches:
+            break
+    return out
+
+
+def flat(batches):
+    return [i for batch in batches for i in batch]
+
+
+def epoch_order(records, index_of, mode, epoch, seed=SEED):
+    """An uninterrupted epoch, read by a loader of its own."""
+    loader = make(records, mode, batch_size=5, seed=seed)
+    loader.set_epoch(epoch)
+    return flat(read(loader, index_of))
+
+
+@pytest.mark.parametrize("k", [2, 5])
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("mode", MODES)
+def test_resume_mid_epoch_in_a_new_loader(records, index_of, mode, num_workers, k):
+    epoch = 3
+    first = make(records, mode, batch_size=4, num_workers=num_workers)
+    first.set_epoch(epoch)
+    head = flat(read(first, index_of, batches=k))
+    assert len(head) == 4 * k
+    state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint would keep it
+    assert (state["epoch"], state["consumed"]) == (epoch, 4 * k)
+
+    # other worker count, other batch size
+    resumed = make(records, mode, batch_size=3, num_workers=2 - num_workers)
+    resumed.load_state_dict(state)
+    remaining_batches = len(resumed)
+    assert remaining_batches == math.ceil((N - 4 * k) / 3)
+    rest_batches = read(resumed, index_of)
+    assert len(rest_batches) == remaining_batches
+    rest = flat(rest_batches)
+
+    whole = epoch_order(records, index_of, mode, epoch)
+    assert sorted(whole) == list(range(N))
+    assert (whole == list(range(N))) == (mode == "none")
+    assert head + rest == whole  # nothing repeated, nothing skipped, same order
+    # the resumed loader then goes on with the next epoch
+    after = resumed.state_dict()
+    assert (after["epoch"], after["consumed"]) == (epoch + 1, 0)
+    assert flat(read(resumed, index_of)) == epoch_order(records, index_of, mode, epoch + 1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_state_before_iteration_and_after_an_epoch(records, index_of, mode):
+    loader = make(records, mode, batch_size=4, num_workers=2)
+    state = loader.state_dict()
+    assert {k: state[k] for k in ("epoch", "consumed", "seed", "mode", "num_records")} == {
+        "epoch": 0,
+        "consumed": 0,
+        "seed": SEED,
+        "mode": mode,
+        "num_records": N,
+    }
+    epoch0 = flat(read(loader, index_of))
+    assert epoch0 == epoch_order(records, index_of, mode, 0)
+    done = loader.state_dict()
+    assert (done["epoch"], done["consumed"]) == (1, 0)
+
+    epoch1 = epoch_order(records, index_of, mode, 1)
+    assert (epoch1 == epoch0) == (mode == "none")
+    other = make(records, mode, batch_size=3)
+    other.load_state_dict(done)
+    assert len(other) == math.ceil(N / 3)
+    assert flat(read(other, index_of)) == epoch1
+    assert flat(read(loader, index_of)) == epoch1  # the first loader moved on by itself
+
+    # the state taken before any iteration rewinds a loader to the start of epoch 0
+    loader.load_state_dict(state)
+    assert flat(read(loader, index_of)) == epoch0
+
+
+def test_state_after_an_interrupted_epoch_and_set_epoch(records, index_of):
+    loader = make(records, "global", batch_size=4)
+    read(loader, index_of, batches=3)  # epoch 0 left after 12 records
+    loader.set_epoch(5)
+    state = loader.state_dict()
+    resumed = make(records, "global", batch_size=3)
+    resumed.load_state_dict(state)
+    # a checkpoint taken now resumes where the loader itself goes on: epoch 5, from its start
+    epoch5 = epoch_order(records, index_of, "global", 5)
+    assert flat(read(loader, index_of)) == epoch5
+    assert flat(read(resumed, index_of)) == epoch5
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_set_epoch_reproduces_an_order(records, index_of, mode):
+    def order(epoch, num_workers, batch_size, seed=SEED):
+        loader = make(records, mode, batch_size, num_workers, seed=seed)
+        loader.set_epoch(epoch)
+        return flat(read(loader, index_of))
+
+    base = order(4, 0, 4)
+    assert sorted(base) == list(range(N))
+    assert order(4, 2, 3) == base
+    assert order(4, 1, N) == base
+    assert base == TRSampler(records, shuffle=mode, seed=SEED).order(4).tolist()
+    if mode == "none":
+        assert base == list(range(N)) == order(5, 0, 4) == order(4, 0, 4, seed=SEED + 1)
+    else:
+        assert order(5, 0, 4) != base
+        assert order(4, 0, 4, seed=SEED + 1) != base
+
+
+def test_load_state_dict_refuses_other_settings(records, index_of):
+    source = make(records, "block")
+    read(source, index_of, batches=2)
+    state = source.state_dict()
+    assert state["consumed"] == 8
+
+    other_seed = make(records, "block", seed=SEED + 1)
+    with pytest.raises(ValueError, match=f"seed={SEED}\\b"):
+        other_seed.load_state_dict(state)
+    other_mode = make(records, "global")
+    with pytest.raises(ValueError, match="mode='block'"):
+        other_mode.load_state_dict(state)
+    other_pool = make(records, "block", pool_size=8)
+    with pytest.raises(ValueError, match="pool_size=64"):
+        other_pool.load_state_dict(state)
+
+    # a refused state changes nothing: each loader still reads its whole epoch 0
+    assert flat(read(other_seed, index_of)) == epoch_order(records, index_of, "block", 0, SEED + 1)
+    assert flat(read(other_mode, index_of)) == epoch_order(records, index_of, "global", 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_resume_with_persistent_workers(records, index_of, mode):
+    loader = make(records, mode, batch_size=4, num_workers=2, persistent_workers=True)
+    assert flat(read(loader, index_of)) == epoch_order(records, index_of, mode, 0)
+    head = flat(read(loader, index_of, batches=3))  # epoch 1; the workers prefetch more
+    state = loader.state_dict()
+    assert (state["epoch"], state["consumed"]) == (1, 12)
+    epoch1 = epoch_order(records, index_of, mode, 1)
+    epoch2 = epoch_order(records, index_of, mode, 2)
+
+    fresh = make(records, mode, batch_size=3, num_workers=2, persistent_workers=True)
+    fresh.load_state_dict(state)
+    assert len(fresh) == math.ceil((N - 12) / 3)
+    assert head + flat(read(fresh, index_of)) == epoch1
+    assert flat(read(fresh, index_of)) == epoch2
+
+    # the same loader, whose live workers still hold batches of the interrupted epoch
+    loader.load_state_dict(state)
+    assert head + flat(read(loader, index_of)) == epoch1
+    assert flat(read(loader, index_of)) == epoch2
+
+
+def test_set_epoch_after_load_keeps_the_resumed_position_only_for_its_epoch(records):
+    loader = make(records, "global", batch_size=4)
+    loader.set_epoch(3)
+    first = []
+    for i, (crcs, labels) in enumerate(loader):
+        first += list(zip(crcs.tolist(), labels.tolist()))
+        if i == 1:
+            break
+    state = loader.state_dict()
+    assert (state["epoch"], state["consumed"]) == (3, 8)
+    resumed = make(records, "global", batch_size=4)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(3)  # a training loop calling set_epoch(epoch) after loading: still resumes
+    rest = [pair for crcs, labels in resumed for pair in zip(crcs.tolist(), labels.tolist())]
+    assert len(first) + len(rest) == 26 and len(set(first + rest)) == 26
+    other = make(records, "global", batch_size=4)
+    other.load_state_dict(state)
+    other.set_epoch(4)  # another epoch: from its start
+    assert sum(len(labels) for _, labels in other) == 26
