@@ -50,6 +50,8 @@ PIPELINE_OF = {
     "TorchRecord jpeg fast": "tensor (jpeg)",
     "TorchRecord raw_rgb uint8": "tensor uint8 (raw)",
     "TorchRecord jpeg uint8": "tensor uint8 (jpeg)",
+    "TorchRecord raw_rgb, defaults": "tensor (raw)",
+    "TorchRecord jpeg, defaults": "tensor (jpeg)",
 }
 
 

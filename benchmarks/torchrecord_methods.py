@@ -30,12 +30,19 @@ class TorchRecordMethod(Method):
     """TorchRecord with one codec and one read-time transform."""
 
     def __init__(
-        self, workdir: Path, codec: str, transform: str, name: str, num_workers_write: int = 2
+        self,
+        workdir: Path,
+        codec: str,
+        transform: str,
+        name: str,
+        num_workers_write: int = 2,
+        persistent: bool = False,
     ) -> None:
         self.slug = f"torchrecord_{codec}"  # transforms of one codec share its dataset
         super().__init__(workdir)
         self.codec, self.transform, self.name = codec, transform, name
         self.num_workers_write = num_workers_write
+        self.persistent = persistent  # False like every peer; True is TorchRecord's default
 
     def prepare(self, source: Source) -> None:
         self.source = source
@@ -67,6 +74,7 @@ class TorchRecordMethod(Method):
             transform=self.transform,
             full_shuffle=True,
             seed=seed,
+            persistent_workers=self.persistent and num_workers > 0,
         )
         return _Float(loader) if self.transform == "uint8" else loader
 
@@ -91,6 +99,10 @@ def torchrecord_methods(workdir: Path) -> list[TorchRecordMethod]:
         TorchRecordMethod(workdir, "jpeg", "fast", "TorchRecord jpeg fast"),
         TorchRecordMethod(workdir, "raw_rgb", "uint8", "TorchRecord raw_rgb uint8"),
         TorchRecordMethod(workdir, "jpeg", "uint8", "TorchRecord jpeg uint8"),
+        # TorchRecord's defaults: the fast transform and persistent workers
+        TorchRecordMethod(workdir, "raw_rgb", "fast", "TorchRecord raw_rgb, defaults",
+                          persistent=True),
+        TorchRecordMethod(workdir, "jpeg", "fast", "TorchRecord jpeg, defaults", persistent=True),
     ]
 
 

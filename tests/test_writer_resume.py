@@ -155,3 +155,58 @@ def test_a_failed_write_leaves_nothing_behind_and_refuses_concurrent_writes(phot
     (out / ".tmp-0123456789abcdef" / "shard-00000.lmdb").write_bytes(b"partial")
     Writer(photos, out, codec="raw_rgb", overwrite=True).write()
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-00000.lmdb"]
+
+
+@pytest.mark.parametrize("sharding", [{"db_num": 5}, {"records_per_shard": 7}])
+def test_shard_ranges_written_apart_and_joined_equal_one_write(photos, tmp_path, sharding):
+    from torchrecord.writer import join_parts
+
+    whole = tmp_path / "whole"
+    Writer(photos, whole, codec="jpeg", shuffle=True, seed=2, **sharding).write()
+    expected = dataset_state(whole)
+    n_shards = len(json.loads((whole / "manifest.json").read_text())["shards"])
+    cut = n_shards // 2
+    parts = []
+    for i, (first, stop) in enumerate([(cut, n_shards), (0, cut)]):  # any order, any machine
+        part = tmp_path / f"part{i}"
+        Writer(
+            photos, part, codec="jpeg", shuffle=True, seed=2, shard_range=(first, stop), **sharding
+        ).write()
+        with pytest.raises(Exception, match="part of a dataset.*torchrecord join"):
+            TRDataset(part)
+        parts.append(part)
+    # a part written again is a no-op (a retried cluster job)
+    Writer(
+        photos,
+        parts[0],
+        codec="jpeg",
+        shuffle=True,
+        seed=2,
+        shard_range=(cut, n_shards),
+        **sharding,
+    ).write()
+    joined = tmp_path / "joined"
+    manifest = join_parts(joined, parts)
+    assert len(manifest.shards) == n_shards
+    assert dataset_state(joined) == expected
+    assert [s.sha256 for s in manifest.shards] == [
+        s["sha256"] for s in json.loads((whole / "manifest.json").read_text())["shards"]
+    ]
+
+
+def test_join_refuses_gaps_and_foreign_parts(photos, tmp_path):
+    from torchrecord.writer import join_parts
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    Writer(photos, a, codec="jpeg", db_num=4, shard_range=(0, 2)).write()
+    with pytest.raises(
+        ValueError,
+        match=r"shards 2..3 are missing: write them with "
+        r"shard_range=\(2, 4\)",
+    ):
+        join_parts(tmp_path / "out", [a])
+    Writer(photos, b, codec="jpeg", db_num=4, seed=9, shuffle=True, shard_range=(2, 4)).write()
+    with pytest.raises(ValueError, match="different writes"):
+        join_parts(tmp_path / "out", [a, b])
+    with pytest.raises(ValueError, match="shard_range needs a plan"):
+        Writer(photos, a, codec="jpeg", shard_range=(0, 1))

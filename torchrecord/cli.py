@@ -81,6 +81,7 @@ def _cmd_write(args: argparse.Namespace) -> int:
         records_per_shard=args.records_per_shard,
         bytes_per_shard=args.bytes_per_shard,
         on_error=args.on_error,
+        shard_range=args.shard_range,
         progress=False if args.quiet else None,
     )
     manifest = writer.write()
@@ -92,6 +93,25 @@ def _cmd_write(args: argparse.Namespace) -> int:
         f"{args.output_dir} ({total / 1e6:.1f} MB, codec {manifest.codec}, serializer "
         f"{manifest.serializer}) in {seconds:.1f} s ({manifest.num_records / seconds:.0f} "
         "images/s)" + (f"; skipped {skipped}, see {args.output_dir}/skipped.tsv" if skipped else "")
+    )
+    return 0
+
+
+def _range(text: str) -> tuple[int, int]:
+    try:
+        first, stop = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a shard range: {text!r} (try 0:8)") from None
+    return first, stop
+
+
+def _cmd_join(args: argparse.Namespace) -> int:
+    from .writer import join_parts
+
+    manifest = join_parts(args.output_dir, args.parts, overwrite=args.overwrite)
+    print(
+        f"joined {len(args.parts)} parts into {args.output_dir}: {manifest.num_records} records "
+        f"in {len(manifest.shards)} shards"
     )
     return 0
 
@@ -268,8 +288,29 @@ def build_parser() -> argparse.ArgumentParser:
         "skip: go on, and list every skipped line with its reason in "
         "OUTPUT_DIR/skipped.tsv",
     )
+    write.add_argument(
+        "--shard-range",
+        type=_range,
+        default=None,
+        metavar="FIRST:STOP",
+        help="write only shards FIRST..STOP-1 of the plan (with --db-num or "
+        "--records-per-shard), e.g. one range per machine; then "
+        "`torchrecord join`",
+    )
     write.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     write.set_defaults(func=_cmd_write)
+
+    join = sub.add_parser(
+        "join",
+        help="join the parts written with --shard-range into one dataset",
+        description="Join the parts of one write, made with --shard-range (possibly on several "
+        "machines), into OUTPUT_DIR. The parts must cover every shard exactly once; their shard "
+        "files are moved (or copied across file systems) and the manifest is written last.",
+    )
+    join.add_argument("output_dir", metavar="OUTPUT_DIR")
+    join.add_argument("parts", metavar="PART", nargs="+")
+    join.add_argument("--overwrite", action="store_true")
+    join.set_defaults(func=_cmd_join)
 
     info = sub.add_parser("info", help="describe a dataset: shards, records, codec, bytes")
     info.add_argument("path", metavar="PATH")

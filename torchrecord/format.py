@@ -143,6 +143,12 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
         raise DatasetError(f"{where} is not a TorchRecord manifest")
     check_format_version(doc.get("format_version"), where)
+    if "part" in doc:
+        raise DatasetError(
+            f"{where} describes part of a dataset (shards {doc['part'].get('first_shard')} to "
+            f"{doc['part'].get('stop_shard')} of {doc['part'].get('total_shards')}, written "
+            "with shard_range); join the parts with `torchrecord join OUTPUT PART...`"
+        )
     if doc.get("checksum", CHECKSUM_ALGORITHM) != CHECKSUM_ALGORITHM:
         raise DatasetError(f"{where}: unknown checksum algorithm {doc.get('checksum')!r}")
     shard_docs = doc.get("shards")

@@ -22,8 +22,9 @@ class TorchRecord(DataLoader):
     (0.1) or a mode: ``"none"``, ``"block"`` or ``"global"``. Under ``torch.distributed`` each
     rank reads its own share. Any other keyword (``pin_memory``, ``persistent_workers``,
     ``prefetch_factor``, ``collate_fn``, ``drop_last``, ``multiprocessing_context``...) goes to
-    ``DataLoader``. :meth:`state_dict` and :meth:`load_state_dict` resume in the middle of an
-    epoch, also with a different number of workers, batch size or world size.
+    ``DataLoader``; ``persistent_workers`` defaults to True when there are workers.
+    :meth:`state_dict` and :meth:`load_state_dict` resume in the middle of an epoch, also with a
+    different number of workers, batch size or world size.
     """
 
     def __init__(
@@ -68,6 +69,10 @@ class TorchRecord(DataLoader):
         if sampler.mode == "block":
             # a worker needs at most the shards of one window (two when crossing into the next)
             dataset.reader.max_open_shards = 2 * sampler.block_shards
+        if num_workers > 0:
+            # the dataset never changes between epochs, so keeping the workers costs nothing
+            # and saves their start-up (a fork and the first batches) at every epoch
+            loader_kwargs.setdefault("persistent_workers", True)
         super().__init__(
             dataset,
             batch_size=batch_size,

@@ -81,6 +81,7 @@ class Writer:
         bytes_per_shard: int | None = None,
         on_error: str = "raise",
         append: bool = False,
+        shard_range: tuple[int, int] | None = None,
     ):
         if int(db_num) < 1:
             raise ValueError(f"db_num must be at least 1, got {db_num}")
@@ -116,6 +117,21 @@ class Writer:
         self.overwrite = bool(overwrite)
         self.on_error = on_error
         self.append = bool(append)
+        self.shard_range = (
+            None if shard_range is None else (int(shard_range[0]), int(shard_range[1]))
+        )
+        if self.shard_range is not None:
+            if (
+                self.append
+                or bytes_per_shard is not None
+                or (int(db_num) == 1 and records_per_shard is None)
+            ):
+                raise ValueError(
+                    "shard_range needs a plan known before encoding: db_num > 1 or "
+                    "records_per_shard, and no append or bytes_per_shard"
+                )
+            if not 0 <= self.shard_range[0] < self.shard_range[1]:
+                raise ValueError(f"shard_range {shard_range} is empty or negative")
         if self.append and self.overwrite:
             raise ValueError("append=True adds shards to a dataset; overwrite=True replaces it")
         self.progress = sys.stderr.isatty() if progress is None else bool(progress)
@@ -143,7 +159,25 @@ class Writer:
         if self.shuffle:
             random.Random(self.seed).shuffle(order)
         ordered = [entries[i] for i in order]
-        finished = self._already_written(ordered)
+        part = None
+        if self.shard_range is not None:
+            plan = self._plan(len(ordered))
+            first, stop = self.shard_range
+            if stop > len(plan):
+                raise ValueError(
+                    f"shard_range {self.shard_range} goes past the {len(plan)} shards of this write"
+                )
+            part = {
+                "first_shard": first,
+                "stop_shard": stop,
+                "total_shards": len(plan),
+                "plan": self._job_id(ordered, 0),
+            }
+            offset = plan[first][0]
+            ordered = ordered[offset : plan[stop - 1][1]]
+            self.part_splits = {start - offset for start, _ in plan[first + 1 : stop]}
+
+        finished = self._already_written(ordered, part["first_shard"] if part else 0)
         if finished is not None:
             return finished
         base = self._check_output_dir()
@@ -152,6 +186,8 @@ class Writer:
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
         first_index = len(base.shards) if base is not None else 0
+        if part is not None:
+            first_index = part["first_shard"]
         job = self._job_id(ordered, first_index)
         staging = self.output_dir / f"{STAGING_PREFIX}{job[:16]}"
         _remove_stale_staging(self.output_dir, keep=staging)
@@ -174,6 +210,8 @@ class Writer:
             extra = self._manifest_extra(source, label_names, ordered)
             extra["write_seconds"] = round(time.perf_counter() - started, 3)
             extra["job"] = job
+            if part is not None:
+                extra["part"] = part
             if base is not None:
                 extra = {
                     **base.extra,
@@ -181,23 +219,39 @@ class Writer:
                     "skipped": base.extra.get("skipped", 0) + extra["skipped"],
                     "appended": base.extra.get("appended", 0) + 1,
                 }
+                new_files = {shard.file for shard in shards}
                 shards = [*base.shards, *shards]
             manifest = fmt.Manifest(self.codec_name, self.serializer_name, shards, extra=extra)
-            self._publish(staging, manifest, first_index)
+            self._publish(
+                staging, manifest, {shard.file for shard in shards} if base is None else new_files
+            )
         shutil.rmtree(staging, ignore_errors=True)
         return manifest
 
-    def _already_written(self, entries: list[Entry]) -> fmt.Manifest | None:
+    def _already_written(self, entries: list[Entry], first_index: int) -> fmt.Manifest | None:
         """The manifest, if this very write already completed here (killed before it exited)."""
         path = self.output_dir / fmt.MANIFEST_NAME
         if self.append or self.overwrite or not path.exists():
             return None
         try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if doc.get("job") != self._job_id(entries, first_index):
+            return None
+        if "part" not in doc:
             manifest = fmt.read_manifest(self.output_dir)
-        except TorchRecordError:
-            return None
-        if manifest.extra.get("job") != self._job_id(entries, 0):
-            return None
+        else:  # a part is not readable as a dataset; describe it from its manifest
+            shards = [
+                fmt.ShardInfo(s["file"], s["num_records"], s["bytes"], sha256=s.get("sha256"))
+                for s in doc["shards"]
+            ]
+            manifest = fmt.Manifest(
+                doc["codec"],
+                doc["serializer"],
+                shards,
+                extra={"job": doc["job"], "part": doc["part"]},
+            )
         for staging in self.output_dir.glob(STAGING_PREFIX + "*"):
             shutil.rmtree(staging, ignore_errors=True)
         return manifest
@@ -268,6 +322,14 @@ class Writer:
             )
         return None
 
+    def _plan(self, n: int) -> list[tuple[int, int]]:
+        """Input positions ``[start, stop)`` of every shard, for ``shard_range`` writes."""
+        if self.records_per_shard:
+            size = self.records_per_shard
+            return [(i, min(i + size, n)) for i in range(0, n, size)]
+        starts = [0, *sorted(self._rollover_positions(n)), n]
+        return list(zip(starts[:-1], starts[1:]))
+
     def _rollover_positions(self, n: int) -> set[int]:
         """Input positions that start a new shard in ``db_num`` mode (0.1's equal split)."""
         size, extra = divmod(n, self.db_num)
@@ -285,7 +347,11 @@ class Writer:
         first_index: int,
         resumed: list[_DoneShard],
     ) -> list[fmt.ShardInfo]:
-        splits = self._rollover_positions(len(entries)) if self.db_num > 1 else set()
+        by_count = self.records_per_shard
+        if self.shard_range is not None:  # a part: the plan's boundaries, by input position
+            splits, by_count = self.part_splits, None
+        else:
+            splits = self._rollover_positions(len(entries)) if self.db_num > 1 else set()
         shards = [done.info for done in resumed]
         start = resumed[-1].input_end if resumed else 0
         for done in resumed:
@@ -305,7 +371,7 @@ class Writer:
             for position, (entry, ok, value) in enumerate(encoded, start=start):
                 if shard is not None and (
                     position in splits
-                    or (self.records_per_shard and shard.count >= self.records_per_shard)
+                    or (by_count and shard.count >= by_count)
                     or (self.bytes_per_shard and shard.payload >= self.bytes_per_shard)
                 ):
                     pending.append(shard.finish(position, pending_skips, hasher))
@@ -409,7 +475,7 @@ class Writer:
             extra["data_process_func"] = f"{func.__module__}.{func.__qualname__}"
         return extra
 
-    def _publish(self, staging: Path, manifest: fmt.Manifest, first_index: int) -> None:
+    def _publish(self, staging: Path, manifest: fmt.Manifest, new_files: set[str]) -> None:
         out = self.output_dir
         old_manifest = out / fmt.MANIFEST_NAME
         if self.skipped:
@@ -421,7 +487,6 @@ class Writer:
             # The old dataset stops being a dataset first (its manifest goes), then its files.
             old_manifest.unlink()
             _fsync(out)
-        new_files = {s.file for s in manifest.shards[first_index:]}
         if not self.append:
             for p in out.iterdir():  # an old dataset's files, or leftovers of a killed publish
                 stale_shard = p.name.startswith("shard-") and p.name.endswith(".lmdb")
@@ -437,6 +502,96 @@ class Writer:
             os.replace(staging / SKIPPED_REPORT, out / SKIPPED_REPORT)
         _fsync(out)
         _atomic_write_text(old_manifest, json.dumps(manifest.to_json(), indent=2) + "\n")
+
+
+def join_parts(
+    output_dir: str | os.PathLike, parts: list[str | os.PathLike], overwrite: bool = False
+) -> fmt.Manifest:
+    """Join the parts written with ``shard_range`` (on one machine or many) into one dataset.
+
+    The parts must come from the same write (the same input and settings) and together cover
+    every shard once. Their shard files are moved into ``output_dir`` (copied when on another
+    file system) and the manifest is written last.
+    """
+    out = Path(output_dir)
+    docs = []
+    for part in parts:
+        path = Path(part) / fmt.MANIFEST_NAME
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise DataListError(str(part), None, f"not a written part ({exc})") from None
+        if "part" not in doc:
+            raise DataListError(str(part), None, "is a whole dataset, not a shard_range part")
+        docs.append((Path(part), doc))
+    docs.sort(key=lambda item: item[1]["part"]["first_shard"])
+    plans = {doc["part"]["plan"] for _, doc in docs}
+    if len(plans) != 1:
+        raise ValueError("the parts come from different writes (input or settings differ)")
+    expected = 0
+    for part, doc in docs:
+        if doc["part"]["first_shard"] != expected:
+            raise ValueError(
+                f"shards {expected}..{doc['part']['first_shard'] - 1} are missing "
+                f"(or written twice) before {part}"
+            )
+        expected = doc["part"]["stop_shard"]
+    total = docs[0][1]["part"]["total_shards"]
+    if expected != total:
+        raise ValueError(
+            f"shards {expected}..{total - 1} are missing: write them with "
+            f"shard_range=({expected}, {total})"
+        )
+    if (out / fmt.MANIFEST_NAME).exists() and not overwrite:
+        raise DatasetExistsError(f"{out} already holds a dataset; pass overwrite=True")
+    out.mkdir(parents=True, exist_ok=True)
+    shards, skipped_lines = [], []
+    for part, doc in docs:
+        for item in doc["shards"]:
+            source, target = part / item["file"], out / item["file"]
+            if source.resolve() != target.resolve():
+                try:
+                    os.replace(source, target)
+                except OSError:  # another file system: copy, then sync
+                    shutil.copy2(source, target)
+                    _fsync(target)
+            shards.append(
+                fmt.ShardInfo(
+                    item["file"], item["num_records"], item["bytes"], sha256=item.get("sha256")
+                )
+            )
+        report = part / SKIPPED_REPORT
+        if report.exists():
+            skipped_lines += report.read_text(encoding="utf-8").splitlines()[1:]
+    first = docs[0][1]
+    known = {
+        "format",
+        "format_version",
+        "codec",
+        "serializer",
+        "num_records",
+        "checksum",
+        "shards",
+        "part",
+        "job",
+        "skipped",
+        "skipped_report",
+    }
+    extra = {k: v for k, v in first.items() if k not in known}
+    extra["skipped"] = sum(doc.get("skipped", 0) for _, doc in docs)
+    extra["joined_parts"] = len(docs)
+    if skipped_lines:
+        extra["skipped_report"] = SKIPPED_REPORT
+        (out / SKIPPED_REPORT).write_text(
+            "line\tpath\treason\n" + "\n".join(skipped_lines) + "\n", encoding="utf-8"
+        )
+    _fsync(out)
+    manifest = fmt.Manifest(first["codec"], first["serializer"], shards, extra=extra)
+    _atomic_write_text(out / fmt.MANIFEST_NAME, json.dumps(manifest.to_json(), indent=2) + "\n")
+    for part, _ in docs:  # the parts are used up: they must not be joined twice
+        if part.resolve() != out.resolve():
+            (part / fmt.MANIFEST_NAME).unlink(missing_ok=True)
+    return manifest
 
 
 class _ShardWriter:
