@@ -84,19 +84,34 @@ def copy_seconds(directory: Path) -> float:
 
 
 class PeakMemory:
-    """Samples the PSS of this process and all its descendants; keeps the peak."""
+    """Samples the PSS of this process and the worker processes of one loader; keeps the peak.
 
-    def __init__(self, interval: float = 0.25) -> None:
+    Workers of other loaders (persistent ones stay alive, idle) are left out: they belong to
+    another method.
+    """
+
+    def __init__(self, loader: Any, interval: float = 0.25) -> None:
         import psutil
 
         self.psutil, self.interval, self.peak = psutil, interval, 0
+        self.loader = loader
+        me = psutil.Process()
+        self.before = {p.pid for p in me.children(recursive=True)}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _own_pids(self) -> set[int]:
+        inner = getattr(self.loader, "loader", self.loader)  # unwrap benchmark adapters
+        iterator = getattr(inner, "_iterator", None)
+        return {w.pid for w in getattr(iterator, "_workers", []) if w.pid}
+
     def _sample(self) -> int:
         me = self.psutil.Process()
+        own = self._own_pids()
         total = 0
         for proc in [me, *me.children(recursive=True)]:
+            if proc.pid != me.pid and proc.pid in self.before and proc.pid not in own:
+                continue  # an idle persistent worker of another method
             try:
                 total += proc.memory_full_info().pss
             except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
@@ -252,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.data / f"compare_{args.num_images}"
     only = {o.strip() for o in args.only.split(",") if o.strip()} or None
     methods = build_methods(workdir, only)
+    if args.cold:
+        # a persistent worker keeps its shards mapped, and mapped pages cannot be evicted:
+        # cold epochs are measured with workers that start afresh, as for every peer
+        methods = [m for m in methods if not getattr(m, "persistent", False)]
     n = len(source.entries)
     print(
         f"{n} images, {dir_bytes(source.root) / 1e6:.1f} MB of JPEGs; "
@@ -291,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         for method in methods:
             if args.cold:
                 evict(method.data_dir())
-            with PeakMemory() as memory:
+            with PeakMemory(loaders[method.name]) as memory:
                 rate = run_epoch(loaders[method.name], n)
             if round_index:
                 rates[method.name].append(rate)

@@ -55,12 +55,12 @@ def main(argv: list[str] | None = None) -> int:
             data_list = Path(tmp) / "list.txt"
             data_list.write_text("".join(f"x.bin {i % 1000}\n" for i in range(args.records)))
             started = time.perf_counter()
-            Writer(data_list, out, db_num=16, data_process_func=tiny_record,
-                   overwrite=True).write()
+            Writer(data_list, out, db_num=16, data_process_func=tiny_record, overwrite=True).write()
             print(f"wrote {args.records} tiny records in {time.perf_counter() - started:.1f} s")
 
-    loader = TorchRecord(out, shuffle="global", batch_size=256, num_workers=args.workers,
-                         transform=label_of)
+    loader = TorchRecord(
+        out, shuffle="global", batch_size=256, num_workers=args.workers, transform=label_of
+    )
     me = psutil.Process()
     peaks = {"main_rss": 0, "worker_uss": 0}
     stop = threading.Event()
@@ -85,10 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     thread.join()
     seconds = time.perf_counter() - started
     assert seen == args.records, seen
-    print(f"{seen} records in one epoch, {args.workers} workers, batch 256: {seconds:.1f} s "
-          f"({seen / seconds:.0f} records/s)")
-    print(f"peak private memory (USS) of a worker: {peaks['worker_uss'] / 2**20:.0f} MB; "
-          f"peak RSS of the main process: {peaks['main_rss'] / 2**20:.0f} MB")
+    print(
+        f"{seen} records in one epoch, {args.workers} workers, batch 256: {seconds:.1f} s "
+        f"({seen / seconds:.0f} records/s)"
+    )
+    print(
+        f"peak private memory (USS) of a worker: {peaks['worker_uss'] / 2**20:.0f} MB; "
+        f"peak RSS of the main process: {peaks['main_rss'] / 2**20:.0f} MB"
+    )
     return 0
 
 

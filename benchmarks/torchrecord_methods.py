@@ -100,8 +100,9 @@ def torchrecord_methods(workdir: Path) -> list[TorchRecordMethod]:
         TorchRecordMethod(workdir, "raw_rgb", "uint8", "TorchRecord raw_rgb uint8"),
         TorchRecordMethod(workdir, "jpeg", "uint8", "TorchRecord jpeg uint8"),
         # TorchRecord's defaults: the fast transform and persistent workers
-        TorchRecordMethod(workdir, "raw_rgb", "fast", "TorchRecord raw_rgb, defaults",
-                          persistent=True),
+        TorchRecordMethod(
+            workdir, "raw_rgb", "fast", "TorchRecord raw_rgb, defaults", persistent=True
+        ),
         TorchRecordMethod(workdir, "jpeg", "fast", "TorchRecord jpeg, defaults", persistent=True),
     ]
 

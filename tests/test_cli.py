@@ -207,3 +207,19 @@ def test_bench_reports_every_worker_count(photos, tmp_path):
     assert len(read) == 1 and float(read[0].split()[1]) > 0
     assert [line.split()[4] for line in load] == ["0", "2"]
     assert all(float(line.split()[1]) > 0 for line in load)
+
+
+def test_shard_ranges_and_join_from_the_command_line(photos, tmp_path):
+    parts = []
+    for first, stop in ((0, 2), (2, 3)):
+        part = tmp_path / f"part{first}"
+        result = run_cli("write", str(photos), str(part), "--codec", "jpeg", "--db-num", "3",
+                         "--shard-range", f"{first}:{stop}", "-q")
+        assert result.returncode == 0, result.stderr
+        parts.append(str(part))
+    refused = run_cli("info", parts[0])
+    assert refused.returncode == 2 and "torchrecord join" in refused.stderr
+    joined = run_cli("join", str(tmp_path / "joined"), *parts)
+    assert joined.returncode == 0, joined.stderr
+    assert "24 records in 3 shards" in joined.stdout
+    assert run_cli("verify", str(tmp_path / "joined")).returncode == 0
