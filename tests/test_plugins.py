@@ -60,11 +60,12 @@ def run_json(code: str, env: dict[str, str]) -> dict:
 def test_builtins_are_registered_through_the_hooks():
     codecs = {info.name: info for info in plugins.list_codecs()}
     serializers = {info.name: info for info in plugins.list_serializers()}
-    assert {"raw_rgb", "jpeg"} <= set(codecs)
+    assert {"raw_rgb", "jpeg", "smart"} <= set(codecs)
     assert {"tensorprotos", "msgpack"} <= set(serializers)
     expected_modules = {
         "raw_rgb": "torchrecord.codecs.raw_rgb",
         "jpeg": "torchrecord.codecs.jpeg",
+        "smart": "torchrecord.codecs.smart",
         "tensorprotos": "torchrecord.serializers.tensorprotos",
         "msgpack": "torchrecord.serializers.msgpack",
     }
@@ -191,7 +192,7 @@ def test_disabled_autoload_loads_no_entry_point(broken_site):
     assert "error" not in result
     assert result["warnings"] == []
     assert result["resolved"] == ["raw_rgb", "jpeg"]
-    assert set(result["codecs"]) == {"raw_rgb", "jpeg"}
+    assert set(result["codecs"]) == {"raw_rgb", "jpeg", "smart"}
     assert not (broken_site / "brokenplug_mod.imported").exists()
     if "png" in installed_entry_point_names():  # the example plugin, when installed
         assert "png" not in result["codecs"]

@@ -25,6 +25,7 @@ codecs (see `torchrecord plugins` for those your plugins add):
   raw_rgb   decode with Pillow at write time and store RGB pixels: no decode when reading,
             about 10x the bytes of the source JPEGs
   jpeg      store the original JPEG bytes unchanged; decoded when reading
+  smart     per image: raw pixels when small (--raw-below), JPEG when large
 
 resuming: if a write is killed (Ctrl-C, SIGKILL, a crash), run the same command again: the
 shards it finished are checked against their SHA-256 and kept, and the result equals an
@@ -82,6 +83,9 @@ def _cmd_write(args: argparse.Namespace) -> int:
         bytes_per_shard=args.bytes_per_shard,
         on_error=args.on_error,
         shard_range=args.shard_range,
+        max_size=args.max_size,
+        quality=args.quality,
+        raw_below=args.raw_below,
         progress=False if args.quiet else None,
     )
     manifest = writer.write()
@@ -296,6 +300,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="write only shards FIRST..STOP-1 of the plan (with --db-num or "
         "--records-per-shard), e.g. one range per machine; then "
         "`torchrecord join`",
+    )
+    write.add_argument(
+        "--max-size",
+        type=int,
+        default=None,
+        metavar="PIXELS",
+        help="scale images down so the longer side is at most PIXELS (jpeg "
+        "re-encodes only the images it resizes, at --quality)",
+    )
+    write.add_argument(
+        "--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)"
+    )
+    write.add_argument(
+        "--raw-below",
+        type=int,
+        default=None,
+        metavar="PIXELS",
+        help="with --codec smart: store images of at most PIXELS pixels "
+        "(width x height) raw, larger ones as JPEG (default 65536)",
     )
     write.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     write.set_defaults(func=_cmd_write)

@@ -45,6 +45,7 @@ ENTRY_POINT_GROUP = "torchrecord"
 DEFAULT_PLUGINS = (
     "torchrecord.codecs.raw_rgb",
     "torchrecord.codecs.jpeg",
+    "torchrecord.codecs.smart",
     "torchrecord.serializers.tensorprotos",
     "torchrecord.serializers.msgpack",
 )

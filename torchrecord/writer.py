@@ -82,6 +82,9 @@ class Writer:
         on_error: str = "raise",
         append: bool = False,
         shard_range: tuple[int, int] | None = None,
+        max_size: int | None = None,
+        quality: int = 90,
+        raw_below: int | None = None,
     ):
         if int(db_num) < 1:
             raise ValueError(f"db_num must be at least 1, got {db_num}")
@@ -138,8 +141,25 @@ class Writer:
         self.skipped: list[tuple[Entry, str]] = []
         # Resolve names now: an unknown codec or serializer fails before any work is done.
         get_serializer(self.serializer_name)
+        self.image_policy: dict[str, Any] = {}
+        if max_size is not None:
+            self.image_policy["max_size"] = int(max_size)
+            if self.image_policy["max_size"] < 1:
+                raise ValueError(f"max_size must be at least 1, got {max_size}")
+        if raw_below is not None or self.codec_name == "smart":
+            from .codecs.smart import DEFAULT_RAW_BELOW
+
+            self.image_policy["raw_below"] = int(
+                DEFAULT_RAW_BELOW if raw_below is None else raw_below
+            )
+        if self.image_policy and self.codec_name != "raw_rgb":
+            self.image_policy["quality"] = int(quality)
         if not custom:
-            get_codec(self.codec_name)
+            _check_options(get_codec(self.codec_name), self.image_policy)
+        elif self.image_policy:
+            raise ValueError(
+                "max_size, quality and raw_below need a codec, not a custom data_process_func"
+            )
 
     # -- public ------------------------------------------------------------------------------
     def write(self) -> fmt.Manifest:
@@ -271,6 +291,7 @@ class Writer:
             self.on_error,
             first_index,
             _func_name(self.data_process_func),
+            self.image_policy,
         ]
         digest.update(json.dumps(params).encode())
         for e in entries:
@@ -414,6 +435,7 @@ class Writer:
             self.serializer_name,
             self.data_process_func,
             self.on_error == "skip",
+            self.image_policy,
         )
         if self.num_workers == 0:
             for entry in entries:
@@ -465,6 +487,8 @@ class Writer:
         }
         if self.skipped:
             extra["skipped_report"] = SKIPPED_REPORT
+        if self.image_policy:
+            extra["image_policy"] = self.image_policy
         if label_names is not None:
             extra["label_names"] = label_names
         fields = sorted({key for e in entries if e.extras for key in e.extras})
@@ -689,7 +713,9 @@ class _EncodeJob:
         serializer: str,
         data_process_func: Callable[[str], Any] | None,
         skip: bool,
+        options: dict[str, Any] | None = None,
     ):
+        self.options = dict(options or {})
         self.source = source
         self.codec = codec
         self.serializer = serializer
@@ -719,7 +745,7 @@ class _EncodeJob:
             if self.data_process_func is not None:
                 record = self.data_process_func(f"{entry.path} {entry.label}")
             else:
-                record = get_codec(self.codec).encode(entry.path, entry.label)
+                record = get_codec(self.codec).encode(entry.path, entry.label, **self.options)
                 if entry.extras:
                     add_extras(record, entry.extras)
             return get_serializer(self.serializer).dumps(record)
@@ -848,6 +874,22 @@ def _merge_label_names(
 
     index = {str(i): str(merged.index(name)) for i, name in enumerate(names)}
     return [replace(e, label=index[e.label]) for e in entries], merged
+
+
+def _check_options(codec: Any, options: dict[str, Any]) -> None:
+    """Refuse image-policy options the codec does not take, before any work is done."""
+    if not options:
+        return
+    import inspect
+
+    accepted = inspect.signature(codec.encode).parameters
+    missing = [name for name in options if name not in accepted]
+    if missing:
+        raise ValueError(
+            f"codec {codec.name!r} does not support {', '.join(missing)}; the built-in codecs "
+            "raw_rgb, jpeg and smart take max_size (and jpeg and smart take quality, smart "
+            "raw_below)"
+        )
 
 
 def _func_name(func: Callable[..., Any] | None) -> str | None:

@@ -58,6 +58,26 @@ def parse_label(label: Any) -> int:
     return value
 
 
+def fit(img: Image, max_size: int | None) -> Image:
+    """``img`` scaled down (Lanczos) so that its longer side is at most ``max_size``."""
+    if not max_size or max(img.size) <= max_size:
+        return img
+    from PIL import Image as PILImage
+
+    width, height = img.size
+    scale = max_size / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return img.resize(size, PILImage.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def encode_jpeg(img: Image, quality: int) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", quality=int(quality))
+    return buffer.getvalue()
+
+
 class Codec:
     """Base class of codecs. Subclasses set ``name`` and implement the two image methods.
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import EncodeError
 from ..hookspecs import hookimpl
-from .base import Codec, make_record, parse_label
+from .base import Codec, encode_jpeg, fit, make_record, parse_label
 
 JPEG_SOI = b"\xff\xd8\xff"
 JPEG_EOI = b"\xff\xd9"
@@ -64,7 +64,9 @@ class JPEGCodec(Codec):
     name = "jpeg"
     description = "original JPEG bytes, byte-identical; decoded when reading"
 
-    def encode(self, path: str, label: Any):
+    def encode(self, path: str, label: Any, max_size: int | None = None, quality: int = 90):
+        """The file's bytes, unchanged; or, when ``max_size`` is set and the image is larger,
+        the image scaled down and re-encoded at ``quality``."""
         label = parse_label(label)
         with open(path, "rb") as f:
             data = f.read()
@@ -82,6 +84,12 @@ class JPEGCodec(Codec):
                 f"{path} is a truncated JPEG (no end-of-image marker): re-export or re-download "
                 "the file, or remove its line from the data list."
             )
+        if max_size and max(size) > max_size:
+            from PIL import Image
+
+            with Image.open(io.BytesIO(data)) as img:
+                small = fit(img.convert("RGB"), max_size)
+            return make_record(encode_jpeg(small, quality), small.size, label, name=self.name)
         return make_record(data, size, label, name=self.name)
 
     def decode_image(self, record):

@@ -9,19 +9,19 @@ from __future__ import annotations
 from typing import Any
 
 from ..hookspecs import hookimpl
-from .base import Codec, make_record, parse_label
+from .base import Codec, fit, make_record, parse_label
 
 
 class RawRGBCodec(Codec):
     name = "raw_rgb"
     description = "RGB pixels decoded by Pillow at write time; no decode when reading"
 
-    def encode(self, path: str, label: Any):
+    def encode(self, path: str, label: Any, max_size: int | None = None):
         from PIL import Image
 
         label = parse_label(label)
         with Image.open(path) as img:
-            rgb = img.convert("RGB")
+            rgb = fit(img.convert("RGB"), max_size)
         return make_record(rgb.tobytes(), rgb.size, label)
 
     def decode_image(self, record):

@@ -1,0 +1,84 @@
+"""Image policy at write time: a maximum resolution, and the per-image ``smart`` codec."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from conftest import read_list
+from PIL import Image
+
+from torchrecord import TRDataset, Writer
+from torchrecord.codecs.base import fit
+
+
+def test_max_size_for_raw_rgb_scales_with_lanczos(photos, tmp_path):
+    out = tmp_path / "raw"
+    manifest = Writer(photos, out, codec="raw_rgb", max_size=200).write()
+    assert manifest.extra["image_policy"] == {"max_size": 200}
+    dataset = TRDataset(out, transform=None)
+    for i, (path, _) in enumerate(read_list(photos)):
+        record = dataset[i]
+        with Image.open(path) as img:
+            expected = fit(img.convert("RGB"), 200)
+        assert max(record.protos[0].dims) == 200
+        assert record.protos[0].byte_data == expected.tobytes()
+
+
+def test_max_size_for_jpeg_reencodes_only_what_it_resizes(photos, tmp_path):
+    samples = read_list(photos)
+    sizes = [Image.open(p).size for p, _ in samples]
+    limit = sorted(max(s) for s in sizes)[len(sizes) // 2]  # about half the images are larger
+    out = tmp_path / "jpeg"
+    manifest = Writer(photos, out, codec="jpeg", max_size=limit, quality=80).write()
+    assert manifest.extra["image_policy"] == {"max_size": limit, "quality": 80}
+    dataset = TRDataset(out, transform=None)
+    kept = resized = 0
+    for i, ((path, label), size) in enumerate(zip(samples, sizes)):
+        record = dataset[i]
+        data = record.protos[0].byte_data
+        if max(size) <= limit:
+            assert data == path.read_bytes()
+            kept += 1
+        else:
+            with Image.open(io.BytesIO(data)) as img:
+                assert img.format == "JPEG" and max(img.size) == limit
+                assert tuple(record.protos[0].dims) == img.size
+            resized += 1
+        assert int(record.protos[1].byte_data) == label
+    assert kept and resized
+    image, _ = TRDataset(out)[0]
+    assert image.shape == (3, 224, 224)
+
+
+def test_smart_stores_small_images_raw_and_large_ones_as_jpeg(photos, tmp_path):
+    samples = read_list(photos)
+    pixels = sorted(w * h for w, h in (Image.open(p).size for p, _ in samples))
+    threshold = pixels[len(pixels) // 2]
+    out = tmp_path / "smart"
+    manifest = Writer(photos, out, codec="smart", raw_below=threshold).write()
+    assert manifest.extra["image_policy"]["raw_below"] == threshold
+    dataset = TRDataset(out, transform=None)
+    kinds = set()
+    for i, (path, _) in enumerate(samples):
+        record = dataset[i]
+        with Image.open(path) as img:
+            rgb = img.convert("RGB")
+        if rgb.width * rgb.height <= threshold:
+            assert record.protos[0].name == "" and record.protos[0].byte_data == rgb.tobytes()
+        else:
+            assert record.protos[0].name == "jpeg"
+            assert record.protos[0].byte_data == path.read_bytes()
+        kinds.add(record.protos[0].name)
+        # both kinds read back through the codec, whatever each record holds
+        assert dataset.reader.codec.decode_image(record).tobytes() == rgb.tobytes()
+    assert kinds == {"", "jpeg"}
+    images = [TRDataset(out)[i][0] for i in range(3)]
+    assert all(image.shape == (3, 224, 224) for image in images)
+
+
+def test_policy_options_are_checked(photos, tmp_path):
+    with pytest.raises(ValueError, match="max_size must be at least 1"):
+        Writer(photos, tmp_path / "o", max_size=0)
+    with pytest.raises(ValueError, match="need a codec"):
+        Writer(photos, tmp_path / "o", max_size=100, data_process_func=lambda line: None)
