@@ -213,8 +213,18 @@ def test_shard_ranges_and_join_from_the_command_line(photos, tmp_path):
     parts = []
     for first, stop in ((0, 2), (2, 3)):
         part = tmp_path / f"part{first}"
-        result = run_cli("write", str(photos), str(part), "--codec", "jpeg", "--db-num", "3",
-                         "--shard-range", f"{first}:{stop}", "-q")
+        result = run_cli(
+            "write",
+            str(photos),
+            str(part),
+            "--codec",
+            "jpeg",
+            "--db-num",
+            "3",
+            "--shard-range",
+            f"{first}:{stop}",
+            "-q",
+        )
         assert result.returncode == 0, result.stderr
         parts.append(str(part))
     refused = run_cli("info", parts[0])

@@ -223,3 +223,14 @@ def test_jpeg_size_reads_the_frame_header(photos, tmp_path, options):
     ):
         with pytest.raises(ValueError):
             jpeg_size(broken)
+
+
+def test_jpeg_codec_falls_back_to_pillow_for_unusual_marker_layouts(photos, tmp_path):
+    path, _ = read_list(photos)[1]
+    data = path.read_bytes()
+    app0_end = 4 + int.from_bytes(data[4:6], "big")  # junk bytes after the APP0 segment
+    odd = tmp_path / "odd.jpg"
+    odd.write_bytes(data[:app0_end] + b"\x00\x00" + data[app0_end:])
+    record = get_codec("jpeg").encode(str(odd), 1)
+    assert tuple(record.protos[0].dims) == Image.open(path).size
+    assert record.protos[0].byte_data == odd.read_bytes()

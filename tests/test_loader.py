@@ -198,3 +198,10 @@ def test_legacy_fixture_reads_pixel_and_label_exact(legacy_fixture):
     loader = TorchRecord(legacy_fixture / "record", 2, True, 8, 2)
     labels = sorted(int(x) for _, batch_labels in loader for x in batch_labels)
     assert labels == sorted(int(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+def test_one_dataset_under_two_spellings_of_its_path(records, monkeypatch):
+    monkeypatch.chdir(records.parent)
+    relative = TRDataset(records.name, transform=fingerprint)
+    absolute = TRDataset(str(records.resolve()), transform=fingerprint)
+    assert [relative[i] for i in range(24)] == [absolute[i] for i in range(24)]

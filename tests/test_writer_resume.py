@@ -210,3 +210,37 @@ def test_join_refuses_gaps_and_foreign_parts(photos, tmp_path):
         join_parts(tmp_path / "out", [a, b])
     with pytest.raises(ValueError, match="shard_range needs a plan"):
         Writer(photos, a, codec="jpeg", shard_range=(0, 1))
+
+
+def test_an_append_run_again_is_a_no_op(photos, tmp_path):
+    out = tmp_path / "records"
+    samples = read_list(photos)
+    Writer([(p, label) for p, label in samples[:12]], out, codec="jpeg").write()
+    more = [(p, label) for p, label in samples[12:]]
+    Writer(more, out, codec="jpeg", append=True).write()
+    manifest = Writer(more, out, codec="jpeg", append=True).write()  # e.g. a retried job
+    assert manifest.num_records == 24 and len(TRDataset(out)) == 24
+    assert json.loads((out / "manifest.json").read_text())["appended"] == 1
+
+
+def test_join_over_an_existing_dataset_replaces_it_whole(photos, tmp_path):
+    from torchrecord.writer import join_parts
+
+    old = tmp_path / "joined"
+    Writer(photos, old, codec="raw_rgb", db_num=5).write()
+    parts = []
+    for first, stop in ((0, 1), (1, 3)):
+        part = tmp_path / f"p{first}"
+        Writer(photos, part, codec="jpeg", db_num=3, shard_range=(first, stop)).write()
+        parts.append(part)
+    with pytest.raises(DatasetExistsError):
+        join_parts(old, parts)
+    join_parts(old, parts, overwrite=True)
+    assert sorted(p.name for p in old.iterdir()) == [
+        "manifest.json",
+        "shard-00000.lmdb",
+        "shard-00001.lmdb",
+        "shard-00002.lmdb",
+    ]
+    dataset = TRDataset(old, transform=None)
+    assert dataset.codec == "jpeg" and len(dataset) == 24

@@ -40,8 +40,10 @@ class SharedEnvironments:
             return self.generation
 
     def acquire(self, path: Path, opener: Callable[[], Any]) -> tuple[tuple, Any]:
-        st = path.stat()  # a re-written dataset has new files (new inodes): never reuse a stale map
-        key = (str(path), st.st_dev, st.st_ino)
+        # the file's identity, not its spelling: py-lmdb refuses a second open of one file
+        # under another path; a re-written dataset has new files (new inodes)
+        st = path.stat()
+        key = (st.st_dev, st.st_ino)
         with self.lock:
             self._check_pid()
             env = self.envs.get(key)

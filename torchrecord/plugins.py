@@ -97,8 +97,8 @@ class _Registry:
                     continue
                 self.pm.register(importlib.import_module(module_name), name=module_name)
                 self._owners[module_name] = (_BUILTIN_OWNER, version)
-            self._loaded = True
             self._collect()
+            self._loaded = True  # only once the registries are consistent
 
     def _load_entry_points(self) -> None:
         strict = _env_flag("TORCHRECORD_STRICT_PLUGINS")

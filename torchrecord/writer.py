@@ -133,6 +133,11 @@ class Writer:
                     "shard_range needs a plan known before encoding: db_num > 1 or "
                     "records_per_shard, and no append or bytes_per_shard"
                 )
+            if on_error != "raise":
+                raise ValueError(
+                    "shard_range writes need on_error='raise': a shard whose samples were all "
+                    "skipped would shift the numbering of the joined dataset"
+                )
             if not 0 <= self.shard_range[0] < self.shard_range[1]:
                 raise ValueError(f"shard_range {shard_range} is empty or negative")
         if self.append and self.overwrite:
@@ -201,7 +206,12 @@ class Writer:
         if finished is not None:
             return finished
         base = self._check_output_dir()
+        append_id = None
         if base is not None:
+            append_id = self._job_id(ordered, -1)
+            if append_id in base.extra.get("appended_jobs", []):
+                _remove_stale_staging(self.output_dir, keep=None)
+                return base  # this very append completed already (killed before it exited)
             ordered, label_names = _merge_label_names(base, ordered, label_names, source)
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -238,7 +248,10 @@ class Writer:
                     **extra,
                     "skipped": base.extra.get("skipped", 0) + extra["skipped"],
                     "appended": base.extra.get("appended", 0) + 1,
+                    "appended_jobs": [*base.extra.get("appended_jobs", []), append_id],
                 }
+                if base.extra.get("skipped_report") or extra.get("skipped_report"):
+                    extra["skipped_report"] = SKIPPED_REPORT
                 new_files = {shard.file for shard in shards}
                 shards = [*base.shards, *shards]
             manifest = fmt.Manifest(self.codec_name, self.serializer_name, shards, extra=extra)
@@ -272,8 +285,7 @@ class Writer:
                 shards,
                 extra={"job": doc["job"], "part": doc["part"]},
             )
-        for staging in self.output_dir.glob(STAGING_PREFIX + "*"):
-            shutil.rmtree(staging, ignore_errors=True)
+        _remove_stale_staging(self.output_dir, keep=None)
         return manifest
 
     def _job_id(self, entries: list[Entry], first_index: int) -> str:
@@ -502,8 +514,14 @@ class Writer:
     def _publish(self, staging: Path, manifest: fmt.Manifest, new_files: set[str]) -> None:
         out = self.output_dir
         old_manifest = out / fmt.MANIFEST_NAME
+        old_report = out / SKIPPED_REPORT
         if self.skipped:
-            lines = ["line\tpath\treason"] + [
+            previous = (
+                old_report.read_text(encoding="utf-8").splitlines()[1:]
+                if self.append and old_report.exists()
+                else []
+            )
+            lines = ["line\tpath\treason", *previous] + [
                 f"{e.line_no}\t{e.path}\t{reason}".replace("\n", " ") for e, reason in self.skipped
             ]
             (staging / SKIPPED_REPORT).write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -566,14 +584,32 @@ def join_parts(
             f"shards {expected}..{total - 1} are missing: write them with "
             f"shard_range=({expected}, {total})"
         )
-    if (out / fmt.MANIFEST_NAME).exists() and not overwrite:
-        raise DatasetExistsError(f"{out} already holds a dataset; pass overwrite=True")
+    if (out / fmt.MANIFEST_NAME).exists():
+        if not overwrite:
+            raise DatasetExistsError(f"{out} already holds a dataset; pass overwrite=True")
+        # the old dataset stops being one before any of its files is replaced
+        (out / fmt.MANIFEST_NAME).unlink()
+        _fsync(out)
     out.mkdir(parents=True, exist_ok=True)
+    wanted = {item["file"] for _, doc in docs for item in doc["shards"]}
+    for p in out.iterdir():  # files of a dataset that was there before
+        if p.is_file() and (
+            p.name == SKIPPED_REPORT or (p.name.startswith("shard-") and p.name not in wanted)
+        ):
+            p.unlink()
     shards, skipped_lines = [], []
     for part, doc in docs:
         for item in doc["shards"]:
             source, target = part / item["file"], out / item["file"]
-            if source.resolve() != target.resolve():
+            if source.resolve() == target.resolve():
+                pass
+            elif (
+                not source.exists()
+                and target.exists()
+                and (item.get("sha256") is None or file_sha256(target) == item["sha256"])
+            ):
+                pass  # moved by an earlier join that was interrupted
+            else:
                 try:
                     os.replace(source, target)
                 except OSError:  # another file system: copy, then sync
@@ -835,7 +871,7 @@ class _StagingLock:
             os.close(self.fd)
 
 
-def _remove_stale_staging(out: Path, keep: Path) -> None:
+def _remove_stale_staging(out: Path, keep: Path | None) -> None:
     """Remove the staging directories of other, abandoned writes (none holds its lock)."""
     import fcntl
 
@@ -849,12 +885,12 @@ def _remove_stale_staging(out: Path, keep: Path) -> None:
         try:
             if fd is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(staging, ignore_errors=True)  # still holding its lock
         except BlockingIOError:
             continue  # another write is running there
         finally:
             if fd is not None:
                 os.close(fd)
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _merge_label_names(

@@ -60,6 +60,21 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
     raise ValueError("no frame header (SOF) before the image data")
 
 
+def _pillow_size(path: str, data: bytes) -> tuple[int, int]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format != "JPEG":
+                raise EncodeError(
+                    f"{path} is a {img.format} image, not a JPEG. Use "
+                    "codec='raw_rgb' for other image formats."
+                )
+            return img.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise EncodeError(f"{path} is not a readable JPEG file: {exc}") from None
+
+
 class JPEGCodec(Codec):
     name = "jpeg"
     description = "original JPEG bytes, byte-identical; decoded when reading"
@@ -77,8 +92,8 @@ class JPEGCodec(Codec):
             )
         try:
             size = jpeg_size(data)  # from the frame header; the pixels are not decoded here
-        except ValueError as exc:
-            raise EncodeError(f"{path} is not a readable JPEG file: {exc}") from None
+        except ValueError:
+            size = _pillow_size(path, data)  # unusual marker layouts that decoders tolerate
         if data.rfind(JPEG_EOI, max(0, len(data) - 65536)) < 0:
             raise EncodeError(
                 f"{path} is a truncated JPEG (no end-of-image marker): re-export or re-download "
