@@ -205,3 +205,16 @@ def test_one_dataset_under_two_spellings_of_its_path(records, monkeypatch):
     relative = TRDataset(records.name, transform=fingerprint)
     absolute = TRDataset(str(records.resolve()), transform=fingerprint)
     assert [relative[i] for i in range(24)] == [absolute[i] for i in range(24)]
+
+
+def test_block_mode_bounds_the_open_shards(photos, records):
+    loader = TorchRecord(
+        records, shuffle="block", block_shards=1, batch_size=4, transform=fingerprint
+    )
+    reader = loader.dataset.reader
+    assert reader.max_open_shards == 2
+    seen = []
+    for crcs, labels in loader:  # in this process: num_workers=0
+        seen += [(int(c), int(label)) for c, label in zip(crcs, labels)]
+        assert len(reader.open_shards) <= 2
+    assert sorted(seen) == expected_fingerprints(photos)

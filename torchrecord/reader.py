@@ -265,9 +265,6 @@ class RecordReader:
                 self.shard_label(shard), self.key_of(shard, local), local, str(exc)
             ) from exc
 
-    def shard_of(self, index: int) -> int:
-        return self.locate(index)[0]
-
     def __repr__(self) -> str:
         return (
             f"RecordReader({str(self.path)!r}, records={len(self)}, shards={self.num_shards}, "

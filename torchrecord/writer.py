@@ -395,7 +395,7 @@ class Writer:
         pending: list[Any] = []  # futures of finished shards' ShardInfo (hashing)
         shard: _ShardWriter | None = None
         encoded = self._encoded(entries[start:], source)
-        bar = _progress_bar(len(entries), self.progress)
+        bar = _Progress(len(entries), self.progress)
         bar.update(start, 0)
         from concurrent.futures import ThreadPoolExecutor
 
@@ -1010,10 +1010,6 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _progress_bar(total: int, enabled: bool) -> _Progress:
-    return _Progress(total, enabled)
 
 
 def _fsync(path: Path) -> None:
