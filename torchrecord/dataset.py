@@ -8,16 +8,32 @@ without a lock file, and the dataset pickles (for spawn workers) without them.
 from __future__ import annotations
 
 import os
+import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch.utils.data as data
 
+from .errors import DatasetError, RecordCorruptedError, ShardCorruptedError
 from .format import CUSTOM_CODEC
 from .reader import RecordReader
 from .serializers.tensorprotos import TensorProtos
 from .transforms import TRANSFORMS, default_transform, preload
 from .writer import record_extras
+
+ON_CORRUPT = ("raise", "warn", "skip")
+
+
+def _remove_owned(path: str, owner: int) -> None:
+    if os.getpid() == owner:  # never from a forked worker that inherited the finalizer
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+_MAX_SUBSTITUTES = 64  # records tried in a row before giving up on a damaged region
 
 
 class _WithExtras:
@@ -54,7 +70,23 @@ class TRDataset(data.Dataset):
         proto: type = TensorProtos,
         *,
         verify_checksums: bool = True,
+        on_corrupt: str = "raise",
     ):
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(
+                f"on_corrupt must be one of {', '.join(ON_CORRUPT)}, got {on_corrupt!r}"
+            )
+        self.on_corrupt = on_corrupt
+        # where every process appends the corrupt records it met (workers included)
+        self.corrupt_log: str | None = None
+        if on_corrupt != "raise":
+            import tempfile
+
+            handle, self.corrupt_log = tempfile.mkstemp(
+                prefix="torchrecord-corrupt-", suffix=".tsv"
+            )
+            os.close(handle)
+            weakref.finalize(self, _remove_owned, self.corrupt_log, os.getpid())
         self.reader = RecordReader(record_path, verify_checksums=verify_checksums)
         if record_num is not None and int(record_num) != self.reader.num_shards:
             raise ValueError(
@@ -125,8 +157,51 @@ class TRDataset(data.Dataset):
         return len(self.reader)
 
     def __getitem__(self, index: int) -> Any:
-        record = self.reader.read_record(int(index))
+        index = int(index)
+        if self.on_corrupt == "raise":
+            return self._sample(index)
+        n = len(self)
+        for attempt in range(min(n, _MAX_SUBSTITUTES)):
+            candidate = (index + attempt) % n
+            try:
+                return self._sample(candidate)
+            except (RecordCorruptedError, ShardCorruptedError) as exc:
+                self._log_corrupt(candidate, exc)
+        raise DatasetError(
+            f"{self.record_path}: records {index} to {index + _MAX_SUBSTITUTES - 1} are all "
+            "corrupt; run `torchrecord verify` and re-write the dataset"
+        )
+
+    def _sample(self, index: int) -> Any:
+        record = self.reader.read_record(index)
         return record if self.transform is None else self.transform(record)
+
+    def _log_corrupt(self, index: int, exc: DatasetError) -> None:
+        """Count a corrupt record (the next record takes its place, so shapes stay)."""
+        line = f"{index}\t{type(exc).__name__}\t{exc}".replace("\n", " ") + "\n"
+        if self.corrupt_log is not None:
+            fd = os.open(self.corrupt_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line.encode())  # one small append: atomic across processes
+            finally:
+                os.close(fd)
+        if self.on_corrupt == "warn":
+            warnings.warn(f"skipped corrupt record {index}: {exc}", RuntimeWarning, stacklevel=3)
+
+    def corrupt_records(self) -> list[dict[str, Any]]:
+        """The corrupt records met so far, in any process: index, error type and message."""
+        if self.corrupt_log is None or not os.path.exists(self.corrupt_log):
+            return []
+        out = []
+        with open(self.corrupt_log, encoding="utf-8") as f:
+            for line in f:
+                index, kind, message = line.rstrip("\n").split("\t", 2)
+                out.append({"index": int(index), "error": kind, "message": message})
+        return out
+
+    def reset_corrupt_records(self) -> None:
+        if self.corrupt_log is not None:
+            open(self.corrupt_log, "w").close()
 
     def close(self) -> None:
         self.reader.close()

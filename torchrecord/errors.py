@@ -24,7 +24,12 @@ __all__ = [
 
 
 class TorchRecordError(Exception):
-    """Base class of every error TorchRecord raises on purpose."""
+    """Base class of every error TorchRecord raises on purpose.
+
+    Each subclass can also be built from its finished message alone, which is how PyTorch's
+    DataLoader re-raises an exception from a worker process in the main one: the error keeps its
+    type (``except RecordCorruptedError`` works) and its whole text.
+    """
 
 
 class PluginError(TorchRecordError):
@@ -34,8 +39,12 @@ class PluginError(TorchRecordError):
 class UnknownPluginError(PluginError, KeyError):
     """No codec or serializer is registered under the requested name."""
 
-    def __init__(self, kind: str, name: str, available: list[str]):
-        self.kind, self.name, self.available = kind, name, available
+    def __init__(self, kind: str, name: str | None = None, available: list[str] | None = None):
+        if name is None:  # rebuilt from its message (see TorchRecordError)
+            self.kind, self.name, self.available = "", "", []
+            super().__init__(kind)
+            return
+        self.kind, self.name, self.available = kind, name, available or []
         super().__init__(
             f"unknown {kind} {name!r}; available {kind}s: {', '.join(available) or '(none)'}. "
             f"The plugin that provides {kind} {name!r} may not be installed: install it "
@@ -57,7 +66,11 @@ class DuplicatePluginError(PluginError):
 class DataListError(TorchRecordError, ValueError):
     """A line of a data list cannot be turned into a record."""
 
-    def __init__(self, data_list: str, line_no: int | None, message: str):
+    def __init__(self, data_list: str, line_no: int | None = None, message: str | None = None):
+        if message is None:  # rebuilt from its message (see TorchRecordError)
+            self.data_list, self.line_no, self.message = "", line_no, data_list
+            super().__init__(data_list)
+            return
         self.data_list, self.line_no = data_list, line_no
         self.message = message
         where = f"{data_list}:{line_no}" if line_no is not None else str(data_list)
@@ -90,7 +103,11 @@ class FormatVersionError(DatasetError):
 class ShardCorruptedError(DatasetError):
     """A shard file is truncated, damaged or disagrees with the manifest."""
 
-    def __init__(self, shard: str, message: str):
+    def __init__(self, shard: str, message: str | None = None):
+        if message is None:  # rebuilt from its message (see TorchRecordError)
+            self.shard, self.message = "", shard
+            super().__init__(shard)
+            return
         self.shard, self.message = shard, message
         super().__init__(
             f"shard {shard}: {message}. Run `torchrecord verify` on the dataset and re-write it "
@@ -104,7 +121,11 @@ class ShardCorruptedError(DatasetError):
 class RecordCorruptedError(DatasetError):
     """One record's bytes do not match its checksum or do not decode."""
 
-    def __init__(self, shard: str, key: bytes, index: int, message: str):
+    def __init__(self, shard: str, key: bytes = b"", index: int = -1, message: str | None = None):
+        if message is None:  # rebuilt from its message (see TorchRecordError)
+            self.shard, self.key, self.index, self.message = "", key, index, shard
+            super().__init__(shard)
+            return
         self.shard, self.key, self.index, self.message = shard, key, index, message
         super().__init__(
             f"shard {shard}, record key {key.hex()} (record {index} of the shard): {message}. "

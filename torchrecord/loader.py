@@ -43,6 +43,7 @@ class TorchRecord(DataLoader):
         rank: int | None = None,
         world_size: int | None = None,
         verify_checksums: bool = True,
+        on_corrupt: str = "raise",
         drop_last: bool = False,
         **loader_kwargs: Any,
     ):
@@ -51,6 +52,7 @@ class TorchRecord(DataLoader):
             transform=transform,
             record_num=record_num,
             verify_checksums=verify_checksums,
+            on_corrupt=on_corrupt,
         )
         sampler = TRSampler(
             dataset,
@@ -82,6 +84,12 @@ class TorchRecord(DataLoader):
             **loader_kwargs,
         )
         self._progress: dict[str, int] | None = None  # the epoch being iterated
+
+    @property
+    def corrupt_records(self) -> list[dict[str, Any]]:
+        """Corrupt records replaced so far (``on_corrupt="warn"`` or ``"skip"``), from every
+        worker: each with its index, error type and the message naming shard and key."""
+        return self.dataset.corrupt_records()
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order the next iteration yields."""

@@ -1,0 +1,77 @@
+"""The read-time policy for corrupt records: raise (default), warn or skip, with counts."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import lmdb
+import pytest
+from conftest import read_list
+
+from torchrecord import RecordCorruptedError, TorchRecord, TRDataset, Writer
+from torchrecord import format as fmt
+
+
+def fingerprint(record):
+    return zlib.crc32(record.protos[0].byte_data), int(record.protos[1].byte_data)
+
+
+@pytest.fixture
+def damaged(photos, tmp_path):
+    """A dataset whose record 5 of shard 0 has one flipped byte; returns (path, bad crc)."""
+    out = tmp_path / "records"
+    Writer(photos, out, db_num=2, codec="jpeg").write()
+    shard = out / "shard-00000.lmdb"
+    env = lmdb.open(str(shard), subdir=False, **fmt.READ_OPTIONS)
+    with env.begin() as txn:
+        value = bytes(txn.get(struct.pack(">Q", 5)))
+    env.close()
+    data = bytearray(shard.read_bytes())
+    at = data.find(value) + len(value) // 2
+    data[at] ^= 0x01
+    shard.write_bytes(bytes(data))
+    return out, zlib.crc32(
+        TRDataset(out, transform=None).reader.serializer.loads(value).protos[0].byte_data
+    )
+
+
+def test_raise_is_the_default(damaged):
+    out, _ = damaged
+    loader = TorchRecord(out, batch_size=4, num_workers=2, transform=fingerprint)
+    with pytest.raises(RecordCorruptedError, match="0000000000000005"):
+        for _ in loader:
+            pass
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_skip_keeps_the_epoch_length_and_counts(photos, damaged, num_workers):
+    out, bad_crc = damaged
+    loader = TorchRecord(
+        out, batch_size=5, num_workers=num_workers, transform=fingerprint, on_corrupt="skip"
+    )
+    seen = [(int(c), int(label)) for crcs, labels in loader for c, label in zip(crcs, labels)]
+    assert len(seen) == 24  # the epoch keeps its length, and every batch its shape
+    assert bad_crc not in {c for c, _ in seen}
+    expected = sorted((zlib.crc32(p.read_bytes()), label) for p, label in read_list(photos))
+    replacement = expected_of(photos, 6)
+    assert sorted(seen) == sorted([x for x in expected if x[0] != bad_crc] + [replacement])
+    corrupt = loader.corrupt_records
+    assert len(corrupt) == 1 and corrupt[0]["index"] == 5
+    assert corrupt[0]["error"] == "RecordCorruptedError"
+    assert "shard-00000.lmdb" in corrupt[0]["message"]
+
+
+def expected_of(photos, index):
+    path, label = read_list(photos)[index]
+    return zlib.crc32(path.read_bytes()), label
+
+
+def test_warn_warns_and_substitutes(damaged):
+    out, _ = damaged
+    dataset = TRDataset(out, transform=fingerprint, on_corrupt="warn")
+    with pytest.warns(RuntimeWarning, match="skipped corrupt record 5"):
+        assert dataset[5] == dataset[6]
+    assert [r["index"] for r in dataset.corrupt_records()] == [5]
+    with pytest.raises(ValueError, match="on_corrupt must be one of"):
+        TRDataset(out, on_corrupt="ignore")
