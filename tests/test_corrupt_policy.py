@@ -9,7 +9,15 @@ import lmdb
 import pytest
 from conftest import read_list
 
-from torchrecord import RecordCorruptedError, TorchRecord, TRDataset, Writer
+from torchrecord import (
+    Codec,
+    RecordCorruptedError,
+    TorchRecord,
+    TRDataset,
+    Writer,
+    hookimpl,
+    make_record,
+)
 from torchrecord import format as fmt
 
 
@@ -75,3 +83,49 @@ def test_warn_warns_and_substitutes(damaged):
     assert [r["index"] for r in dataset.corrupt_records()] == [5]
     with pytest.raises(ValueError, match="on_corrupt must be one of"):
         TRDataset(out, on_corrupt="ignore")
+
+
+class WrongSizeCodec(Codec):
+    """Odd labels' records claim more pixels than they hold: damaged, yet their CRC matches."""
+
+    name = "test_wrong_size"
+
+    def encode(self, path, label):
+        size = (64, 48) if int(label) % 2 else (32, 24)
+        return make_record(bytes(32 * 24 * 3), size, label, name=self.name)
+
+    def decode_image(self, record):
+        from PIL import Image
+
+        proto = record.protos[0]
+        return Image.frombytes("RGB", tuple(proto.dims), proto.byte_data)
+
+
+class WrongSizePlugin:
+    @hookimpl
+    def torchrecord_register_codecs(self, register):
+        register(WrongSizeCodec())
+
+
+def test_an_image_that_does_not_decode_is_a_corrupt_record(photos, tmp_path):
+    from torchrecord.plugins import register_plugin, unregister_plugin
+
+    register_plugin(WrongSizePlugin(), name="test-wrong-size")
+    try:
+        lines = [f"{p} {i}" for i, (p, _) in enumerate(read_list(photos))]
+        data_list = tmp_path / "list.txt"
+        data_list.write_text("\n".join(lines) + "\n")
+        out = tmp_path / "records"
+        Writer(data_list, out, codec="test_wrong_size").write()
+        with pytest.raises(RecordCorruptedError, match="0000000000000001.*does not decode"):
+            TRDataset(out)[1]
+        assert TRDataset(out)[0][1] == 0  # even labels hold the pixels they claim
+        # a transform of the user's own keeps its own errors
+        with pytest.raises(ValueError):
+            TRDataset(out, transform=WrongSizeCodec().decode_image)[1]
+        skipping = TorchRecord(out, batch_size=4, on_corrupt="skip")
+        labels = [int(x) for _, batch in skipping for x in batch]
+        assert len(labels) == 24 and all(label % 2 == 0 for label in labels)
+        assert sorted(r["index"] for r in skipping.corrupt_records) == list(range(1, 24, 2))
+    finally:
+        unregister_plugin(name="test-wrong-size")

@@ -93,7 +93,6 @@ class TRDataset(data.Dataset):
                 f"record_num={record_num} but {record_path} has {self.reader.num_shards} shards; "
                 "omit record_num to detect it"
             )
-        builtin = transform in ("auto", default_transform) or isinstance(transform, str)
         builtin = isinstance(transform, str) or transform is default_transform
         if self.reader.codec_name == CUSTOM_CODEC:
             if transform in ("auto", default_transform):
@@ -109,6 +108,7 @@ class TRDataset(data.Dataset):
         if self.extra_fields and builtin:
             transform = _WithExtras(transform)
         self.transform = transform
+        self._builtin_transform = builtin  # its errors mean a damaged record, not a user bug
         self.record_path = str(record_path)
 
     def _named_transform(self, name: str) -> Callable[[Any], Any]:
@@ -174,7 +174,20 @@ class TRDataset(data.Dataset):
 
     def _sample(self, index: int) -> Any:
         record = self.reader.read_record(index)
-        return record if self.transform is None else self.transform(record)
+        if self.transform is None:
+            return record
+        if not self._builtin_transform:
+            return self.transform(record)  # the user's own transform: its errors are its own
+        try:
+            return self.transform(record)
+        except Exception as exc:  # the stored image does not decode: name the record
+            shard, local = self.reader.locate(index)
+            raise RecordCorruptedError(
+                self.reader.shard_label(shard),
+                self.reader.key_of(shard, local),
+                local,
+                f"its image does not decode ({type(exc).__name__}: {exc})",
+            ) from exc
 
     def _log_corrupt(self, index: int, exc: DatasetError) -> None:
         """Count a corrupt record (the next record takes its place, so shapes stay)."""
