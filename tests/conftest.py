@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,29 @@ def legacy_fixture() -> Path:
     if not LEGACY_FIXTURE.is_dir():
         pytest.fail(f"the legacy fixture is missing: {LEGACY_FIXTURE} (CI runs with ../shared)")
     return LEGACY_FIXTURE
+
+
+def fingerprint(record) -> tuple[int, int]:
+    """(crc of the stored image bytes, label): identifies a record without decoding it."""
+    return zlib.crc32(record.protos[0].byte_data), int(record.protos[1].byte_data)
+
+
+def flip_record_byte(shard: Path, index: int, mask: int = 0x10) -> bytes:
+    """Flip bits in the middle of record ``index``'s value inside a shard file, as a damaged
+    disk would; returns the value as it was."""
+    import lmdb
+
+    from torchrecord import format as fmt
+
+    env = lmdb.open(str(shard), subdir=False, **fmt.READ_OPTIONS)
+    try:
+        with env.begin() as txn:
+            value = bytes(txn.get(struct.pack(">Q", index)))
+    finally:
+        env.close()
+    data = bytearray(shard.read_bytes())
+    offset = data.find(value)
+    assert offset >= 0 and data.find(value, offset + 1) < 0, "the value must occur once"
+    data[offset + len(value) // 2] ^= mask
+    shard.write_bytes(bytes(data))
+    return value

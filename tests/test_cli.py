@@ -9,9 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lmdb
 import pytest
-from conftest import read_list
+from conftest import flip_record_byte, read_list
 
 TORCHRECORD = Path(sys.executable).parent / "torchrecord"
 
@@ -105,18 +104,8 @@ def test_verify_ok_then_names_the_damaged_record(written, tmp_path):
     out = tmp_path / "records"
     shutil.copytree(source, out)
     shard = out / "shard-00000.lmdb"
-    key = (3).to_bytes(8, "big")
-    env = lmdb.open(str(shard), subdir=False, readonly=True, lock=False)
-    try:
-        with env.begin() as txn:
-            value = bytes(txn.get(key))
-    finally:
-        env.close()
-    data = bytearray(shard.read_bytes())
-    offset = data.find(value)
-    assert offset >= 0 and data.find(value, offset + 1) < 0
-    data[offset + len(value) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    flip_record_byte(shard, 3, mask=0xFF)
+    data = shard.read_bytes()
 
     bad = run_cli("verify", out)
     assert bad.returncode == 1, bad.stdout + bad.stderr

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import struct
 import zlib
 
-import lmdb
 import pytest
-from conftest import read_list
+from conftest import fingerprint, flip_record_byte, read_list
 
 from torchrecord import (
     Codec,
@@ -18,11 +16,6 @@ from torchrecord import (
     hookimpl,
     make_record,
 )
-from torchrecord import format as fmt
-
-
-def fingerprint(record):
-    return zlib.crc32(record.protos[0].byte_data), int(record.protos[1].byte_data)
 
 
 @pytest.fixture
@@ -30,15 +23,7 @@ def damaged(photos, tmp_path):
     """A dataset whose record 5 of shard 0 has one flipped byte; returns (path, bad crc)."""
     out = tmp_path / "records"
     Writer(photos, out, db_num=2, codec="jpeg").write()
-    shard = out / "shard-00000.lmdb"
-    env = lmdb.open(str(shard), subdir=False, **fmt.READ_OPTIONS)
-    with env.begin() as txn:
-        value = bytes(txn.get(struct.pack(">Q", 5)))
-    env.close()
-    data = bytearray(shard.read_bytes())
-    at = data.find(value) + len(value) // 2
-    data[at] ^= 0x01
-    shard.write_bytes(bytes(data))
+    value = flip_record_byte(out / "shard-00000.lmdb", 5, mask=0x01)
     return out, zlib.crc32(
         TRDataset(out, transform=None).reader.serializer.loads(value).protos[0].byte_data
     )

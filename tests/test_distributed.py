@@ -10,12 +10,11 @@ import signal
 import subprocess
 import sys
 import time
-import zlib
 from collections import Counter
 
 import pytest
 import torch.distributed as dist
-from conftest import read_list
+from conftest import fingerprint, read_list
 
 from torchrecord import TorchRecord, TRDataset, TRSampler, Writer
 
@@ -119,11 +118,6 @@ if __name__ == "__main__":
     with open(sys.argv[3]) as f:
         main(int(sys.argv[1]), int(sys.argv[2]), json.load(f))
 """
-
-
-def fingerprint(record):
-    """(crc of the stored image bytes, label): identifies a record without decoding it."""
-    return zlib.crc32(record.protos[0].byte_data), int(record.protos[1].byte_data)
 
 
 @pytest.fixture(scope="module")

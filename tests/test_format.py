@@ -8,7 +8,7 @@ import zlib
 
 import lmdb
 import pytest
-from conftest import run_python
+from conftest import flip_record_byte, run_python
 
 from torchrecord import (
     DatasetError,
@@ -177,12 +177,7 @@ def test_damaged_manifest(records):
 
 
 def test_flipped_byte_in_a_record_is_caught_by_its_checksum(records):
-    shard = records / "shard-00000.lmdb"
-    value = dict(raw_items(shard))[struct.pack(">Q", 5)]
-    data = bytearray(shard.read_bytes())
-    at = data.find(value) + len(value) // 2
-    data[at] ^= 0x10
-    shard.write_bytes(bytes(data))
+    flip_record_byte(records / "shard-00000.lmdb", 5)
     dataset = TRDataset(records, transform=None)
     assert dataset[4] is not None
     with pytest.raises(RecordCorruptedError) as info:

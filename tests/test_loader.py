@@ -8,16 +8,11 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import read_list
+from conftest import fingerprint, read_list
 from PIL import Image
 
 from torchrecord import TorchRecord, TRDataset, TRSampler, Writer
 from torchrecord.sampler import item_pool_size, pool_shuffle
-
-
-def fingerprint(record):
-    """(crc of the stored image bytes, label): identifies a record without decoding it."""
-    return zlib.crc32(record.protos[0].byte_data), int(record.protos[1].byte_data)
 
 
 @pytest.fixture

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import zlib
 
 import pytest
-from conftest import read_list
+from conftest import fingerprint, read_list
 
 from torchrecord import TorchRecord, TRDataset, TRSampler, Writer
 
 SEED = 11
 MODES = ("none", "block", "global")
 N = 26  # not a multiple of either batch size used (4 and 3)
-
-
-def fingerprint(record):
-    """(crc of the stored image bytes, label): identifies a record without decoding it."""
-    return zlib.crc32(record.protos[0].byte_data), int(record.protos[1].byte_data)
 
 
 @pytest.fixture(scope="module")

@@ -103,7 +103,10 @@ class RecordReader:
 
     # -- shards --------------------------------------------------------------------------------
     def _open(self, shard: int) -> Any:
-        if self._generation != SHARED.current_generation():
+        # the usual case costs two comparisons; the lock is taken only after a fork
+        if (self._generation != SHARED.generation or SHARED.pid != os.getpid()) and (
+            self._generation != SHARED.current_generation()
+        ):
             # the environments were closed before a fork, or we are the forked child
             checksums, legacy_keys = self._checksums, self._legacy_keys
             self._state_init()
