@@ -11,6 +11,7 @@ from PIL import Image
 
 from torchrecord import (
     DataListError,
+    RecordCorruptedError,
     SerializationError,
     TensorProtos,
     TRDataset,
@@ -234,3 +235,28 @@ def test_jpeg_codec_falls_back_to_pillow_for_unusual_marker_layouts(photos, tmp_
     record = get_codec("jpeg").encode(str(odd), 1)
     assert tuple(record.protos[0].dims) == Image.open(path).size
     assert record.protos[0].byte_data == odd.read_bytes()
+
+
+@pytest.mark.parametrize("serializer", ["tensorprotos", "msgpack"])
+def test_a_record_over_the_size_limit_is_refused_naming_its_line(
+    photos, tmp_path, monkeypatch, serializer
+):
+    import importlib
+
+    module = importlib.import_module(f"torchrecord.serializers.{serializer}")
+    # the real limit is 2 GiB; below the smallest photo, the first line is already too large
+    smallest = min(path.stat().st_size for path, _ in read_list(photos))
+    monkeypatch.setattr(module, "MAX_RECORD_BYTES", smallest - 1)
+    with pytest.raises(DataListError, match=r"data_list.txt:1: record of \d+ bytes exceeds"):
+        Writer(photos, tmp_path / "records", codec="jpeg", serializer=serializer).write()
+    assert not (tmp_path / "records" / "manifest.json").exists()
+
+
+def test_msgpack_reads_no_record_over_its_limit(photos, tmp_path, monkeypatch):
+    import torchrecord.serializers.msgpack as module
+
+    out = tmp_path / "records"
+    Writer(photos, out, codec="jpeg", serializer="msgpack").write()
+    monkeypatch.setattr(module, "MAX_RECORD_BYTES", 1000)
+    with pytest.raises(RecordCorruptedError, match=r"shard-00000.lmdb, record key 0+2 .*msgpack"):
+        TRDataset(out, transform=None)[2]

@@ -22,6 +22,7 @@ from torchrecord import (
     Writer,
 )
 from torchrecord import format as fmt
+from torchrecord.reader import verify
 
 
 @pytest.fixture
@@ -233,3 +234,105 @@ def test_legacy_dataset_is_detected(legacy_fixture):
     assert [(s.legacy_db, s.num_records) for s in manifest.shards] == [("db0", 20), ("db1", 20)]
     reader = RecordReader(legacy_fixture / "record")
     assert reader.key_of(1, 3) == b"03" and len(reader) == 40
+
+
+def _rewrite_shard(records, name, edit):
+    """Re-write a shard with its items edited, as a foreign tool might, with a manifest that
+    agrees on the file's size: only the content is wrong."""
+    path = records / name
+    items = edit(raw_items(path))
+    path.unlink()
+    env = lmdb.open(str(path), subdir=False, map_size=64 << 20, lock=False)
+    with env.begin(write=True) as txn:
+        for key, value in items:
+            assert txn.put(key, value)
+    env.close()
+    _resize_in_manifest(records, name)
+
+
+@pytest.mark.parametrize("size", [0, 512])
+def test_keys_lmdb_cannot_hold_are_refused_clearly(tmp_path, size):
+    from torchrecord.errors import TorchRecordError
+    from torchrecord.writer import _put_batch
+
+    path = tmp_path / "keys.lmdb"
+    env = lmdb.open(str(path), subdir=False, map_size=1 << 20, lock=False)
+    try:
+        assert env.max_key_size() == 511
+        _put_batch(env, [(b"k" * 511, b"the longest key LMDB takes")], path)
+        with pytest.raises(TorchRecordError, match=rf"keys must be 1 to 511 bytes.*\[{size}\]"):
+            _put_batch(env, [(b"k" * size, b"value")], path, append=False)
+        with env.begin() as txn:  # the refused batch left nothing behind
+            assert txn.stat()["entries"] == 1
+            assert txn.get(b"k" * 511) == b"the longest key LMDB takes"
+    finally:
+        env.close()
+
+
+def test_a_record_under_a_foreign_key_is_reported_missing(records):
+    record_3 = struct.pack(">Q", 3)
+
+    def rename(items):  # record 3 moves to a 511-byte key; the key count stays right
+        return [(b"\xff" * 511 if k == record_3 else k, v) for k, v in items]
+
+    _rewrite_shard(records, "shard-00000.lmdb", rename)
+    dataset = TRDataset(records, transform=None)
+    assert dataset[2] is not None and dataset[4] is not None
+    with pytest.raises(RecordCorruptedError, match="record key 0000000000000003 .*missing"):
+        dataset[3]
+    problems = [str(e) for e in verify(RecordReader(records))]
+    assert any("0000000000000003" in p and "missing" in p for p in problems), problems
+
+
+def test_a_stray_key_makes_the_shard_disagree_with_the_manifest(records):
+    _rewrite_shard(records, "shard-00001.lmdb", lambda items: [*items, (b"\x00", b"stray")])
+    with pytest.raises(ShardCorruptedError, match="shard-00001.lmdb: holds 15 keys, expected 12"):
+        TRDataset(records, transform=None)[23]
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a hostile dataset would plant."""
+
+    def __init__(self, sentinel):
+        self.sentinel = str(sentinel)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.sentinel}",))
+
+
+def test_a_hostile_dataset_executes_nothing(records, tmp_path):
+    import pickle
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sentinel = tmp_path / "code-ran"
+    bomb = pickle.dumps(_Payload(sentinel))
+
+    def plant(items):  # record 1 becomes a pickle, with a checksum that matches it
+        items = dict(items)
+        items[struct.pack(">Q", 1)] = bomb
+        table = bytearray(items[b"__checksums__"])
+        table[4:8] = zlib.crc32(bomb).to_bytes(4, "little")
+        items[b"__checksums__"] = bytes(table)
+        return sorted(items.items())
+
+    _rewrite_shard(records, "shard-00000.lmdb", plant)
+    dataset = TRDataset(records, transform=None)
+    assert dataset[0] is not None
+    with pytest.raises(RecordCorruptedError, match="record key 0000000000000001 .*not a msgpack"):
+        dataset[1]
+    cli = Path(sys.executable).parent / "torchrecord"
+    result = subprocess.run([cli, "verify", records], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "0000000000000001" in result.stdout + result.stderr
+    # a manifest naming Python objects instead of plugins imports nothing
+    path = records / "manifest.json"
+    doc = json.loads(path.read_text())
+    doc["codec"] = "os:system"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(UnknownPluginError, match="unknown codec 'os:system'"):
+        TRDataset(records)[0]
+    assert not sentinel.exists()

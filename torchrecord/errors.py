@@ -13,6 +13,7 @@ __all__ = [
     "DuplicatePluginError",
     "DataListError",
     "EncodeError",
+    "DiskFullError",
     "DatasetError",
     "DatasetNotFoundError",
     "DatasetExistsError",
@@ -82,6 +83,18 @@ class DataListError(TorchRecordError, ValueError):
 
 class EncodeError(TorchRecordError, ValueError):
     """A codec cannot encode one input file (raised with the file; the writer adds the line)."""
+
+
+class DiskFullError(TorchRecordError, OSError):
+    """The writer ran out of disk space (or into the file size limit) and stopped.
+
+    Nothing was published: an existing dataset in the output directory is untouched, and the
+    shards finished so far stay in the staging directory, so the same write run again after
+    freeing space resumes from them.
+    """
+
+    def __str__(self) -> str:  # OSError would otherwise format its (errno, strerror) pair
+        return str(self.args[0]) if self.args else ""
 
 
 class DatasetError(TorchRecordError):

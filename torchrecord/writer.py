@@ -8,6 +8,7 @@ ever visible, and a failed write leaves an existing dataset as it was.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -30,7 +31,7 @@ from .datalist import (
     read_image_folder,
     read_iterable,
 )
-from .errors import DataListError, DatasetExistsError, TorchRecordError
+from .errors import DataListError, DatasetExistsError, DiskFullError, TorchRecordError
 from .plugins import get_codec, get_serializer
 
 _INITIAL_MAP_SIZE = 256 << 20
@@ -226,6 +227,9 @@ class Writer:
             resumed = _resumable_shards(staging, self.output_dir, first_index)
             try:
                 shards = self._write_shards(ordered, source, staging, first_index, resumed)
+            except OSError as exc:
+                _raise_if_no_room(exc, staging)
+                raise
             except (DataListError, ValueError):
                 # bad input: the write cannot resume as it is, leave nothing behind. (After
                 # Ctrl-C or a crash the finished shards stay, and the same write resumes.)
@@ -255,9 +259,15 @@ class Writer:
                 new_files = {shard.file for shard in shards}
                 shards = [*base.shards, *shards]
             manifest = fmt.Manifest(self.codec_name, self.serializer_name, shards, extra=extra)
-            self._publish(
-                staging, manifest, {shard.file for shard in shards} if base is None else new_files
-            )
+            try:
+                self._publish(
+                    staging,
+                    manifest,
+                    {shard.file for shard in shards} if base is None else new_files,
+                )
+            except OSError as exc:
+                _raise_if_no_room(exc, staging)
+                raise
         shutil.rmtree(staging, ignore_errors=True)
         return manifest
 
@@ -525,6 +535,10 @@ class Writer:
                 f"{e.line_no}\t{e.path}\t{reason}".replace("\n", " ") for e, reason in self.skipped
             ]
             (staging / SKIPPED_REPORT).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        # Everything that needs new space is written before anything old is removed: on a full
+        # disk the publish fails here, with the old dataset intact.
+        staged_manifest = staging / fmt.MANIFEST_NAME
+        _write_synced(staged_manifest, json.dumps(manifest.to_json(), indent=2) + "\n")
         if self.overwrite and old_manifest.exists():
             # The old dataset stops being a dataset first (its manifest goes), then its files.
             old_manifest.unlink()
@@ -543,7 +557,8 @@ class Writer:
         if self.skipped:
             os.replace(staging / SKIPPED_REPORT, out / SKIPPED_REPORT)
         _fsync(out)
-        _atomic_write_text(old_manifest, json.dumps(manifest.to_json(), indent=2) + "\n")
+        os.replace(staged_manifest, old_manifest)
+        _fsync(out)
 
 
 def join_parts(
@@ -977,13 +992,78 @@ def _put_batch(env: Any, batch: list[tuple[bytes, bytes]], path: Path, append: b
             return
         except lmdb.MapFullError:
             env.set_mapsize(env.info()["map_size"] * 2)
+        except lmdb.BadValsizeError as exc:
+            sizes = sorted({len(key) for key, _ in batch})
+            raise TorchRecordError(
+                f"{path}: LMDB refused a key ({exc}); keys must be 1 to "
+                f"{env.max_key_size()} bytes, this batch has keys of {sizes} bytes. This is a "
+                "bug in the writer or a plugin, please report it"
+            ) from exc
         except lmdb.Error as exc:
-            if "No space left" in str(exc) or "ENOSPC" in str(exc) or "Input/output" in str(exc):
-                raise TorchRecordError(
-                    f"disk full while writing {path}: {exc}. Free space and write again; nothing "
-                    "was published."
-                ) from exc
-            raise
+            raise _write_failure(path, exc, sum(len(v) for _, v in batch)) from exc
+
+
+# errno values that mean "no room": no space, quota exceeded, file size limit (ulimit -f)
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _raise_if_no_room(exc: OSError, staging: Path) -> None:
+    """On a full disk: free the space the unfinished shard took, keep the finished ones (the
+    same write resumes from them), and raise DiskFullError."""
+    if not isinstance(exc, DiskFullError):
+        if exc.errno not in _NO_ROOM:
+            return
+        error = _write_failure(Path(exc.filename or staging / "-"), exc)
+    else:
+        error = exc
+    for p in staging.iterdir():
+        done = p.with_name(p.name + DONE_SUFFIX)
+        if p.name.startswith("shard-") and p.name.endswith(".lmdb") and not done.exists():
+            p.unlink(missing_ok=True)
+    if error is exc:
+        raise
+    raise error from exc
+
+
+def _write_failure(path: Path, exc: BaseException, needed: int = 0) -> TorchRecordError:
+    """Turn a failed write into an error that says why, when the reason is lack of room.
+
+    LMDB reports a short write as EIO whatever its cause, so the file system is asked: its free
+    space, and the process's file size limit.
+    """
+    import resource
+
+    what = f"{path.name} in {path.parent}"
+    code = getattr(exc, "errno", None)
+    reason = None
+    try:
+        st = os.statvfs(path.parent)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        free = None
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0
+    if code == errno.EFBIG or (
+        limit != resource.RLIM_INFINITY and size + needed + (1 << 20) >= limit
+    ):
+        reason = f"the file size limit (ulimit -f) of {limit:,} bytes was reached"
+    elif code in _NO_ROOM or (free is not None and free < needed + (16 << 20)):
+        reason = "the disk is full" + (f" ({free:,} bytes free)" if free is not None else "")
+    elif "No space left" in str(exc) or "Disk quota" in str(exc):
+        reason = "the disk is full"
+    if reason is None:
+        return TorchRecordError(
+            f"could not write {what}: {exc}. The disk may be failing; the shards finished so "
+            "far are kept, and the same write run again resumes from them."
+        )
+    return DiskFullError(
+        f"disk full: {reason} while writing {what}. Free space (or raise the limit) and run "
+        "the same write again: it resumes from the shards already finished. Nothing was "
+        "published; a dataset already in the output directory is untouched."
+    )
 
 
 class _Progress:
@@ -1021,11 +1101,15 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _write_synced(tmp, text)
     os.replace(tmp, path)
     _fsync(path.parent)
