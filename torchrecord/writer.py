@@ -411,7 +411,7 @@ class Writer:
 
         hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchrecord-hash")
         try:
-            for position, (entry, ok, value) in enumerate(encoded, start=start):
+            for position, (entry, ok, value, crc) in enumerate(encoded, start=start):
                 if shard is not None and (
                     position in splits
                     or (by_count and shard.count >= by_count)
@@ -431,7 +431,7 @@ class Writer:
                         self.codec_name,
                         self.serializer_name,
                     )
-                shard.add(value)
+                shard.add(value, crc)
             if shard is not None:
                 pending.append(shard.finish(len(entries), pending_skips, hasher))
                 shard = None
@@ -444,7 +444,9 @@ class Writer:
             encoded.close()
         return shards
 
-    def _encoded(self, entries: list[Entry], source: str) -> Iterator[tuple[Entry, bool, bytes]]:
+    def _encoded(
+        self, entries: list[Entry], source: str
+    ) -> Iterator[tuple[Entry, bool, bytes, int]]:
         """``(entry, ok, bytes or reason)`` in order, encoded here or in worker processes.
 
         Workers get chunks of entries; at most a few chunks per worker are in flight, so memory
@@ -471,7 +473,7 @@ class Writer:
         with ProcessPoolExecutor(self.num_workers) as pool:
             pending: deque = deque()
 
-            def drain() -> Iterator[tuple[Entry, bool, bytes]]:
+            def drain() -> Iterator[tuple[Entry, bool, bytes, int]]:
                 chunk, future = pending.popleft()
                 for entry, result in zip(chunk, future.result()):
                     yield (entry, *result)
@@ -694,8 +696,8 @@ class _ShardWriter:
         self.batch: list[tuple[bytes, bytes]] = []
         self.batch_bytes = 0
 
-    def add(self, value: bytes) -> None:
-        self.checksums += zlib.crc32(value).to_bytes(4, "little")
+    def add(self, value: bytes, crc: int) -> None:
+        self.checksums += crc.to_bytes(4, "little")
         self.batch.append((fmt.record_key(self.count), value))
         self.count += 1
         self.payload += len(value)
@@ -753,7 +755,7 @@ class _ShardWriter:
 class _EncodeJob:
     """Encodes one entry to serialized bytes; picklable for worker processes.
 
-    Returns ``(True, bytes)``, or ``(False, reason)`` when skipping; raises a
+    Returns ``(True, bytes, crc)``, or ``(False, reason, 0)`` when skipping; raises a
     :class:`DataListError` naming the source and line otherwise.
     """
 
@@ -773,16 +775,18 @@ class _EncodeJob:
         self.data_process_func = data_process_func
         self.skip = skip
 
-    def run_chunk(self, entries: list[Entry]) -> list[tuple[bool, bytes]]:
+    def run_chunk(self, entries: list[Entry]) -> list[tuple[bool, bytes, int]]:
         return [self(entry) for entry in entries]
 
-    def __call__(self, entry: Entry) -> tuple[bool, bytes]:
+    def __call__(self, entry: Entry) -> tuple[bool, bytes, int]:
+        """``(True, bytes, CRC-32)``, computed here: in a worker, not in the writing process."""
         try:
-            return True, self.encode(entry)
+            value = self.encode(entry)
+            return True, value, zlib.crc32(value)
         except DataListError as exc:
             if not self.skip:
                 raise
-            return False, exc.message.encode()
+            return False, exc.message.encode(), 0
 
     def encode(self, entry: Entry) -> bytes:
         if not os.path.isfile(entry.path):
