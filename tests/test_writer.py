@@ -217,3 +217,40 @@ def test_shards_are_readable_from_a_read_only_directory(photos, tmp_path):
         ]
     finally:
         os.chmod(out, 0o755)
+
+
+def _without_read_override():
+    """Root reads any file: drop the two capabilities that let it, for the exec'd process."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        libc.prctl(24, capability, 0, 0, 0)  # PR_CAPBSET_DROP
+
+
+def test_unreadable_file_names_list_and_line(photos, tmp_path):
+    """A file without read permission names its line (also when the tests run as root)."""
+    import subprocess
+    import sys
+
+    locked = read_list(photos)[3][0]
+    locked.chmod(0o000)
+    out = tmp_path / "out"
+    code = (
+        "from torchrecord import Writer, DataListError\n"
+        "try:\n"
+        f"    Writer({str(photos)!r}, {str(out)!r}, db_num=2).write()\n"
+        "except DataListError as exc:\n"
+        "    print('ERROR', exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_without_read_override if os.geteuid() == 0 else None,
+    )
+    assert result.returncode == 0, result.stderr
+    expected = f"ERROR {photos}:4: cannot read {locked}: Permission denied"
+    assert expected in result.stdout, result.stdout
+    assert not (out / "manifest.json").exists()
