@@ -204,13 +204,13 @@ def _legacy_manifest(root: Path) -> Manifest:
 
     names, counts = [], []
     generation = SHARED.current_generation()
-    key, env = SHARED.acquire(
+    shared_key, env = SHARED.acquire(
         root / LEGACY_DATA_FILE, lambda: lmdb.open(str(root), max_dbs=4096, **READ_OPTIONS)
     )
     try:
         with env.begin() as txn:
-            for key, _ in txn.cursor():
-                name = key.decode("ascii", "replace")
+            for db_key, _ in txn.cursor():
+                name = db_key.decode("ascii", "replace")
                 if name.startswith("db") and name[2:].isdigit():
                     names.append(name)
             names.sort(key=lambda n: int(n[2:]))
@@ -218,7 +218,7 @@ def _legacy_manifest(root: Path) -> Manifest:
                 db = env.open_db(name.encode(), txn=txn, create=False)
                 counts.append(txn.stat(db)["entries"])
     finally:
-        SHARED.release(key, generation)
+        SHARED.release(shared_key, generation)
     if not names:
         raise DatasetError(f"{root}/{LEGACY_DATA_FILE} holds no TorchRecord 0.1 sub-databases")
     size = (root / LEGACY_DATA_FILE).stat().st_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -116,12 +117,17 @@ class TorchRecord(DataLoader):
             "share": len(sampler),
         }
         self._progress = progress
-        for batch in super().__iter__():
-            # batches come back in sampler order whatever the number of workers
-            progress["samples"] = min(progress["samples"] + self.batch_size, progress["share"])
-            if self._float_in_main:
-                batch[0] = batch[0].float().div_(255)
-            yield batch
+        iterator = super().__iter__()
+        try:
+            for batch in iterator:
+                # batches come back in sampler order whatever the number of workers
+                progress["samples"] = min(progress["samples"] + self.batch_size, progress["share"])
+                if self._float_in_main:
+                    batch[0] = batch[0].float().div_(255)
+                yield batch
+        except OSError as exc:
+            _raise_if_a_worker_died(iterator, exc)
+            raise
         self._progress = None  # the epoch is complete: the sampler has moved to the next one
 
     def state_dict(self) -> dict[str, Any]:
@@ -176,3 +182,26 @@ class _SendUint8:
         get_worker_info().dataset.send_uint8 = True
         if self.then is not None:
             self.then(worker_id)
+
+
+def _raise_if_a_worker_died(iterator: Any, exc: OSError) -> None:
+    """A batch whose worker was killed while handing it over (its tensors travel as file
+    descriptors) fails in ``multiprocessing`` with a connection error, before PyTorch notices
+    the death: report it as PyTorch reports a dead worker."""
+    deadline = time.monotonic() + 1.0
+    while True:
+        dead = [w for w in getattr(iterator, "_workers", []) if w.exitcode is not None]
+        if dead or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)  # the worker may still be on its way down
+    if not dead:
+        return
+    pids = ", ".join(str(w.pid) for w in dead)
+    codes = ", ".join(
+        f"killed by signal {-w.exitcode}" if w.exitcode < 0 else f"exit code {w.exitcode}"
+        for w in dead
+    )
+    raise RuntimeError(
+        f"DataLoader worker (pid(s) {pids}) exited unexpectedly ({codes}) while handing over "
+        f"a batch ({type(exc).__name__}: {exc})"
+    ) from exc
