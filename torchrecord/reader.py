@@ -140,6 +140,7 @@ class RecordReader:
                 self._legacy_keys[shard] = sorted(keys, key=int)
                 self._dbs[shard] = db
             else:
+                check_structure(path, label)
                 env = self._acquire(
                     shard, path, lambda: lmdb.open(str(path), subdir=False, **fmt.READ_OPTIONS)
                 )
@@ -273,6 +274,27 @@ class RecordReader:
             f"RecordReader({str(self.path)!r}, records={len(self)}, shards={self.num_shards}, "
             f"codec={self.codec_name!r}, serializer={self.serializer_name!r})"
         )
+
+
+# shard files found sound in this process (forked workers inherit it): (path, inode, size, mtime)
+_SOUND: set[tuple[str, int, int, int]] = set()
+
+
+def check_structure(path: Path, label: str) -> None:
+    """Check a shard's LMDB structure before LMDB maps it (see :mod:`torchrecord.lmdbcheck`);
+    once per file per process."""
+    st = os.stat(path)
+    identity = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if identity in _SOUND:
+        return
+    from .lmdbcheck import validate
+
+    problems = validate(path, expected_size=st.st_size)
+    if problems:
+        raise ShardCorruptedError(
+            label, f"its LMDB structure is damaged ({problems[0]}); LMDB would misread it"
+        )
+    _SOUND.add(identity)
 
 
 def verify(reader: RecordReader, quick: bool = False) -> Iterator[DatasetError]:
