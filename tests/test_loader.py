@@ -213,37 +213,3 @@ def test_block_mode_bounds_the_open_shards(photos, records):
         seen += [(int(c), int(label)) for c, label in zip(crcs, labels)]
         assert len(reader.open_shards) <= 2
     assert sorted(seen) == expected_fingerprints(photos)
-
-
-class _Mark:
-    """A user's worker_init_fn: records what each worker's dataset sends."""
-
-    def __init__(self, folder):
-        self.folder = folder
-
-    def __call__(self, worker_id):
-        info = torch.utils.data.get_worker_info()
-        (self.folder / f"worker-{worker_id}").write_text(str(info.dataset.send_uint8))
-
-
-@pytest.mark.parametrize("codec", ["jpeg", "raw_rgb"])
-def test_workers_send_uint8_and_the_batches_are_the_same_floats(photos, tmp_path, codec):
-    out = tmp_path / codec
-    Writer(photos, out, db_num=2, codec=codec).write()
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    with_workers = TorchRecord(out, batch_size=5, num_workers=2, worker_init_fn=_Mark(marks))
-    in_process = TorchRecord(out, batch_size=5)
-    assert with_workers._float_in_main and not in_process._float_in_main
-    batches = list(with_workers)
-    assert sorted(p.read_text() for p in marks.iterdir()) == ["True", "True"]
-    reference = list(in_process)
-    assert len(batches) == len(reference) == 5
-    for (images, labels), (expected, expected_labels) in zip(batches, reference):
-        assert images.dtype == torch.float32 and images.shape[1:] == (3, 224, 224)
-        assert torch.equal(images, expected) and torch.equal(labels, expected_labels)
-    one = with_workers.dataset[7][0]
-    assert one.dtype == torch.float32 and torch.equal(one, reference[1][0][2])
-    # pinned memory, a collate_fn or another transform: the workers send what they make
-    for kwargs in ({"pin_memory": True}, {"collate_fn": list}, {"transform": "uint8"}):
-        assert not TorchRecord(out, batch_size=5, num_workers=2, **kwargs)._float_in_main

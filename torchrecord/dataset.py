@@ -15,7 +15,6 @@ from typing import Any
 
 import torch.utils.data as data
 
-from .codecs.base import Codec
 from .errors import DatasetError, RecordCorruptedError, ShardCorruptedError
 from .format import CUSTOM_CODEC
 from .reader import RecordReader
@@ -106,23 +105,9 @@ class TRDataset(data.Dataset):
             transform = self._named_transform(transform)
         if transform is not None:
             preload()  # import torchvision once, here, not in every worker of every epoch
-        # The codec's own float path is its uint8 path then ``.float().div_(255)``: a loader
-        # with workers can have them send uint8 (a quarter of the bytes through shared memory)
-        # and convert whole batches in the main process, to the same values.
-        uint8_twin = None
-        codec = self.reader.codec if self.reader.codec_name != CUSTOM_CODEC else None
-        if (
-            codec is not None
-            and getattr(transform, "__self__", None) is codec
-            and getattr(transform, "__func__", None) is Codec.fast_transform
-        ):
-            uint8_twin = codec.uint8_transform
         if self.extra_fields and builtin:
             transform = _WithExtras(transform)
-            uint8_twin = uint8_twin and _WithExtras(uint8_twin)
         self.transform = transform
-        self.uint8_twin = uint8_twin  # used instead of transform when send_uint8 is set
-        self.send_uint8 = False
         self._builtin_transform = builtin  # its errors mean a damaged record, not a user bug
         self.record_path = str(record_path)
 
@@ -194,8 +179,6 @@ class TRDataset(data.Dataset):
         if not self._builtin_transform:
             return self.transform(record)  # the user's own transform: its errors are its own
         try:
-            if self.send_uint8:
-                return self.uint8_twin(record)
             return self.transform(record)
         except Exception as exc:  # the stored image does not decode: name the record
             shard, local = self.reader.locate(index)

@@ -76,17 +76,6 @@ class TorchRecord(DataLoader):
             # the dataset never changes between epochs, so keeping the workers costs nothing
             # and saves their start-up (a fork and the first batches) at every epoch
             loader_kwargs.setdefault("persistent_workers", True)
-        # Workers send uint8 images and the main process turns each batch into float: the same
-        # values, with a quarter of the bytes through shared memory (the DataLoader's transport
-        # is a large part of the cost of float batches on a few cores).
-        self._float_in_main = bool(
-            num_workers > 0
-            and dataset.uint8_twin is not None
-            and loader_kwargs.get("collate_fn") is None
-            and not loader_kwargs.get("pin_memory")
-        )
-        if self._float_in_main:
-            loader_kwargs["worker_init_fn"] = _SendUint8(loader_kwargs.get("worker_init_fn"))
         super().__init__(
             dataset,
             batch_size=batch_size,
@@ -122,8 +111,6 @@ class TorchRecord(DataLoader):
             for batch in iterator:
                 # batches come back in sampler order whatever the number of workers
                 progress["samples"] = min(progress["samples"] + self.batch_size, progress["share"])
-                if self._float_in_main:
-                    batch[0] = batch[0].float().div_(255)
                 yield batch
         except OSError as exc:
             _raise_if_a_worker_died(iterator, exc)
@@ -167,21 +154,6 @@ class TorchRecord(DataLoader):
         sampler.set_epoch(state["epoch"])
         sampler.set_start(state["consumed"])
         self._progress = None
-
-
-class _SendUint8:
-    """A worker_init_fn: this worker's dataset yields uint8 images (then the user's own
-    worker_init_fn, if any, runs)."""
-
-    def __init__(self, then: Callable[[int], Any] | None):
-        self.then = then
-
-    def __call__(self, worker_id: int) -> None:
-        from torch.utils.data import get_worker_info
-
-        get_worker_info().dataset.send_uint8 = True
-        if self.then is not None:
-            self.then(worker_id)
 
 
 def _raise_if_a_worker_died(iterator: Any, exc: OSError) -> None:
