@@ -204,12 +204,31 @@ def test_one_dataset_under_two_spellings_of_its_path(records, monkeypatch):
 
 def test_block_mode_bounds_the_open_shards(photos, records):
     loader = TorchRecord(
-        records, shuffle="block", block_shards=1, batch_size=4, transform=fingerprint
+        records, shuffle="block", block_shards=1, pool_size=0, batch_size=4, transform=fingerprint
     )
     reader = loader.dataset.reader
-    assert reader.max_open_shards == 2
+    assert reader.max_open_shards == 2  # one window of one shard, two when crossing
     seen = []
     for crcs, labels in loader:  # in this process: num_workers=0
         seen += [(int(c), int(label)) for c, label in zip(crcs, labels)]
         assert len(reader.open_shards) <= 2
     assert sorted(seen) == expected_fingerprints(photos)
+
+
+def test_block_mode_keeps_open_the_shards_of_records_in_the_pool(photos, tmp_path, monkeypatch):
+    from torchrecord.environments import SHARED
+
+    out = tmp_path / "small-shards"
+    Writer(photos, out, records_per_shard=3, codec="jpeg").write()  # 8 shards of 3 records
+    opens = []
+    acquire = SHARED.acquire
+    monkeypatch.setattr(SHARED, "acquire", lambda *a, **k: opens.append(a[0]) or acquire(*a, **k))
+    loader = TorchRecord(
+        out, shuffle="block", block_shards=1, pool_size=4, batch_size=4, transform=fingerprint
+    )
+    assert loader.dataset.reader.max_open_shards == 2 + 4  # + 3 * pool_size / 3 records
+    seen = [(int(c), int(label)) for crcs, labels in loader for c, label in zip(crcs, labels)]
+    assert sorted(seen) == expected_fingerprints(photos)
+    # each shard opened once; bounded to the window alone (2), records that waited in the pool
+    # would reopen their shards (13 opens of these 8 shards)
+    assert sorted(opens) == sorted(set(opens)) and len(opens) == 8, opens

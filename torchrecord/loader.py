@@ -70,8 +70,7 @@ class TorchRecord(DataLoader):
             drop_last=drop_last,
         )
         if sampler.mode == "block":
-            # a worker needs at most the shards of one window (two when crossing into the next)
-            dataset.reader.max_open_shards = 2 * sampler.block_shards
+            dataset.reader.max_open_shards = block_mode_open_shards(dataset.reader, sampler)
         if num_workers > 0:
             # the dataset never changes between epochs, so keeping the workers costs nothing
             # and saves their start-up (a fork and the first batches) at every epoch
@@ -154,6 +153,19 @@ class TorchRecord(DataLoader):
         sampler.set_epoch(state["epoch"])
         sampler.set_start(state["consumed"])
         self._progress = None
+
+
+def block_mode_open_shards(reader: Any, sampler: TRSampler) -> int:
+    """How many shards a process keeps open in block mode.
+
+    The shards of one window, two when crossing into the next, plus those that records still
+    waiting in the item pool come from: a record stays in the pool for ``pool_size`` draws on
+    average, and for three times that with probability 5%. Fewer open shards than this makes a
+    reader close and reopen the same small shards over and over.
+    """
+    smallest = max(1, min(s.num_records for s in reader.manifest.shards))
+    pooled = -(-3 * sampler.pool_size // smallest) if sampler.pool_size > 1 else 0
+    return max(1, min(reader.num_shards, 2 * sampler.block_shards + pooled))
 
 
 def _raise_if_a_worker_died(iterator: Any, exc: OSError) -> None:
