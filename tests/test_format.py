@@ -399,3 +399,22 @@ else:
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert "CAUGHT 0 shard" in result.stdout and "shard-00000.lmdb" in result.stdout
     assert "LMDB structure is damaged" in result.stdout, result.stdout
+
+
+def test_the_structural_check_accepts_what_lmdb_may_legitimately_write(tmp_path):
+    """Junk in the pad field of pages (``meminit=False``) and overflow pages kept by a large
+    value overwritten with a smaller one: LMDB reads both, so must the check."""
+    from torchrecord.lmdbcheck import validate
+
+    path = tmp_path / "foreign.lmdb"
+    env = lmdb.open(str(path), subdir=False, map_size=64 << 20, lock=False, meminit=False)
+    with env.begin(write=True) as txn:
+        for i in range(300):
+            txn.put(struct.pack(">Q", i), bytes([i % 251]) * (100 + 97 * i))
+        txn.put(struct.pack(">Q", 299), b"smaller" * 1500)  # 10 KB over 29 KB: pages kept
+        txn.put(struct.pack(">Q", 298), b"smaller" * 100)  # big -> inline
+    env.close()
+    assert validate(path, torchrecord=False) == []
+    assert validate(path, torchrecord=True) == [
+        "keys are not 0..N-1 followed by the two metadata keys"
+    ]

@@ -232,3 +232,14 @@ def test_block_mode_keeps_open_the_shards_of_records_in_the_pool(photos, tmp_pat
     # each shard opened once; bounded to the window alone (2), records that waited in the pool
     # would reopen their shards (13 opens of these 8 shards)
     assert sorted(opens) == sorted(set(opens)) and len(opens) == 8, opens
+
+
+def _missing(record):
+    raise FileNotFoundError("a transform that needs a file that is not there")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_os_error_of_a_transform_keeps_its_type(records, num_workers):
+    loader = TorchRecord(records, batch_size=4, num_workers=num_workers, transform=_missing)
+    with pytest.raises(FileNotFoundError, match="a file that is not there"):
+        next(iter(loader))

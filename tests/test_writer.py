@@ -225,7 +225,8 @@ def _without_read_override():
 
     libc = ctypes.CDLL(None, use_errno=True)
     for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-        libc.prctl(24, capability, 0, 0, 0)  # PR_CAPBSET_DROP
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            os._exit(77)  # not allowed here: the test skips
 
 
 def test_unreadable_file_names_list_and_line(photos, tmp_path):
@@ -250,6 +251,8 @@ def test_unreadable_file_names_list_and_line(photos, tmp_path):
         timeout=120,
         preexec_fn=_without_read_override if os.geteuid() == 0 else None,
     )
+    if result.returncode == 77:
+        pytest.skip("cannot drop the capabilities that let root read any file")
     assert result.returncode == 0, result.stderr
     expected = f"ERROR {photos}:4: cannot read {locked}: Permission denied"
     assert expected in result.stdout, result.stdout

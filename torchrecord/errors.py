@@ -93,8 +93,18 @@ class DiskFullError(TorchRecordError, OSError):
     freeing space resumes from them.
     """
 
+    def __init__(self, code: int | str, message: str | None = None):
+        if message is None:  # rebuilt from its message (see TorchRecordError)
+            code, message = 0, str(code)
+        super().__init__(message)
+        self.errno = int(code) or None  # ENOSPC, EDQUOT or EFBIG
+        self.message = message
+
     def __str__(self) -> str:  # OSError would otherwise format its (errno, strerror) pair
-        return str(self.args[0]) if self.args else ""
+        return self.message
+
+    def __reduce__(self):
+        return (type(self), (self.errno or 0, self.message))
 
 
 class DatasetError(TorchRecordError):

@@ -172,12 +172,17 @@ def _raise_if_a_worker_died(iterator: Any, exc: OSError) -> None:
     """A batch whose worker was killed while handing it over (its tensors travel as file
     descriptors) fails in ``multiprocessing`` with a connection error, before PyTorch notices
     the death: report it as PyTorch reports a dead worker."""
-    deadline = time.monotonic() + 1.0
+    workers = getattr(iterator, "_workers", [])
+    if not workers:
+        return
+    # a connection torn down: the worker may still be on its way down, give it a moment
+    patience = 1.0 if isinstance(exc, (ConnectionError, EOFError)) else 0.0
+    deadline = time.monotonic() + patience
     while True:
-        dead = [w for w in getattr(iterator, "_workers", []) if w.exitcode is not None]
-        if dead or time.monotonic() > deadline:
+        dead = [w for w in workers if w.exitcode is not None]
+        if dead or time.monotonic() >= deadline:
             break
-        time.sleep(0.01)  # the worker may still be on its way down
+        time.sleep(0.01)
     if not dead:
         return
     pids = ", ".join(str(w.pid) for w in dead)

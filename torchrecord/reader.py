@@ -276,25 +276,28 @@ class RecordReader:
         )
 
 
-# shard files found sound in this process (forked workers inherit it): (path, inode, size, mtime)
-_SOUND: set[tuple[str, int, int, int]] = set()
+# the verdict on each shard file checked in this process: None (sound) or what is wrong
+_CHECKED: dict[tuple[str, int, int, int, int, int], str | None] = {}
 
 
 def check_structure(path: Path, label: str) -> None:
     """Check a shard's LMDB structure before LMDB maps it (see :mod:`torchrecord.lmdbcheck`);
-    once per file per process."""
-    st = os.stat(path)
-    identity = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
-    if identity in _SOUND:
-        return
+    once per file (and version of it) per process."""
     from .lmdbcheck import validate
 
-    problems = validate(path, expected_size=st.st_size)
-    if problems:
+    try:
+        st = os.stat(path)
+        identity = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if identity not in _CHECKED:
+            problems = validate(path, expected_size=st.st_size)
+            _CHECKED[identity] = problems[0] if problems else None
+    except OSError as exc:  # not a verdict on the shard: say what failed
+        raise DatasetError(f"shard {label}: cannot read it to check it ({exc})") from exc
+    problem = _CHECKED[identity]
+    if problem is not None:
         raise ShardCorruptedError(
-            label, f"its LMDB structure is damaged ({problems[0]}); LMDB would misread it"
+            label, f"its LMDB structure is damaged ({problem}); LMDB would misread it"
         )
-    _SOUND.add(identity)
 
 
 def verify(reader: RecordReader, quick: bool = False) -> Iterator[DatasetError]:

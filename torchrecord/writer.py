@@ -680,16 +680,19 @@ class _ShardWriter:
         self.index, self.codec, self.serializer = index, codec, serializer
         self.name = fmt.shard_name(index)
         self.path = staging / self.name
-        self.env = lmdb.open(
-            str(self.path),
-            subdir=False,
-            map_size=_INITIAL_MAP_SIZE,
-            lock=False,
-            sync=False,
-            metasync=False,
-            map_async=False,
-            max_dbs=0,
-        )
+        try:  # creating the file writes its two meta pages: the disk may be full already
+            self.env = lmdb.open(
+                str(self.path),
+                subdir=False,
+                map_size=_INITIAL_MAP_SIZE,
+                lock=False,
+                sync=False,
+                metasync=False,
+                map_async=False,
+                max_dbs=0,
+            )
+        except lmdb.Error as exc:
+            raise _write_failure(self.path, exc) from exc
         self.count = 0
         self.payload = 0
         self.checksums = bytearray()
@@ -712,6 +715,8 @@ class _ShardWriter:
     def finish(self, input_end: int, skipped: list[tuple[Entry, str]], hasher: Any) -> Any:
         """Complete the shard; a future of its ShardInfo, recorded as done (for resume) with
         the input it covered once its hash is known."""
+        import lmdb
+
         self._flush()
         meta = {
             "format": fmt.FORMAT_NAME,
@@ -727,7 +732,10 @@ class _ShardWriter:
             (fmt.META_KEY, json.dumps(meta, sort_keys=True).encode()),
         ]
         self._flush(append=False)
-        self.env.sync(True)
+        try:
+            self.env.sync(True)
+        except lmdb.Error as exc:
+            raise _write_failure(self.path, exc) from exc
         self.close()
         _fsync(self.path)
         size = self.path.stat().st_size
@@ -999,9 +1007,9 @@ def _put_batch(env: Any, batch: list[tuple[bytes, bytes]], path: Path, append: b
         except lmdb.BadValsizeError as exc:
             sizes = sorted({len(key) for key, _ in batch})
             raise TorchRecordError(
-                f"{path}: LMDB refused a key ({exc}); keys must be 1 to "
-                f"{env.max_key_size()} bytes, this batch has keys of {sizes} bytes. This is a "
-                "bug in the writer or a plugin, please report it"
+                f"{path}: LMDB refused a key or value ({exc}); keys must be 1 to "
+                f"{env.max_key_size()} bytes (this batch has keys of {sizes} bytes) and values "
+                "under 4 GiB. This is a bug in the writer or a plugin, please report it"
             ) from exc
         except lmdb.Error as exc:
             raise _write_failure(path, exc, sum(len(v) for _, v in batch)) from exc
@@ -1054,9 +1062,11 @@ def _write_failure(path: Path, exc: BaseException, needed: int = 0) -> TorchReco
         limit != resource.RLIM_INFINITY and size + needed + (1 << 20) >= limit
     ):
         reason = f"the file size limit (ulimit -f) of {limit:,} bytes was reached"
+    elif code == errno.EDQUOT or "quota" in str(exc).lower():
+        reason = "the disk quota is exceeded"
     elif code in _NO_ROOM or (free is not None and free < needed + (16 << 20)):
         reason = "the disk is full" + (f" ({free:,} bytes free)" if free is not None else "")
-    elif "No space left" in str(exc) or "Disk quota" in str(exc):
+    elif "No space left" in str(exc):
         reason = "the disk is full"
     if reason is None:
         return TorchRecordError(
@@ -1064,9 +1074,10 @@ def _write_failure(path: Path, exc: BaseException, needed: int = 0) -> TorchReco
             "far are kept, and the same write run again resumes from them."
         )
     return DiskFullError(
+        errno.EFBIG if "ulimit" in reason else errno.EDQUOT if "quota" in reason else errno.ENOSPC,
         f"disk full: {reason} while writing {what}. Free space (or raise the limit) and run "
         "the same write again: it resumes from the shards already finished. Nothing was "
-        "published; a dataset already in the output directory is untouched."
+        "published; a dataset already in the output directory is untouched.",
     )
 
 
