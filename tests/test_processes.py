@@ -342,8 +342,8 @@ def test_two_processes_read_one_dataset_at_once(records, expected, tmp_path):
 # -- 3. nothing leaks over 100 epochs or 100 short-lived readers ------------------------------
 
 LEAK_CASES = {
-    # block mode with one shard per block: shards are opened and closed all the time
-    "main-process": dict(num_workers=0, shuffle="block", block_shards=1),
+    # block mode with one shard per block and no item pool: shards open and close all the time
+    "main-process": dict(num_workers=0, shuffle="block", block_shards=1, pool_size=0),
     "persistent-workers": dict(num_workers=2, shuffle=True),
     "per-epoch-worker": dict(num_workers=1, persistent_workers=False, shuffle=True),
 }
