@@ -418,3 +418,29 @@ def test_the_structural_check_accepts_what_lmdb_may_legitimately_write(tmp_path)
     assert validate(path, torchrecord=True) == [
         "keys are not 0..N-1 followed by the two metadata keys"
     ]
+
+
+def test_flipped_byte_in_an_overflow_page_header_names_the_record(records):
+    shard = records / "shard-00000.lmdb"
+    data = bytearray(shard.read_bytes())
+    node = _lmdb_layout(bytes(data))["big_node"]
+    key_size = struct.unpack_from("<H", data, node + 6)[0]
+    key = bytes(data[node + 8 : node + 8 + key_size])
+    first_page = struct.unpack_from("<Q", data, node + 8 + key_size)[0]
+    data[first_page * 4096 + 10] ^= 0x01  # P_OVERFLOW | P_BRANCH: LMDB refuses it when read
+    shard.write_bytes(bytes(data))
+    index = struct.unpack(">Q", key)[0]
+    code = f"""
+from torchrecord import TRDataset, RecordCorruptedError
+ds = TRDataset({str(records)!r}, transform=None)
+for i in range(len(ds)):
+    try:
+        ds[i]
+    except RecordCorruptedError as exc:
+        print("CAUGHT", i, exc)
+"""
+    result = run_python(code)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    caught = [line for line in result.stdout.splitlines() if line.startswith("CAUGHT")]
+    assert len(caught) == 1 and caught[0].startswith(f"CAUGHT {index} shard"), result.stdout
+    assert f"record key {key.hex()}" in caught[0] and "LMDB cannot read it" in caught[0]

@@ -244,8 +244,17 @@ class RecordReader:
         shard, local = self.locate(index)
         env = self._open(shard)
         key = self.key_of(shard, local)
-        with env.begin(db=self._dbs.get(shard)) as txn:
-            value = txn.get(key)
+        try:
+            with env.begin(db=self._dbs.get(shard)) as txn:
+                value = txn.get(key)
+        except Exception as exc:
+            import lmdb
+
+            if not isinstance(exc, lmdb.Error):
+                raise
+            raise RecordCorruptedError(
+                self.shard_label(shard), key, local, f"LMDB cannot read it ({exc})"
+            ) from exc
         if value is None:
             raise RecordCorruptedError(self.shard_label(shard), key, local, "the record is missing")
         checksums = self._checksums.get(shard)
