@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import zlib
@@ -73,8 +72,8 @@ def fingerprint(record) -> tuple[int, int]:
 
 
 def flip_record_byte(shard: Path, index: int, mask: int = 0x10) -> bytes:
-    """Flip bits in the middle of record ``index``'s value inside a shard file, as a damaged
-    disk would; returns the value as it was."""
+    """Flip bits in the middle of record ``index``'s value (its first part) inside a version 2
+    shard file, as a damaged disk would; returns the whole record as it was."""
     import lmdb
 
     from torchrecord import format as fmt
@@ -82,12 +81,13 @@ def flip_record_byte(shard: Path, index: int, mask: int = 0x10) -> bytes:
     env = lmdb.open(str(shard), subdir=False, **fmt.READ_OPTIONS)
     try:
         with env.begin() as txn:
-            value = bytes(txn.get(struct.pack(">Q", index)))
+            parts = [txn.get(fmt.record_key(index, 2, part)) for part in range(4)]
     finally:
         env.close()
+    head = bytes(parts[0])
     data = bytearray(shard.read_bytes())
-    offset = data.find(value)
-    assert offset >= 0 and data.find(value, offset + 1) < 0, "the value must occur once"
-    data[offset + len(value) // 2] ^= mask
+    offset = data.find(head)
+    assert offset >= 0 and data.find(head, offset + 1) < 0, "the value must occur once"
+    data[offset + len(head) // 2] ^= mask
     shard.write_bytes(bytes(data))
-    return value
+    return b"".join(bytes(part) for part in parts if part is not None)

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import flip_record_byte, read_list
 
+from torchrecord import format as fmt
+
 TORCHRECORD = Path(sys.executable).parent / "torchrecord"
 
 
@@ -62,6 +64,7 @@ def test_write_then_info(written, photo_dir):
     assert fields["serializer"] == "tensorprotos"
     assert fields["records"] == "24"
     assert fields["shards"] == "2"
+    assert fields["format"] == "version 2"
     assert "0.1 layout" not in info.stdout
 
     as_json = run_cli("info", out, "--json")
@@ -114,7 +117,7 @@ def test_verify_ok_then_names_the_damaged_record(written, tmp_path):
     # the shard's hash no longer matches the manifest, and the record is named
     assert str(shard) in problems[0] and "SHA-256" in problems[0]
     assert str(shard) in problems[1]
-    assert "0000000000000003" in problems[1]
+    assert f"record key {fmt.record_key(3).hex()} (record 3 of" in problems[1]
     assert "CRC-32" in problems[1]
     assert "2 problem(s): checked 24 records" in bad.stdout
     # --quick checks sizes, pages, keys and metadata only: a flipped byte passes it
@@ -125,6 +128,18 @@ def test_verify_ok_then_names_the_damaged_record(written, tmp_path):
     truncated = run_cli("verify", out, "--quick")
     assert truncated.returncode == 1
     assert "shard-00000.lmdb" in truncated.stdout and "manifest recorded" in truncated.stdout
+
+
+def test_write_format_version_1_for_older_readers(photo_dir, tmp_path):
+    out = tmp_path / "v1"
+    proc = run_cli("write", photo_dir / "data_list.txt", out, "--format-version", 1, "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "manifest.json").read_text())["format_version"] == 1
+    assert info_fields(run_cli("info", out).stdout)["format"] == "version 1"
+    ok = run_cli("verify", out)
+    assert ok.returncode == 0 and ok.stdout.startswith("OK: checked 24 records"), ok.stdout
+    bad = run_cli("write", photo_dir / "data_list.txt", tmp_path / "v3", "--format-version", 3)
+    assert bad.returncode == 2 and "invalid choice: 3" in bad.stderr
 
 
 def test_write_help_and_plugins():

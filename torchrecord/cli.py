@@ -86,6 +86,7 @@ def _cmd_write(args: argparse.Namespace) -> int:
         max_size=args.max_size,
         quality=args.quality,
         raw_below=args.raw_below,
+        format_version=args.format_version,
         progress=False if args.quiet else None,
     )
     manifest = writer.write()
@@ -319,6 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PIXELS",
         help="with --codec smart: store images of at most PIXELS pixels "
         "(width x height) raw, larger ones as JPEG (default 65536)",
+    )
+    write.add_argument(
+        "--format-version",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="on-disk format (default 2; 1 is readable by TorchRecord 0.2.0 but stores "
+        "each large record in whole 4 KiB pages, about 2 KB more per record)",
     )
     write.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     write.set_defaults(func=_cmd_write)

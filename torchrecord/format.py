@@ -7,9 +7,13 @@ A dataset is a directory::
     shard-00001.lmdb
     ...
 
-Inside each shard, record ``i`` lives under the 8-byte big-endian key ``i`` (keys sort in record
-order), the JSON metadata under :data:`META_KEY`, and the CRC-32 of every record value under
-:data:`CHECKSUMS_KEY` (little-endian ``uint32``, one per record). TorchRecord 0.1 datasets (one LMDB
+Inside each shard, record ``i`` is stored in 1 to 4 parts under the 8-byte big-endian keys
+``4*i + p`` (version 2; keys sort in record order, then part order), the JSON metadata under
+:data:`META_KEY`, and the CRC-32 of every whole record under :data:`CHECKSUMS_KEY`
+(little-endian ``uint32``, one per record). Splitting fills LMDB's 4 KiB overflow pages exactly:
+a large value's first part takes whole pages, its remainder goes into small parts that LMDB packs
+into ordinary leaf pages (:func:`split_record`). Version 1 stored record ``i`` whole under key
+``i``; both versions are read. TorchRecord 0.1 datasets (one LMDB
 environment with sub-databases ``db0``..``dbN-1``) are recognised and read as ``raw_rgb``.
 """
 
@@ -25,7 +29,7 @@ from typing import Any
 from .errors import DatasetError, DatasetNotFoundError, FormatVersionError, ShardCorruptedError
 
 FORMAT_NAME = "torchrecord"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what the writer writes; versions 1 and 2 are read
 MANIFEST_NAME = "manifest.json"
 SHARD_TEMPLATE = "shard-{:05d}.lmdb"
 META_KEY = b"__torchrecord__"
@@ -42,9 +46,51 @@ CUSTOM_CODEC = "custom"  # records written by a user's data_process_func (no cod
 READ_OPTIONS = dict(readonly=True, lock=False, readahead=True, max_spare_txns=0, meminit=False)
 
 
-def record_key(index: int) -> bytes:
-    """The key of record ``index`` inside its shard."""
+PARTS_PER_RECORD = 4  # version 2: record i's parts are keys 4*i .. 4*i+3
+PAGE_HEADER = 16  # LMDB's page header (64-bit builds)
+
+
+def inline_max(page_size: int) -> int:
+    """The largest value LMDB keeps inside a leaf page under an 8-byte key: a node may take
+    ``((page_size - 16) / 2 & -2) - 2`` bytes (mdb.c's ``me_nodemax``), less its 8-byte header and
+    the key; 2022 bytes with 4 KiB pages. Larger values go to overflow pages of their own."""
+    return (((page_size - PAGE_HEADER) // 2) & -2) - 2 - 8 - KEY_STRUCT.size
+
+
+def record_key(index: int, version: int = FORMAT_VERSION, part: int = 0) -> bytes:
+    """The key of part ``part`` of record ``index`` inside its shard."""
+    if version >= 2:
+        return KEY_STRUCT.pack(index * PARTS_PER_RECORD + part)
     return KEY_STRUCT.pack(index)
+
+
+def split_record(value: bytes, page_size: int = 4096) -> list[bytes]:
+    """Split a record value into the parts a version 2 shard stores (1 to 4 of them).
+
+    LMDB stores a value too large for a leaf page in whole overflow pages (a 16-byte header, then
+    the value, rounded up to the page): about half a page per record is lost, 6% for 35 KB JPEGs.
+    So the first part is the largest prefix that fills whole pages exactly, and the rest
+    (under one page) is cut into at most three equal parts small enough to sit in leaf pages,
+    which LMDB packs densely when it appends. Readers just concatenate the parts.
+    """
+    inline = inline_max(page_size)
+    n = len(value)
+    if n <= inline:
+        return [value]
+    head = (n + PAGE_HEADER) // page_size * page_size - PAGE_HEADER
+    if head <= inline:
+        head = 0
+    rest = n - head
+    if rest == 0:
+        return [value]
+    count = -(-rest // inline)
+    if count + (1 if head else 0) > PARTS_PER_RECORD:  # only with pages under 4 KiB
+        return [value]
+    size = -(-rest // count)
+    view = memoryview(value)
+    parts = [view[:head]] if head else []
+    parts += [view[head + k * size : head + min((k + 1) * size, rest)] for k in range(count)]
+    return parts
 
 
 def shard_name(index: int) -> str:

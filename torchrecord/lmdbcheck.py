@@ -108,19 +108,21 @@ def _meta(raw, i, psize_hint):
     return m
 
 
-def validate(path, overflow_headers=False, torchrecord=True, expected_size=None):
+def validate(path, overflow_headers=False, torchrecord=True, expected_size=None, layout=2):
     """A list of problems (empty: the shard is structurally sound and safe to map).
 
     ``overflow_headers`` also reads the first page header of every large value (one random
     read per record from a cold cache; crash safety does not need it). ``torchrecord`` checks
-    that the keys are 0..N-1 followed by the two metadata keys.
+    the keys against the format version ``layout``: record keys followed by the two metadata
+    keys, where the record keys are 0..N-1 (version 1) or each record's 1 to 4 parts, ``4*i``,
+    ``4*i+1``... without gaps, for i = 0..N-1 (version 2).
 
     Reading the file can fail (``OSError``, ``MemoryError``): that is not a verdict on the shard
     and propagates.
     """
     fd = os.open(path, os.O_RDONLY)
     try:
-        _validate(fd, overflow_headers, torchrecord, expected_size)
+        _validate(fd, overflow_headers, torchrecord and layout, expected_size)
         return []
     except Invalid as e:
         return [str(e)]
@@ -311,7 +313,7 @@ def _validate(fd, overflow_headers, torchrecord, expected_size):
                 rec_keys.append(kvn[is8])
                 others = np.flatnonzero(~is8)
                 if torchrecord and len(other_keys) + len(others) > len(TR_META_KEYS):
-                    raise Invalid("keys are not 0..N-1 followed by the two metadata keys")
+                    raise Invalid("keys other than record keys and the two metadata keys")
                 before = np.cumsum(is8) - is8  # 8-byte keys before each key of this chunk
                 for a in others.tolist():
                     other_keys.append((n8_total + int(before[a]), key(a)))
@@ -393,9 +395,18 @@ def _validate(fd, overflow_headers, torchrecord, expected_size):
                 )
     if torchrecord:
         rk = np.concatenate(rec_keys) if rec_keys else np.zeros(0, dtype=np.uint64)
-        if (
-            [k for _, k in other_keys] != list(TR_META_KEYS)
-            or other_keys[0][0] != len(rk)
-            or not np.array_equal(rk, np.arange(len(rk), dtype=np.uint64))
-        ):
-            raise Invalid("keys are not 0..N-1 followed by the two metadata keys")
+        if [k for _, k in other_keys] != list(TR_META_KEYS) or other_keys[0][0] != len(rk):
+            raise Invalid("the keys are not record keys followed by the two metadata keys")
+        if torchrecord == 1:
+            if not np.array_equal(rk, np.arange(len(rk), dtype=np.uint64)):
+                raise Invalid("the record keys are not 0..N-1")
+        else:
+            # keys strictly increase (checked above), so: the first parts are 0, 4, 8, ... and
+            # every other part directly follows the part before it
+            part = rk & np.uint64(3)
+            heads = rk[part == 0]
+            if not np.array_equal(heads, np.arange(len(heads), dtype=np.uint64) * np.uint64(4)):
+                raise Invalid("the records' first-part keys are not 4*i for i = 0..N-1")
+            later = np.flatnonzero(part != 0)
+            if len(later) and (later[0] == 0 or np.any(rk[later - 1] != rk[later] - np.uint64(1))):
+                raise Invalid("a record part does not follow the part before it")

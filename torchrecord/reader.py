@@ -140,21 +140,28 @@ class RecordReader:
                 self._legacy_keys[shard] = sorted(keys, key=int)
                 self._dbs[shard] = db
             else:
-                check_structure(path, label)
+                check_structure(path, label, self.manifest.format_version)
                 env = self._acquire(
                     shard, path, lambda: lmdb.open(str(path), subdir=False, **fmt.READ_OPTIONS)
                 )
                 self._check_pages(env, path, label)
                 with env.begin() as txn:
-                    entries = txn.stat()["entries"]
-                    if entries != info.num_records + 2:
-                        raise ShardCorruptedError(
-                            label,
-                            f"holds {entries} keys, expected {info.num_records} records "
-                            "and 2 metadata keys",
-                        )
                     meta = fmt.read_shard_meta(txn, label)
                     self._check_meta(meta, shard, label)
+                    entries = txn.stat()["entries"]
+                    if self.manifest.format_version >= 2:
+                        keys = meta.get("num_keys")
+                        if type(keys) is not int or not info.num_records <= keys:
+                            raise ShardCorruptedError(
+                                label, f"its metadata has an invalid num_keys {keys!r}"
+                            )
+                        what = f"{keys} record parts of {info.num_records} records"
+                    else:
+                        keys, what = info.num_records, f"{info.num_records} records"
+                    if entries != keys + 2:
+                        raise ShardCorruptedError(
+                            label, f"holds {entries} keys, expected {what} and 2 metadata keys"
+                        )
                     if self.verify_checksums:
                         raw = txn.get(fmt.CHECKSUMS_KEY)
                         if raw is None or len(raw) != 4 * info.num_records:
@@ -209,6 +216,7 @@ class RecordReader:
             "codec": self.codec_name,
             "serializer": self.serializer_name,
             "num_records": self.manifest.shards[shard].num_records,
+            "format_version": self.manifest.format_version,
         }
         for key, value in expected.items():
             if meta.get(key) != value:
@@ -237,7 +245,7 @@ class RecordReader:
         if self.manifest.shards[shard].legacy_db is not None:
             self._open(shard)
             return self._legacy_keys[shard][local]
-        return fmt.record_key(local)
+        return fmt.record_key(local, self.manifest.format_version)
 
     def read_bytes(self, index: int) -> bytes:
         """The stored bytes of one record, checked against its CRC-32."""
@@ -245,8 +253,11 @@ class RecordReader:
         env = self._open(shard)
         key = self.key_of(shard, local)
         try:
-            with env.begin(db=self._dbs.get(shard)) as txn:
-                value = txn.get(key)
+            if self.manifest.format_version >= 2:
+                value = _read_parts(env, key)
+            else:
+                with env.begin(db=self._dbs.get(shard)) as txn:
+                    value = txn.get(key)
         except Exception as exc:
             import lmdb
 
@@ -285,20 +296,49 @@ class RecordReader:
         )
 
 
+def _read_parts(env: Any, key: bytes) -> bytes | None:
+    """A version 2 record: its first part, then the parts under the next keys, concatenated.
+
+    ``key`` (the first part's, ``4*i``) ends in two zero bits: part ``p``'s key sets them to ``p``.
+    Parts are consecutive keys (the structural check made sure), so the first one missing ends
+    the record; a lost part shows as a CRC-32 mismatch."""
+    with env.begin(buffers=True) as txn:  # views into the map: one copy, by the join
+        first = txn.get(key)
+        if first is None:
+            return None
+        stem, last = key[:-1], key[-1]
+        pieces = [first]
+        for part in range(1, fmt.PARTS_PER_RECORD):
+            piece = txn.get(stem + bytes((last | part,)))
+            if piece is None:
+                break
+            pieces.append(piece)
+        return bytes(first) if len(pieces) == 1 else b"".join(pieces)
+
+
 # the verdict on each shard file checked in this process: None (sound) or what is wrong
-_CHECKED: dict[tuple[str, int, int, int, int, int], str | None] = {}
+_CHECKED: dict[tuple[str, int, int, int, int, int, int], str | None] = {}
 
 
-def check_structure(path: Path, label: str) -> None:
+def check_structure(path: Path, label: str, layout: int = fmt.FORMAT_VERSION) -> None:
     """Check a shard's LMDB structure before LMDB maps it (see :mod:`torchrecord.lmdbcheck`);
-    once per file (and version of it) per process."""
+    once per file (and version of it) per process. ``layout``: the format version, which says
+    what keys the shard must hold."""
     from .lmdbcheck import validate
 
     try:
         st = os.stat(path)
-        identity = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        identity = (
+            str(path),
+            st.st_dev,
+            st.st_ino,
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+            layout,
+        )
         if identity not in _CHECKED:
-            problems = validate(path, expected_size=st.st_size)
+            problems = validate(path, expected_size=st.st_size, layout=layout)
             _CHECKED[identity] = problems[0] if problems else None
     except OSError as exc:  # not a verdict on the shard: say what failed
         raise DatasetError(f"shard {label}: cannot read it to check it ({exc})") from exc

@@ -86,6 +86,7 @@ class Writer:
         max_size: int | None = None,
         quality: int = 90,
         raw_below: int | None = None,
+        format_version: int = fmt.FORMAT_VERSION,
     ):
         if int(db_num) < 1:
             raise ValueError(f"db_num must be at least 1, got {db_num}")
@@ -143,6 +144,12 @@ class Writer:
                 raise ValueError(f"shard_range {shard_range} is empty or negative")
         if self.append and self.overwrite:
             raise ValueError("append=True adds shards to a dataset; overwrite=True replaces it")
+        if format_version not in (1, 2):
+            raise ValueError(
+                f"format_version must be 1 (readable by TorchRecord 0.2.0) or 2, got "
+                f"{format_version!r}"
+            )
+        self.format_version = int(format_version)
         self.progress = sys.stderr.isatty() if progress is None else bool(progress)
         self.skipped: list[tuple[Entry, str]] = []
         # Resolve names now: an unknown codec or serializer fails before any work is done.
@@ -214,6 +221,7 @@ class Writer:
                 _remove_stale_staging(self.output_dir, keep=None)
                 return base  # this very append completed already (killed before it exited)
             ordered, label_names = _merge_label_names(base, ordered, label_names, source)
+            self.format_version = base.format_version  # new shards are laid out like the old
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
         first_index = len(base.shards) if base is not None else 0
@@ -258,7 +266,13 @@ class Writer:
                     extra["skipped_report"] = SKIPPED_REPORT
                 new_files = {shard.file for shard in shards}
                 shards = [*base.shards, *shards]
-            manifest = fmt.Manifest(self.codec_name, self.serializer_name, shards, extra=extra)
+            manifest = fmt.Manifest(
+                self.codec_name,
+                self.serializer_name,
+                shards,
+                format_version=self.format_version,
+                extra=extra,
+            )
             try:
                 self._publish(
                     staging,
@@ -293,6 +307,7 @@ class Writer:
                 doc["codec"],
                 doc["serializer"],
                 shards,
+                format_version=doc["format_version"],
                 extra={"job": doc["job"], "part": doc["part"]},
             )
         _remove_stale_staging(self.output_dir, keep=None)
@@ -302,7 +317,7 @@ class Writer:
         """Names the staging directory: the same write, run again, finds its finished shards."""
         digest = hashlib.sha256()
         params = [
-            fmt.FORMAT_VERSION,
+            self.format_version,
             self.codec_name,
             self.serializer_name,
             self.db_num,
@@ -430,6 +445,7 @@ class Writer:
                         first_index + len(shards) + len(pending),
                         self.codec_name,
                         self.serializer_name,
+                        self.format_version,
                     )
                 shard.add(value, crc)
             if shard is not None:
@@ -663,7 +679,13 @@ def join_parts(
             "line\tpath\treason\n" + "\n".join(skipped_lines) + "\n", encoding="utf-8"
         )
     _fsync(out)
-    manifest = fmt.Manifest(first["codec"], first["serializer"], shards, extra=extra)
+    manifest = fmt.Manifest(
+        first["codec"],
+        first["serializer"],
+        shards,
+        format_version=first.get("format_version", 1),
+        extra=extra,
+    )
     _atomic_write_text(out / fmt.MANIFEST_NAME, json.dumps(manifest.to_json(), indent=2) + "\n")
     for part, _ in docs:  # the parts are used up: they must not be joined twice
         if part.resolve() != out.resolve():
@@ -674,10 +696,10 @@ def join_parts(
 class _ShardWriter:
     """One shard being written: append-only batches, then checksums and metadata, then sync."""
 
-    def __init__(self, staging: Path, index: int, codec: str, serializer: str):
+    def __init__(self, staging: Path, index: int, codec: str, serializer: str, version: int):
         import lmdb
 
-        self.index, self.codec, self.serializer = index, codec, serializer
+        self.index, self.codec, self.serializer, self.version = index, codec, serializer, version
         self.name = fmt.shard_name(index)
         self.path = staging / self.name
         try:  # creating the file writes its two meta pages: the disk may be full already
@@ -693,7 +715,9 @@ class _ShardWriter:
             )
         except lmdb.Error as exc:
             raise _write_failure(self.path, exc) from exc
+        self.page_size = self.env.stat()["psize"]
         self.count = 0
+        self.keys = 0
         self.payload = 0
         self.checksums = bytearray()
         self.batch: list[tuple[bytes, bytes]] = []
@@ -701,7 +725,14 @@ class _ShardWriter:
 
     def add(self, value: bytes, crc: int) -> None:
         self.checksums += crc.to_bytes(4, "little")
-        self.batch.append((fmt.record_key(self.count), value))
+        if self.version >= 2:
+            parts = fmt.split_record(value, self.page_size)
+            for part, piece in enumerate(parts):
+                self.batch.append((fmt.record_key(self.count, 2, part), piece))
+            self.keys += len(parts)
+        else:
+            self.batch.append((fmt.record_key(self.count, 1), value))
+            self.keys += 1
         self.count += 1
         self.payload += len(value)
         self.batch_bytes += len(value)
@@ -717,21 +748,24 @@ class _ShardWriter:
         the input it covered once its hash is known."""
         import lmdb
 
-        self._flush()
         meta = {
             "format": fmt.FORMAT_NAME,
-            "format_version": fmt.FORMAT_VERSION,
+            "format_version": self.version,
             "codec": self.codec,
             "serializer": self.serializer,
             "num_records": self.count,
             "shard_index": self.index,
             "checksum": fmt.CHECKSUM_ALGORITHM,
         }
-        self.batch = [
+        if self.version >= 2:
+            meta["num_keys"] = self.keys  # record parts, without the two metadata keys
+        # the two metadata keys sort after every record key: they go into the last batch, and
+        # that batch's transaction leaves no copied-on-write pages behind
+        self.batch += [
             (fmt.CHECKSUMS_KEY, bytes(self.checksums)),
             (fmt.META_KEY, json.dumps(meta, sort_keys=True).encode()),
         ]
-        self._flush(append=False)
+        self._flush()
         try:
             self.env.sync(True)
         except lmdb.Error as exc:
