@@ -28,7 +28,7 @@ from .errors import (
 )
 from .hookspecs import hookimpl
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # name -> module that defines it, imported on first access (PEP 562)
 _LAZY = {
