@@ -45,15 +45,24 @@ def test_unequal_split_is_contiguous(photos, tmp_path):
 
 @pytest.mark.parametrize("codec", ["raw_rgb", "jpeg"])
 def test_output_is_identical_for_any_num_workers(photos, tmp_path, codec):
-    outs = []
-    for workers in (0, 1, 2):
+    """0 and 1 workers: one process writes; 2 and 3: each shard in its own worker process."""
+    outs, hashes = [], []
+    for workers in (0, 1, 2, 3):
         out = tmp_path / f"w{workers}"
-        Writer(
+        manifest = Writer(
             photos, out, db_num=3, shuffle=True, seed=11, codec=codec, num_workers=workers
         ).write()
         outs.append(all_bytes(out))
-    assert outs[0] == outs[1] == outs[2]
+        hashes.append([s.sha256 for s in manifest.shards])
+        assert sorted(p.name for p in out.iterdir()) == [
+            "manifest.json",
+            "shard-00000.lmdb",
+            "shard-00001.lmdb",
+            "shard-00002.lmdb",
+        ]
+    assert outs[0] == outs[1] == outs[2] == outs[3]
     assert len(outs[0]) == 24
+    assert hashes[0] == hashes[1] == hashes[2] == hashes[3]  # the shard files, byte for byte
 
 
 def test_shuffle_depends_on_seed_only(photos, tmp_path):

@@ -132,6 +132,35 @@ def test_skip_policy_reports_every_skipped_line(photos, tmp_path):
         Writer(photos, tmp_path / "raise").write()
 
 
+def test_a_planned_shard_whose_samples_are_all_skipped(photos, tmp_path):
+    """db_num=4 plans shards of 6 samples; when all 6 of the second are bad, the shards after it
+    move up one number, with workers writing shards in parallel as in one process."""
+    lines = photos.read_text().splitlines()
+    for i in range(6, 12):
+        lines[i] = f"missing/{i}.jpg 1"
+    photos.write_text("\n".join(lines) + "\n")
+    results = []
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        manifest = Writer(photos, out, db_num=4, on_error="skip", num_workers=workers).write()
+        results.append(
+            (
+                [(s.file, s.num_records, s.sha256) for s in manifest.shards],
+                (out / "skipped.tsv").read_text(),
+                manifest.extra["skipped"],
+            )
+        )
+    assert results[0] == results[1]
+    shards, report, skipped = results[0]
+    assert [n for _, n, _ in shards] == [6, 6, 6] and skipped == 6
+    assert [line.split("\t")[0] for line in report.splitlines()[1:]] == [
+        str(i) for i in range(7, 13)
+    ]
+    labels = [int(r.protos[1].byte_data) for r in TRDataset(tmp_path / "w2", transform=None)]
+    expected = [int(line.rsplit(" ", 1)[1]) for line in lines]
+    assert labels == expected[:6] + expected[12:]
+
+
 def test_manifest_records_each_shard_hash(photos, tmp_path):
     out = tmp_path / "hash"
     Writer(photos, out, db_num=3, codec="jpeg").write()

@@ -34,7 +34,7 @@ sys.path.insert(0, sys.argv[3])
 from slowmod import slow_process
 from torchrecord import Writer
 Writer(sys.argv[1], sys.argv[2], data_process_func=slow_process, records_per_shard=6,
-       shuffle=True, seed=3).write()
+       shuffle=True, seed=3, num_workers=int(sys.argv[4])).write()
 """
 
 
@@ -48,10 +48,10 @@ def slow_list(photos, tmp_path):
     return photos
 
 
-def run_write(data_list, out, module_dir, log, kill_after=None):
+def run_write(data_list, out, module_dir, log, kill_after=None, workers=0):
     env = {**os.environ, "CALL_LOG": str(log)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", WRITE, str(data_list), str(out), str(module_dir)],
+        [sys.executable, "-c", WRITE, str(data_list), str(out), str(module_dir), str(workers)],
         env=env,
         stderr=subprocess.PIPE,
         text=True,
@@ -61,8 +61,20 @@ def run_write(data_list, out, module_dir, log, kill_after=None):
         assert proc.returncode == 0, err
         return True
     time.sleep(kill_after)
+    children = subprocess.run(
+        ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+    ).stdout.split()
     proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
+    proc.wait(timeout=60)  # not communicate(): surviving workers would hold stderr open
+    proc.stderr.close()
+    # the writer's worker processes die with it (and so let go of the staging lock)
+    deadline = time.monotonic() + 10
+    while alive := [pid for pid in children if os.path.exists(f"/proc/{pid}")]:
+        if time.monotonic() > deadline:
+            for pid in alive:
+                os.kill(int(pid), signal.SIGKILL)
+            raise AssertionError(f"worker processes {alive} outlived the killed writer")
+        time.sleep(0.05)
     return proc.returncode == 0
 
 
@@ -77,23 +89,25 @@ def dataset_state(out):
         dataset.close()
 
 
-def kill_and_resume(slow_list, tmp_path, kill_points):
+def kill_and_resume(slow_list, tmp_path, kill_points, workers=0):
     module_dir = tmp_path
     reference = tmp_path / "reference"
-    run_write(slow_list, reference, module_dir, tmp_path / "ref.log")
+    run_write(slow_list, reference, module_dir, tmp_path / "ref.log")  # in one process
     expected = dataset_state(reference)
     assert len(expected) == 48
     resumed_with_work_saved = 0
     for i, delay in enumerate(kill_points):
         out = tmp_path / f"killed{i}"
-        finished = run_write(slow_list, out, module_dir, tmp_path / f"kill{i}.log", delay)
+        finished = run_write(
+            slow_list, out, module_dir, tmp_path / f"kill{i}.log", delay, workers=workers
+        )
         state = dataset_state(out)
         # either no dataset at all, or the complete one
         assert state is None or state == expected, f"partial dataset after kill at {delay}s"
         if finished:
             continue
         log = tmp_path / f"resume{i}.log"
-        run_write(slow_list, out, module_dir, log)
+        run_write(slow_list, out, module_dir, log, workers=workers)
         assert dataset_state(out) == expected
         assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
         calls = len(log.read_text().splitlines()) if log.exists() else 0
@@ -102,16 +116,22 @@ def kill_and_resume(slow_list, tmp_path, kill_points):
     return resumed_with_work_saved
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_write(slow_list, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_then_resume_equals_an_uninterrupted_write(slow_list, tmp_path, workers):
+    """workers=2 writes the 8 shards two at a time in worker processes: a kill leaves finished
+    shards that need not be consecutive, and the resume keeps them all."""
     # the write takes about 0.5 s of encoding plus start-up: kill it at several points
-    saved = kill_and_resume(slow_list, tmp_path, [0.3, 0.8, 1.1, 1.4, 1.7, 2.0])
+    saved = kill_and_resume(slow_list, tmp_path, [0.3, 0.8, 1.1, 1.4, 1.7, 2.0], workers=workers)
     assert saved >= 1  # at least one resume kept finished shards instead of starting over
 
 
 @pytest.mark.long
-def test_sigkill_at_random_points_many_times(slow_list, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_at_random_points_many_times(slow_list, tmp_path, workers):
     rng = random.Random(7)
-    kill_and_resume(slow_list, tmp_path, [rng.uniform(0.2, 2.5) for _ in range(25)])
+    kill_and_resume(
+        slow_list, tmp_path, [rng.uniform(0.2, 2.5) for _ in range(25)], workers=workers
+    )
 
 
 def sha(path):

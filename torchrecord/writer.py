@@ -231,10 +231,16 @@ class Writer:
         staging = self.output_dir / f"{STAGING_PREFIX}{job[:16]}"
         _remove_stale_staging(self.output_dir, keep=staging)
         staging.mkdir(exist_ok=True)
-        with _StagingLock(staging):
-            resumed = _resumable_shards(staging, self.output_dir, first_index)
+        with _StagingLock(staging) as lock:
+            self._lock_fd = lock.fd
             try:
-                shards = self._write_shards(ordered, source, staging, first_index, resumed)
+                shards = None
+                plan = self._parallel_plan(len(ordered))
+                if plan is not None:
+                    shards = self._write_planned_shards(ordered, source, staging, first_index, plan)
+                if shards is None:  # one process writes (or a planned shard came out empty)
+                    resumed = _resumable_shards(staging, self.output_dir, first_index)
+                    shards = self._write_shards(ordered, source, staging, first_index, resumed)
             except OSError as exc:
                 _raise_if_no_room(exc, staging)
                 raise
@@ -460,6 +466,118 @@ class Writer:
             encoded.close()
         return shards
 
+    def _encode_job(self, source: str) -> _EncodeJob:
+        return _EncodeJob(
+            source,
+            self.codec_name,
+            self.serializer_name,
+            self.data_process_func,
+            self.on_error == "skip",
+            self.image_policy,
+        )
+
+    def _parallel_plan(self, n: int) -> list[tuple[int, int]] | None:
+        """The input ranges of the shards, when they are known before encoding and there are
+        enough workers to write several shards at once; None otherwise.
+
+        Shard boundaries are input positions with ``db_num`` and ``shard_range`` (skipped
+        samples only make a shard smaller), and with ``records_per_shard`` when nothing can be
+        skipped. ``bytes_per_shard`` depends on what was encoded: one process writes."""
+        if self.num_workers < 2:
+            return None
+        if self.shard_range is not None:
+            splits = self.part_splits
+        elif self.db_num > 1:
+            splits = self._rollover_positions(n)
+        elif self.records_per_shard and self.on_error == "raise":
+            splits = set(range(self.records_per_shard, n, self.records_per_shard))
+        else:
+            return None
+        starts = [0, *sorted(p for p in splits if 0 < p < n), n]
+        plan = list(zip(starts[:-1], starts[1:]))
+        return plan if len(plan) > 1 else None
+
+    def _write_planned_shards(
+        self,
+        entries: list[Entry],
+        source: str,
+        staging: Path,
+        first_index: int,
+        plan: list[tuple[int, int]],
+    ) -> list[fmt.ShardInfo] | None:
+        """Write every shard of ``plan`` in its own worker process (encode, write, fsync, hash):
+        nothing crosses a process boundary but file names and counters.
+
+        Shards finished by an interrupted run of the same write are kept. Returns None when a
+        planned shard came out empty (every one of its samples skipped): the shards after it
+        would be numbered one too high, so the caller continues in one process from there,
+        which gives the same result as a write that never ran in parallel.
+        """
+        import multiprocessing
+        from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+        done = _done_shards(staging, self.output_dir, first_index)
+        results: dict[int, tuple[fmt.ShardInfo | None, list[tuple[Entry, str]]]] = {}
+        for k, (_, stop) in enumerate(plan):
+            kept = done.get(first_index + k)
+            if kept is not None and kept.input_end == stop:
+                skips = [(Entry(line, path, "", ""), why) for line, path, why in kept.skipped]
+                results[k] = (kept.info, skips)
+        keep = {fmt.shard_name(first_index + k) for k in results}
+        for p in staging.iterdir():  # unfinished shards, and finished ones that do not fit
+            if p.name.startswith("shard-") and p.name.removesuffix(DONE_SUFFIX) not in keep:
+                p.unlink()
+        job = self._encode_job(source)
+        todo = [k for k in range(len(plan)) if k not in results]
+        bar = _Progress(len(entries), self.progress)
+        bar.update(sum(plan[k][1] - plan[k][0] for k in results), 0)
+        ctx = multiprocessing.get_context()
+        stop, images, nbytes = ctx.Event(), ctx.Value("q", 0), ctx.Value("q", 0)
+        try:
+            with ProcessPoolExecutor(
+                max(1, min(self.num_workers, len(todo))),
+                mp_context=ctx,
+                initializer=_init_worker,
+                initargs=(self._lock_fd, os.getpid(), (stop, images, nbytes)),
+            ) as pool:
+                futures = {
+                    pool.submit(
+                        _write_planned_shard,
+                        job,
+                        staging,
+                        first_index + k,
+                        entries[plan[k][0] : plan[k][1]],
+                        plan[k][1],
+                        (self.codec_name, self.serializer_name, self.format_version),
+                    ): k
+                    for k in todo
+                }
+                try:
+                    pending, seen = set(futures), (0, 0)
+                    while pending:
+                        finished, pending = wait(pending, 0.25, return_when=FIRST_EXCEPTION)
+                        now = (images.value, nbytes.value)
+                        bar.update(now[0] - seen[0], now[1] - seen[1])
+                        seen = now
+                        for future in finished:
+                            results[futures[future]] = future.result()
+                except BaseException:
+                    stop.set()  # running shards stop at their next sample
+                    for future in futures:
+                        future.cancel()
+                    raise
+        finally:
+            bar.close()
+        shards = []
+        for k in range(len(plan)):
+            info, skips = results[k]
+            self.skipped += skips
+            if info is None:
+                self.skipped = []  # the caller's run in one process counts them again
+                return None
+            shards.append(info)
+        return shards
+
     def _encoded(
         self, entries: list[Entry], source: str
     ) -> Iterator[tuple[Entry, bool, bytes, int]]:
@@ -469,14 +587,7 @@ class Writer:
         stays bounded however fast the workers are, and a worker that dies raises
         ``BrokenProcessPool`` instead of hanging the write.
         """
-        job = _EncodeJob(
-            source,
-            self.codec_name,
-            self.serializer_name,
-            self.data_process_func,
-            self.on_error == "skip",
-            self.image_policy,
-        )
+        job = self._encode_job(source)
         if self.num_workers == 0:
             for entry in entries:
                 yield (entry, *job(entry))
@@ -486,7 +597,11 @@ class Writer:
 
         size = max(1, min(32, len(entries) // (self.num_workers * 8) or 1))
         chunks = (entries[i : i + size] for i in range(0, len(entries), size))
-        with ProcessPoolExecutor(self.num_workers) as pool:
+        with ProcessPoolExecutor(
+            self.num_workers,
+            initializer=_init_worker,
+            initargs=(getattr(self, "_lock_fd", None), os.getpid(), None),
+        ) as pool:
             pending: deque = deque()
 
             def drain() -> Iterator[tuple[Entry, bool, bytes, int]]:
@@ -873,37 +988,129 @@ class _DoneShard:
         self.info, self.input_end, self.skipped = info, input_end, skipped
 
 
-def _resumable_shards(staging: Path, out: Path, first_index: int) -> list[_DoneShard]:
-    """The consecutive shards an interrupted run finished, checked against their hashes.
-
-    Everything after the first missing or damaged one is removed, so the write continues from
-    there and the result equals an uninterrupted run.
-    """
-    kept: list[_DoneShard] = []
-    index = first_index
-    while True:
-        name = fmt.shard_name(index)
-        done_path = staging / (name + DONE_SUFFIX)
+def _done_shards(staging: Path, out: Path, first_index: int) -> dict[int, _DoneShard]:
+    """The shards an interrupted run of this write finished (by shard index), each checked
+    against the size and SHA-256 it recorded when it was done."""
+    kept: dict[int, _DoneShard] = {}
+    for done_path in staging.glob("shard-*" + DONE_SUFFIX):
+        name = done_path.name.removesuffix(DONE_SUFFIX)
         try:
             done = json.loads(done_path.read_text())
+            index = int(name.removeprefix("shard-").removesuffix(".lmdb"))
         except (OSError, ValueError):
-            break
+            continue
+        if index < first_index or name != fmt.shard_name(index):
+            continue
         path = staging / name if (staging / name).exists() else out / name
         if (
             not path.exists()
             or path.stat().st_size != done["bytes"]
             or file_sha256(path) != done["sha256"]
         ):
-            break
+            continue
         info = fmt.ShardInfo(name, done["num_records"], done["bytes"], sha256=done["sha256"])
-        kept.append(_DoneShard(info, done["input_end"], done["skipped"]))
-        index += 1
+        kept[index] = _DoneShard(info, done["input_end"], done["skipped"])
+    return kept
+
+
+def _resumable_shards(staging: Path, out: Path, first_index: int) -> list[_DoneShard]:
+    """The consecutive shards an interrupted run finished, checked against their hashes.
+
+    Everything after the first missing or damaged one is removed, so the write continues from
+    there and the result equals an uninterrupted run.
+    """
+    done = _done_shards(staging, out, first_index)
+    kept: list[_DoneShard] = []
+    while first_index + len(kept) in done:
+        kept.append(done[first_index + len(kept)])
     for p in staging.iterdir():  # an unfinished shard, or anything after the first gap
         if p.name.startswith("shard-"):
             shard_file = p.name[: -len(DONE_SUFFIX)] if p.name.endswith(DONE_SUFFIX) else p.name
             if shard_file not in {d.info.file for d in kept}:
                 p.unlink()
     return kept
+
+
+def _init_worker(lock_fd: int | None, parent: int, shared: tuple | None) -> None:
+    """In each worker process of a write: let go of the staging lock inherited through fork
+    (a worker that outlived a killed writer would block the resume), die with the writer, and
+    keep the shared stop flag and progress counters."""
+    global _SHARED
+    _SHARED = shared
+    if lock_fd is not None:
+        try:
+            os.close(lock_fd)  # the parent's descriptor still holds the lock
+        except OSError:
+            pass
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # PR_SET_PDEATHSIG = 1
+            pass
+    if os.getppid() != parent:  # the writer died before the line above
+        os._exit(1)
+
+
+_SHARED: tuple | None = None  # (stop event, images counter, bytes counter) in shard workers
+
+
+class _Finished:
+    """Runs what ``_ShardWriter.finish`` hands to its hasher at once (a worker has no other
+    shard to overlap it with)."""
+
+    @staticmethod
+    def submit(fn: Callable[[], Any]) -> Any:
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        future.set_result(fn())
+        return future
+
+
+class _Cancelled(Exception):
+    """A shard worker stopped because another shard failed."""
+
+
+def _write_planned_shard(
+    job: _EncodeJob,
+    staging: Path,
+    index: int,
+    entries: list[Entry],
+    input_end: int,
+    layout: tuple[str, str, int],
+) -> tuple[fmt.ShardInfo | None, list[tuple[Entry, str]]]:
+    """One planned shard, in a worker process: its ShardInfo (None if every sample was
+    skipped) and the samples it skipped."""
+    stop, images, nbytes = _SHARED or (None, None, None)
+    shard: _ShardWriter | None = None
+    skipped: list[tuple[Entry, str]] = []
+    try:
+        for entry in entries:
+            if stop is not None and stop.is_set():
+                raise _Cancelled
+            ok, value, crc = job(entry)
+            if images is not None:
+                with images.get_lock():
+                    images.value += 1
+                with nbytes.get_lock():
+                    nbytes.value += len(value) if ok else 0
+            if not ok:
+                skipped.append((entry, value.decode()))
+                continue
+            if shard is None:
+                shard = _ShardWriter(staging, index, *layout)
+            shard.add(value, crc)
+        if shard is None:
+            return None, skipped
+        info = shard.finish(input_end, skipped, _Finished).result()
+        shard = None
+        return info, skipped
+    finally:
+        if shard is not None:
+            shard.close()
 
 
 class _StagingLock:
