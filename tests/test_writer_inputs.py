@@ -177,3 +177,14 @@ def test_label_mapping_keeps_integer_labels(photos, tmp_path):
     assert torch.tensor([label for _, label in contents(tmp_path / "ints")]).tolist() == [
         label for _, label in read_list(photos)
     ]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_progress_bar_shows_images_bytes_and_rate(photos, tmp_path, capsys, num_workers):
+    Writer(
+        photos, tmp_path / "r", db_num=3, codec="jpeg", num_workers=num_workers, progress=True
+    ).write()
+    err = capsys.readouterr().err
+    final = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert final.startswith("writing: 100%") and "24/24" in final, err
+    assert "img/s" in final and "MB/s" in final and not final.endswith(" 0.0 MB/s]")

@@ -1328,7 +1328,7 @@ class _Progress:
     def __init__(self, total: int, enabled: bool):
         self.bar = None
         self.bytes = 0
-        self.started = time.perf_counter()
+        self.started = self.shown = time.perf_counter()
         if enabled:
             from tqdm import tqdm
 
@@ -1339,8 +1339,10 @@ class _Progress:
             return
         self.bytes += nbytes
         self.bar.update(images)
-        if self.bar.n % 64 == 0 or self.bar.n == self.bar.total:
-            elapsed = max(time.perf_counter() - self.started, 1e-9)
+        now = time.perf_counter()
+        if now - self.shown > 0.5 or self.bar.n == self.bar.total:  # (updates may come in jumps)
+            self.shown = now
+            elapsed = max(now - self.started, 1e-9)
             self.bar.set_postfix_str(f"{self.bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
 
     def close(self) -> None:
