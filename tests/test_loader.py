@@ -243,3 +243,66 @@ def test_an_os_error_of_a_transform_keeps_its_type(records, num_workers):
     loader = TorchRecord(records, batch_size=4, num_workers=num_workers, transform=_missing)
     with pytest.raises(FileNotFoundError, match="a file that is not there"):
         next(iter(loader))
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "raw_rgb"])
+@pytest.mark.parametrize("transform", ["auto", "uint8"])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_batches_built_in_place_equal_per_sample_collation(
+    photos, tmp_path, codec, transform, num_workers
+):
+    """TorchRecord's own collate_fn lets the dataset write images straight into the batch
+    (in shared memory in a worker); a user's collate_fn gets the samples one by one, as from
+    any DataLoader. The values are the same, bit for bit."""
+    out = tmp_path / codec
+    Writer(photos, out, db_num=2, codec=codec).write()
+
+    def user_collate(samples):  # runs in the workers: says how many samples it saw
+        assert all(image.shape == (3, 224, 224) for image, _ in samples)
+        return [*torch.utils.data.default_collate(samples), len(samples)]
+
+    def epoch(**kwargs):
+        loader = TorchRecord(
+            out,
+            shuffle=True,
+            batch_size=5,
+            num_workers=num_workers,
+            transform=transform,
+            seed=4,
+            **kwargs,
+        )
+        return [(batch[0].clone(), batch[1].clone(), *batch[2:]) for batch in loader]
+
+    built, collated = epoch(), epoch(collate_fn=user_collate)
+    assert [seen for *_, seen in collated] == [5, 5, 5, 5, 4]  # every sample, one by one
+    assert len(built) == len(collated) == 5
+    dtype = torch.float32 if transform == "auto" else torch.uint8
+    for (images, labels), (images2, labels2, _) in zip(built, collated):
+        assert images.dtype == dtype and images.is_contiguous()
+        assert torch.equal(images, images2) and torch.equal(labels, labels2)
+        assert labels.dtype == torch.int64
+    # against the single-sample path of the dataset itself
+    dataset = TRDataset(out, transform=transform)
+    fresh = TorchRecord(out, shuffle=True, batch_size=5, num_workers=num_workers, seed=4)
+    first = dataset[int(fresh.sampler.rank_indices(0)[0])]
+    assert torch.equal(built[0][0][0], first[0]) and int(built[0][1][0]) == first[1]
+
+
+def test_batches_built_in_place_substitute_corrupt_records(photos, records):
+    from conftest import flip_record_byte
+
+    flip_record_byte(records / "shard-00000.lmdb", 2)
+    loader = TorchRecord(records, batch_size=4, num_workers=2, on_corrupt="skip")
+    labels = [int(label) for _, batch in loader for label in batch]
+    expected = [label for _, label in read_list(photos)]
+    assert len(labels) == 24
+    assert labels == expected[:2] + [expected[3]] + expected[3:]  # record 3 stands in for 2
+    assert [r["index"] for r in loader.corrupt_records] == [2]
+
+
+def test_a_plain_data_loader_gets_samples_from_the_dataset(records):
+    dataset = TRDataset(records)
+    assert dataset.__getitems__([0, 1])[1][0].shape == (3, 224, 224)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3)
+    images, labels = next(iter(loader))
+    assert images.shape == (3, 3, 224, 224) and labels.tolist() == [dataset[i][1] for i in range(3)]

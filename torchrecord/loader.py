@@ -9,7 +9,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from .dataset import TRDataset
+from .dataset import TRDataset, collate
 from .sampler import TRSampler
 
 STATE_VERSION = 1
@@ -71,6 +71,10 @@ class TorchRecord(DataLoader):
         )
         if sampler.mode == "block":
             dataset.reader.max_open_shards = block_mode_open_shards(dataset.reader, sampler)
+        if loader_kwargs.get("collate_fn") is None:
+            # our collate_fn takes the batches the dataset builds in place (see __getitems__)
+            loader_kwargs["collate_fn"] = collate
+            dataset.prebatch = True
         if num_workers > 0:
             # the dataset never changes between epochs, so keeping the workers costs nothing
             # and saves their start-up (a fork and the first batches) at every epoch
