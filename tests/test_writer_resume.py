@@ -60,7 +60,12 @@ def run_write(data_list, out, module_dir, log, kill_after=None, workers=0):
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
         return True
-    time.sleep(kill_after)
+    # kill once the writer has encoded `kill_after` samples (each one is logged): progress, not
+    # time, so that a slow or busy machine kills at the same points
+    deadline = time.monotonic() + 120
+    while _lines(log) < kill_after and proc.poll() is None:
+        assert time.monotonic() < deadline, "the writer made no progress"
+        time.sleep(0.005)
     children = subprocess.run(
         ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
     ).stdout.split()
@@ -76,6 +81,13 @@ def run_write(data_list, out, module_dir, log, kill_after=None, workers=0):
             raise AssertionError(f"worker processes {alive} outlived the killed writer")
         time.sleep(0.05)
     return proc.returncode == 0
+
+
+def _lines(path):
+    try:
+        return path.read_text().count("\n")
+    except FileNotFoundError:
+        return 0
 
 
 def dataset_state(out):
@@ -96,14 +108,14 @@ def kill_and_resume(slow_list, tmp_path, kill_points, workers=0):
     expected = dataset_state(reference)
     assert len(expected) == 48
     resumed_with_work_saved = 0
-    for i, delay in enumerate(kill_points):
+    for i, samples in enumerate(kill_points):
         out = tmp_path / f"killed{i}"
         finished = run_write(
-            slow_list, out, module_dir, tmp_path / f"kill{i}.log", delay, workers=workers
+            slow_list, out, module_dir, tmp_path / f"kill{i}.log", samples, workers=workers
         )
         state = dataset_state(out)
         # either no dataset at all, or the complete one
-        assert state is None or state == expected, f"partial dataset after kill at {delay}s"
+        assert state is None or state == expected, f"partial dataset after a kill at {samples}"
         if finished:
             continue
         log = tmp_path / f"resume{i}.log"
@@ -120,8 +132,8 @@ def kill_and_resume(slow_list, tmp_path, kill_points, workers=0):
 def test_sigkill_then_resume_equals_an_uninterrupted_write(slow_list, tmp_path, workers):
     """workers=2 writes the 8 shards two at a time in worker processes: a kill leaves finished
     shards that need not be consecutive, and the resume keeps them all."""
-    # the write takes about 0.5 s of encoding plus start-up: kill it at several points
-    saved = kill_and_resume(slow_list, tmp_path, [0.3, 0.8, 1.1, 1.4, 1.7, 2.0], workers=workers)
+    # killed after 0 to 48 of the 48 samples were encoded (48: while finishing and publishing)
+    saved = kill_and_resume(slow_list, tmp_path, [0, 5, 13, 26, 38, 48], workers=workers)
     assert saved >= 1  # at least one resume kept finished shards instead of starting over
 
 
@@ -129,9 +141,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_write(slow_list, tmp_path, 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_sigkill_at_random_points_many_times(slow_list, tmp_path, workers):
     rng = random.Random(7)
-    kill_and_resume(
-        slow_list, tmp_path, [rng.uniform(0.2, 2.5) for _ in range(25)], workers=workers
-    )
+    kill_and_resume(slow_list, tmp_path, [rng.randrange(49) for _ in range(25)], workers=workers)
 
 
 def sha(path):
