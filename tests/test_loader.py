@@ -306,3 +306,62 @@ def test_a_plain_data_loader_gets_samples_from_the_dataset(records):
     loader = torch.utils.data.DataLoader(dataset, batch_size=3)
     images, labels = next(iter(loader))
     assert images.shape == (3, 3, 224, 224) and labels.tolist() == [dataset[i][1] for i in range(3)]
+
+
+def test_other_loaders_over_a_torchrecord_dataset_still_get_samples(photos, records):
+    """TorchRecord turns on in-place batches for its dataset; a plain DataLoader, a Subset or a
+    user's collate_fn over that same dataset still see samples."""
+    loader = TorchRecord(records, batch_size=4)
+    dataset = loader.dataset
+    expected = [dataset[i] for i in range(6)]
+    images, labels = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
+    assert labels.tolist() == [label for _, label in expected[:4]]
+    assert torch.equal(images, torch.stack([image for image, _ in expected[:4]]))
+    subset = torch.utils.data.Subset(dataset, [5, 1])
+    images, labels = next(iter(torch.utils.data.DataLoader(subset, batch_size=2)))
+    assert labels.tolist() == [expected[5][1], expected[1][1]]
+    seen = next(iter(torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=list)))
+    assert len(seen) == 3 and [label for _, label in seen] == [e[1] for e in expected[:3]]
+    assert all(type(label) is int and image.shape == (3, 224, 224) for image, label in seen)
+
+
+def test_in_place_batches_survive_pickling(records):
+    """spawn and forkserver workers get a pickled dataset: it still builds batches in place."""
+    from torchrecord.dataset import Prebatched
+
+    dataset = TorchRecord(records, batch_size=4).dataset
+    copy = pickle.loads(pickle.dumps(dataset))
+    batch = copy.__getitems__([0, 1, 2])
+    assert isinstance(batch, Prebatched) and batch.images.shape == (3, 3, 224, 224)
+    assert torch.equal(batch.images[1], dataset[1][0]) and batch[2][1] == dataset[2][1]
+    copy.transform = lambda record: record  # a transform of the user's own: samples again
+    assert isinstance(copy.__getitems__([0, 1]), list)
+
+
+def test_a_codec_whose_tensors_are_not_rgb_gets_per_sample_batches(photos, tmp_path):
+    from torchrecord.codecs.jpeg import JPEGCodec
+    from torchrecord.hookspecs import hookimpl
+    from torchrecord.plugins import register_plugin, unregister_plugin
+
+    class GreyCodec(JPEGCodec):
+        name = "test_grey"
+
+        def decode_tensor(self, record):
+            return super().decode_tensor(record)[:1]  # one channel
+
+    class GreyPlugin:
+        @hookimpl
+        def torchrecord_register_codecs(self, register):
+            register(GreyCodec())
+
+    register_plugin(GreyPlugin(), name="test-grey")
+    try:
+        out = tmp_path / "grey"
+        Writer(photos, out, db_num=2, codec="test_grey").write()
+        loader = TorchRecord(out, batch_size=5)
+        batches = list(loader)
+        assert [tuple(images.shape) for images, _ in batches][0] == (5, 1, 224, 224)
+        single = TRDataset(out)[0][0]
+        assert torch.equal(batches[0][0][0], single)
+    finally:
+        unregister_plugin(name="test-grey")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -266,3 +267,51 @@ def test_unreadable_file_names_list_and_line(photos, tmp_path):
     expected = f"ERROR {photos}:4: cannot read {locked}: Permission denied"
     assert expected in result.stdout, result.stdout
     assert not (out / "manifest.json").exists()
+
+
+def _shard_hashes(out):
+    return [s["sha256"] for s in json.loads((out / "manifest.json").read_text())["shards"]]
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_workers_started_by_spawn_or_forkserver(photos, tmp_path, method):
+    """Worker processes that do not inherit the writer's descriptors (and, with forkserver,
+    are not its children) write the same shards as forked ones: shards written by the workers
+    (db_num), or records encoded by them and written by the main process (bytes_per_shard)."""
+    from conftest import run_python
+
+    third = sum(p.stat().st_size for p, _ in read_list(photos)) // 3
+    for name, sharding in (("db_num", {"db_num": 3}), ("bytes", {"bytes_per_shard": third})):
+        reference = tmp_path / f"fork-{name}"
+        Writer(photos, reference, codec="jpeg", num_workers=2, **sharding).write()
+        out = tmp_path / f"{method}-{name}"
+        result = run_python(
+            f"""
+import multiprocessing
+multiprocessing.set_start_method({method!r})
+from torchrecord import Writer
+Writer({str(photos)!r}, {str(out)!r}, codec="jpeg", num_workers=2, **{sharding!r}).write()
+"""
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert len(_shard_hashes(out)) >= 3 and _shard_hashes(out) == _shard_hashes(reference)
+
+
+def test_parallel_shards_report_the_first_bad_line_in_input_order(photos, tmp_path):
+    """Shard 1's first sample and shard 0's last one are bad; shard 1 meets its bad line first,
+    yet the error names line 12, as when one process writes."""
+    _break_line(photos, 12, "missing/late.jpg 1")
+    _break_line(photos, 13, "missing/early.jpg 1")
+    out = tmp_path / "out"
+    for _ in range(3):
+        with pytest.raises(DataListError, match=r"data_list\.txt:12: file .*late\.jpg"):
+            Writer(photos, out, db_num=2, num_workers=2).write()
+        assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_every_sample_skipped_leaves_nothing_behind(photos, tmp_path):
+    photos.write_text("missing/a.jpg 1\nmissing/b.jpg 2\n")
+    out = tmp_path / "out"
+    with pytest.raises(DataListError, match="every one of the 2 samples was skipped"):
+        Writer(photos, out, on_error="skip").write()
+    assert not out.exists() or list(out.iterdir()) == []

@@ -47,15 +47,32 @@ class _WithExtras:
         return (*self.transform(record), record_extras(record))
 
 
-class Prebatched(tuple):
-    """A batch that :meth:`TRDataset.__getitems__` already collated: ``(images, labels)``."""
+class Prebatched:
+    """The samples of one batch, built in place by :meth:`TRDataset.__getitems__`.
+
+    :func:`collate` takes its two tensors as they are. To anything else it is the sequence of
+    samples it stands for, ``(image, int label)``, so ``default_collate``, a user's
+    ``collate_fn`` or ``Subset`` over the same dataset still work."""
+
+    __slots__ = ("images", "labels")
+
+    def __init__(self, images: Any, labels: Any):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, row: int) -> tuple[Any, int]:
+        if not -len(self) <= row < len(self):
+            raise IndexError(row)
+        return self.images[row], int(self.labels[row])
 
 
 def collate(batch: Any) -> Any:
     """TorchRecord's ``collate_fn``: a :class:`Prebatched` batch as it is, anything else
     through ``default_collate``."""
     if isinstance(batch, Prebatched):
-        return [*batch]
+        return [batch.images, batch.labels]
     return data.default_collate(batch)
 
 
@@ -131,9 +148,20 @@ class TRDataset(data.Dataset):
             transform = self._named_transform(transform)
         if transform is not None:
             preload()  # import torchvision once, here, not in every worker of every epoch
+        # batches can be built in place when the transform is the codec's own tensor path
+        self._tensor_kind = None
+        if self.reader.codec_name != CUSTOM_CODEC and transform is not None:
+            from .codecs.base import Codec
+
+            codec = self.reader.codec
+            for kind, name in (("fast", "fast_transform"), ("uint8", "uint8_transform")):
+                if transform == getattr(codec, name) and getattr(type(codec), name) is getattr(
+                    Codec, name
+                ):
+                    self._tensor_kind = kind
         if self.extra_fields and builtin:
             transform = _WithExtras(transform)
-        self.transform = transform
+        self.transform = self._tensor_transform = transform
         self._builtin_transform = builtin  # its errors mean a damaged record, not a user bug
         self.record_path = str(record_path)
 
@@ -192,8 +220,8 @@ class TRDataset(data.Dataset):
         ``prebatch``: then the codec's tensor transforms write each image straight into the
         batch tensor (in shared memory, inside a worker), without a float tensor per image and
         without ``default_collate`` copying them all once more. Same values, less work."""
-        kind = self._prebatch_kind()
-        if kind is None:
+        kind = self._tensor_kind if self.prebatch and not self.extra_fields else None
+        if kind is None or self.transform is not self._tensor_transform:  # (pickling keeps "is")
             return [self[index] for index in indices]
         import torch
 
@@ -208,28 +236,16 @@ class TRDataset(data.Dataset):
         labels = torch.empty(len(indices), dtype=torch.int64)
         for row, index in enumerate(indices):
             image, labels[row] = self._substituting(int(index), decode)
+            if image.shape != (3, 224, 224):  # a plugin's decode_tensor that is not RGB
+                self.prebatch = False  # in this process; its samples go one by one
+                return [self[index] for index in indices]
             if kind == "fast":
                 torch.div(image, 255, out=images[row])  # as .float().div_(255), bit for bit
             else:
                 images[row].copy_(image)
-        return Prebatched((images, labels))
+        return Prebatched(images, labels)
 
     prebatch = False  # set by TorchRecord when its collate_fn accepts a Prebatched batch
-
-    def _prebatch_kind(self) -> str | None:
-        """ "fast" or "uint8" when batches can be built in place: the transform is that codec
-        method, not overridden by the codec, and records carry no extra fields."""
-        if not self.prebatch or self.reader.codec_name == CUSTOM_CODEC:
-            return None
-        from .codecs.base import Codec
-
-        codec = self.reader.codec
-        for kind, name in (("fast", "fast_transform"), ("uint8", "uint8_transform")):
-            if self.transform == getattr(codec, name) and getattr(type(codec), name) is getattr(
-                Codec, name
-            ):
-                return kind
-        return None
 
     def _substituting(self, index: int, transform: Callable[[Any], Any] | None) -> Any:
         """Sample ``index``; with ``on_corrupt`` "warn" or "skip", the next sound record

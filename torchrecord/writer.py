@@ -250,6 +250,7 @@ class Writer:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
             if not shards:
+                shutil.rmtree(staging, ignore_errors=True)  # bad input: leave nothing behind
                 raise DataListError(
                     source,
                     None,
@@ -514,7 +515,7 @@ class Writer:
         which gives the same result as a write that never ran in parallel.
         """
         import multiprocessing
-        from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+        from concurrent.futures import FIRST_COMPLETED, CancelledError, ProcessPoolExecutor, wait
 
         done = _done_shards(staging, self.output_dir, first_index)
         results: dict[int, tuple[fmt.ShardInfo | None, list[tuple[Entry, str]]]] = {}
@@ -532,20 +533,25 @@ class Writer:
         bar = _Progress(len(entries), self.progress)
         bar.update(sum(plan[k][1] - plan[k][0] for k in results), 0)
         ctx = multiprocessing.get_context()
-        stop, images, nbytes = ctx.Event(), ctx.Value("q", 0), ctx.Value("q", 0)
+        # shared without locks, so that a worker killed at any moment cannot leave one held:
+        # shards after `stop_after` stop at their next sample; per shard, samples and bytes
+        # done so far (each slot has one writer)
+        stop_after = ctx.RawValue("q", len(plan))
+        counts = ctx.RawArray("q", 2 * len(plan))
+        errors: dict[int, DataListError] = {}
         try:
             with ProcessPoolExecutor(
                 max(1, min(self.num_workers, len(todo))),
                 mp_context=ctx,
                 initializer=_init_worker,
-                initargs=(self._lock_fd, os.getpid(), (stop, images, nbytes)),
+                initargs=(*_inheritance(ctx, self._lock_fd), (stop_after, counts)),
             ) as pool:
                 futures = {
                     pool.submit(
                         _write_planned_shard,
                         job,
                         staging,
-                        first_index + k,
+                        (first_index + k, k),
                         entries[plan[k][0] : plan[k][1]],
                         plan[k][1],
                         (self.codec_name, self.serializer_name, self.format_version),
@@ -555,17 +561,32 @@ class Writer:
                 try:
                     pending, seen = set(futures), (0, 0)
                     while pending:
-                        finished, pending = wait(pending, 0.25, return_when=FIRST_EXCEPTION)
-                        now = (images.value, nbytes.value)
+                        finished, pending = wait(pending, 0.25, return_when=FIRST_COMPLETED)
+                        now = (sum(counts[0::2]), sum(counts[1::2]))
                         bar.update(now[0] - seen[0], now[1] - seen[1])
                         seen = now
                         for future in finished:
-                            results[futures[future]] = future.result()
+                            k = futures[future]
+                            try:
+                                results[k] = future.result()
+                            except (_Cancelled, CancelledError):
+                                pass
+                            except DataListError as exc:
+                                # bad input: the shards before this one go on, so the error
+                                # reported is the first bad sample in input order, as when one
+                                # process writes; the shards after it stop
+                                errors[k] = exc
+                                stop_after.value = min(stop_after.value, k)
+                                for other, j in futures.items():
+                                    if j > k:
+                                        other.cancel()
                 except BaseException:
-                    stop.set()  # running shards stop at their next sample
+                    stop_after.value = -1  # every running shard stops at its next sample
                     for future in futures:
                         future.cancel()
                     raise
+            if errors:
+                raise errors[min(errors)]
         finally:
             bar.close()
         shards = []
@@ -597,10 +618,14 @@ class Writer:
 
         size = max(1, min(32, len(entries) // (self.num_workers * 8) or 1))
         chunks = (entries[i : i + size] for i in range(0, len(entries), size))
+        import multiprocessing
+
+        ctx = multiprocessing.get_context()
         with ProcessPoolExecutor(
             self.num_workers,
+            mp_context=ctx,
             initializer=_init_worker,
-            initargs=(getattr(self, "_lock_fd", None), os.getpid(), None),
+            initargs=(*_inheritance(ctx, getattr(self, "_lock_fd", None)), None),
         ) as pool:
             pending: deque = deque()
 
@@ -1031,10 +1056,21 @@ def _resumable_shards(staging: Path, out: Path, first_index: int) -> list[_DoneS
     return kept
 
 
-def _init_worker(lock_fd: int | None, parent: int, shared: tuple | None) -> None:
+def _inheritance(ctx: Any, lock_fd: int | None) -> tuple[int | None, int | None]:
+    """What :func:`_init_worker` needs for workers started by ``ctx``: the staging lock's
+    descriptor when they are forked (they inherit it), and the writer's pid when the writer is
+    their parent (fork, spawn; with forkserver the fork server is)."""
+    method = ctx.get_start_method()
+    return (
+        lock_fd if method == "fork" else None,
+        os.getpid() if method in ("fork", "spawn") else None,
+    )
+
+
+def _init_worker(lock_fd: int | None, parent: int | None, shared: tuple | None) -> None:
     """In each worker process of a write: let go of the staging lock inherited through fork
-    (a worker that outlived a killed writer would block the resume), die with the writer, and
-    keep the shared stop flag and progress counters."""
+    (a worker that outlived a killed writer would block the resume), die with the process that
+    started it (Linux), and keep the shared stop mark and progress counters."""
     global _SHARED
     _SHARED = shared
     if lock_fd is not None:
@@ -1050,11 +1086,11 @@ def _init_worker(lock_fd: int | None, parent: int, shared: tuple | None) -> None
             ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
         except (OSError, AttributeError):  # PR_SET_PDEATHSIG = 1
             pass
-    if os.getppid() != parent:  # the writer died before the line above
+    if parent is not None and os.getppid() != parent:  # the writer died before the line above
         os._exit(1)
 
 
-_SHARED: tuple | None = None  # (stop event, images counter, bytes counter) in shard workers
+_SHARED: tuple | None = None  # (stop mark, progress counters) in shard workers
 
 
 class _Finished:
@@ -1077,26 +1113,26 @@ class _Cancelled(Exception):
 def _write_planned_shard(
     job: _EncodeJob,
     staging: Path,
-    index: int,
+    where: tuple[int, int],
     entries: list[Entry],
     input_end: int,
     layout: tuple[str, str, int],
 ) -> tuple[fmt.ShardInfo | None, list[tuple[Entry, str]]]:
     """One planned shard, in a worker process: its ShardInfo (None if every sample was
-    skipped) and the samples it skipped."""
-    stop, images, nbytes = _SHARED or (None, None, None)
+    skipped) and the samples it skipped. ``where``: the shard's index, and its position in the
+    plan (its slot in the shared counters)."""
+    index, slot = where
+    stop_after, counts = _SHARED or (None, None)
     shard: _ShardWriter | None = None
     skipped: list[tuple[Entry, str]] = []
     try:
         for entry in entries:
-            if stop is not None and stop.is_set():
+            if stop_after is not None and stop_after.value < slot:
                 raise _Cancelled
             ok, value, crc = job(entry)
-            if images is not None:
-                with images.get_lock():
-                    images.value += 1
-                with nbytes.get_lock():
-                    nbytes.value += len(value) if ok else 0
+            if counts is not None:
+                counts[2 * slot] += 1
+                counts[2 * slot + 1] += len(value) if ok else 0
             if not ok:
                 skipped.append((entry, value.decode()))
                 continue
