@@ -515,10 +515,19 @@ class Writer:
         which gives the same result as a write that never ran in parallel.
         """
         import multiprocessing
-        from concurrent.futures import FIRST_COMPLETED, CancelledError, ProcessPoolExecutor, wait
+        from concurrent.futures import (
+            FIRST_COMPLETED,
+            CancelledError,
+            Future,
+            ProcessPoolExecutor,
+            ThreadPoolExecutor,
+            wait,
+        )
 
         done = _done_shards(staging, self.output_dir, first_index)
-        results: dict[int, tuple[fmt.ShardInfo | None, list[tuple[Entry, str]]]] = {}
+        # per planned shard: its ShardInfo (or the future of it, while it is being synced and
+        # hashed here), None if it came out empty; and the samples it skipped
+        results: dict[int, tuple[Any, list[tuple[Entry, str]]]] = {}
         for k, (_, stop) in enumerate(plan):
             kept = done.get(first_index + k)
             if kept is not None and kept.input_end == stop:
@@ -539,6 +548,9 @@ class Writer:
         stop_after = ctx.RawValue("q", len(plan))
         counts = ctx.RawArray("q", 2 * len(plan))
         errors: dict[int, DataListError] = {}
+        # workers seal their shards; this process, idle otherwise, makes them durable and
+        # hashes them, so no worker waits for the disk
+        hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchrecord-hash")
         try:
             with ProcessPoolExecutor(
                 max(1, min(self.num_workers, len(todo))),
@@ -568,7 +580,10 @@ class Writer:
                         for future in finished:
                             k = futures[future]
                             try:
-                                results[k] = future.result()
+                                sealed, skips = future.result()
+                                if sealed is not None:
+                                    sealed = hasher.submit(_mark_done, *sealed)
+                                results[k] = (sealed, skips)
                             except (_Cancelled, CancelledError):
                                 pass
                             except DataListError as exc:
@@ -587,7 +602,11 @@ class Writer:
                     raise
             if errors:
                 raise errors[min(errors)]
+            for k, (info, skips) in results.items():
+                if isinstance(info, Future):
+                    results[k] = (info.result(), skips)
         finally:
+            hasher.shutdown(wait=True)  # shards sealed before a failure are still marked done
             bar.close()
         shards = []
         for k in range(len(plan)):
@@ -883,11 +902,9 @@ class _ShardWriter:
         _put_batch(self.env, self.batch, self.path, append=append)
         self.batch, self.batch_bytes = [], 0
 
-    def finish(self, input_end: int, skipped: list[tuple[Entry, str]], hasher: Any) -> Any:
-        """Complete the shard; a future of its ShardInfo, recorded as done (for resume) with
-        the input it covered once its hash is known."""
-        import lmdb
-
+    def seal(self) -> None:
+        """Write the metadata keys, commit, close. The data is in the page cache: see
+        :func:`_mark_done` for making it durable."""
         meta = {
             "format": fmt.FORMAT_NAME,
             "format_version": self.version,
@@ -906,29 +923,14 @@ class _ShardWriter:
             (fmt.META_KEY, json.dumps(meta, sort_keys=True).encode()),
         ]
         self._flush()
-        try:
-            self.env.sync(True)
-        except lmdb.Error as exc:
-            raise _write_failure(self.path, exc) from exc
         self.close()
-        _fsync(self.path)
-        size = self.path.stat().st_size
 
-        def hash_and_mark_done() -> fmt.ShardInfo:
-            info = fmt.ShardInfo(self.name, self.count, size, sha256=file_sha256(self.path))
-            done = {
-                "file": info.file,
-                "num_records": info.num_records,
-                "bytes": info.bytes,
-                "sha256": info.sha256,
-                "input_end": input_end,
-                "skipped": [[e.line_no, e.path, reason] for e, reason in skipped],
-            }
-            _atomic_write_text(self.path.with_name(info.file + DONE_SUFFIX), json.dumps(done))
-            return info
-
-        # hashing a finished shard overlaps with writing the next one (hashlib drops the GIL)
-        return hasher.submit(hash_and_mark_done)
+    def finish(self, input_end: int, skipped: list[tuple[Entry, str]], hasher: Any) -> Any:
+        """Complete the shard; a future of its ShardInfo, recorded as done (for resume) with
+        the input it covered once it is on disk and its hash is known. The fsync and the hash
+        overlap with writing the next shard (both release the GIL)."""
+        self.seal()
+        return hasher.submit(_mark_done, self.path, self.count, input_end, _skip_rows(skipped))
 
     def close(self) -> None:
         self.env.close()
@@ -1093,21 +1095,31 @@ def _init_worker(lock_fd: int | None, parent: int | None, shared: tuple | None) 
 _SHARED: tuple | None = None  # (stop mark, progress counters) in shard workers
 
 
-class _Finished:
-    """Runs what ``_ShardWriter.finish`` hands to its hasher at once (a worker has no other
-    shard to overlap it with)."""
-
-    @staticmethod
-    def submit(fn: Callable[[], Any]) -> Any:
-        from concurrent.futures import Future
-
-        future: Future = Future()
-        future.set_result(fn())
-        return future
-
-
 class _Cancelled(Exception):
     """A shard worker stopped because another shard failed."""
+
+
+def _skip_rows(skipped: list[tuple[Entry, str]]) -> list[list[Any]]:
+    return [[e.line_no, e.path, reason] for e, reason in skipped]
+
+
+def _mark_done(path: Path, count: int, input_end: int, skipped: list[list[Any]]) -> fmt.ShardInfo:
+    """Make a sealed shard durable (fsync), hash it, and record it as done for a resume."""
+    try:
+        _fsync(path)
+    except OSError as exc:
+        raise _write_failure(path, exc) from exc
+    info = fmt.ShardInfo(path.name, count, path.stat().st_size, sha256=file_sha256(path))
+    done = {
+        "file": info.file,
+        "num_records": info.num_records,
+        "bytes": info.bytes,
+        "sha256": info.sha256,
+        "input_end": input_end,
+        "skipped": skipped,
+    }
+    _atomic_write_text(path.with_name(info.file + DONE_SUFFIX), json.dumps(done))
+    return info
 
 
 def _write_planned_shard(
@@ -1141,9 +1153,9 @@ def _write_planned_shard(
             shard.add(value, crc)
         if shard is None:
             return None, skipped
-        info = shard.finish(input_end, skipped, _Finished).result()
-        shard = None
-        return info, skipped
+        shard.seal()  # the writing process makes it durable and hashes it (_mark_done)
+        count, shard = shard.count, None
+        return (staging / fmt.shard_name(index), count, input_end, _skip_rows(skipped)), skipped
     finally:
         if shard is not None:
             shard.close()

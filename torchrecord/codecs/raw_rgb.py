@@ -21,8 +21,9 @@ class RawRGBCodec(Codec):
 
         label = parse_label(label)
         with Image.open(path) as img:
-            rgb = fit(img.convert("RGB"), max_size)
-        return make_record(rgb.tobytes(), rgb.size, label)
+            # (convert() of an RGB image would copy it: skip that)
+            rgb = fit(img if img.mode == "RGB" else img.convert("RGB"), max_size)
+            return make_record(rgb.tobytes(), rgb.size, label)
 
     def decode_image(self, record):
         from PIL import Image

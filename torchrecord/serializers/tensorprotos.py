@@ -25,12 +25,19 @@ class TensorProtosSerializer:
             raise SerializationError(
                 f"the tensorprotos serializer needs a TensorProtos record, got {type(record)}"
             )
-        size = record.ByteSize()
-        if size > MAX_RECORD_BYTES:
+        # serialized once, then measured (upb's ByteSize serializes too: twice the work)
+        try:
+            data = record.SerializeToString()
+        except Exception as exc:  # upb refuses a message of 2 GiB or more
             raise SerializationError(
-                f"record of {size} bytes exceeds protobuf's 2 GiB limit; downscale the image"
+                f"record cannot be serialized ({exc}); protobuf's limit is 2 GiB: downscale "
+                "the image"
+            ) from exc
+        if len(data) > MAX_RECORD_BYTES:
+            raise SerializationError(
+                f"record of {len(data)} bytes exceeds protobuf's 2 GiB limit; downscale the image"
             )
-        return record.SerializeToString()
+        return data
 
     def loads(self, data: bytes) -> TensorProtos:
         record = TensorProtos()
