@@ -29,8 +29,10 @@ def slow_process(line):
 '''
 
 WRITE = """
-import sys
+import multiprocessing, sys
 sys.path.insert(0, sys.argv[3])
+if sys.argv[5]:
+    multiprocessing.set_start_method(sys.argv[5])
 from slowmod import slow_process
 from torchrecord import Writer
 Writer(sys.argv[1], sys.argv[2], data_process_func=slow_process, records_per_shard=6,
@@ -49,9 +51,11 @@ def slow_list(photos, tmp_path):
 
 
 def run_write(data_list, out, module_dir, log, kill_after=None, workers=0):
+    """``workers``: a number, or "N-method" to start N workers with that start method."""
+    count, _, method = str(workers).partition("-")
     env = {**os.environ, "CALL_LOG": str(log)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", WRITE, str(data_list), str(out), str(module_dir), str(workers)],
+        [sys.executable, "-c", WRITE, str(data_list), str(out), str(module_dir), count, method],
         env=env,
         stderr=subprocess.PIPE,
         text=True,
@@ -66,9 +70,12 @@ def run_write(data_list, out, module_dir, log, kill_after=None, workers=0):
     while _lines(log) < kill_after and proc.poll() is None:
         assert time.monotonic() < deadline, "the writer made no progress"
         time.sleep(0.005)
-    children = subprocess.run(
-        ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
-    ).stdout.split()
+    import psutil
+
+    try:  # workers, and with forkserver the fork server and the workers it forked
+        children = [str(c.pid) for c in psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        children = []
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)  # not communicate(): surviving workers would hold stderr open
     proc.stderr.close()
@@ -128,7 +135,7 @@ def kill_and_resume(slow_list, tmp_path, kill_points, workers=0):
     return resumed_with_work_saved
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, 2, "2-forkserver"])
 def test_sigkill_then_resume_equals_an_uninterrupted_write(slow_list, tmp_path, workers):
     """workers=2 writes the 8 shards two at a time in worker processes: a kill leaves finished
     shards that need not be consecutive, and the resume keeps them all."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch.utils.data as data
@@ -47,7 +47,7 @@ class _WithExtras:
         return (*self.transform(record), record_extras(record))
 
 
-class Prebatched:
+class Prebatched(Sequence):
     """The samples of one batch, built in place by :meth:`TRDataset.__getitems__`.
 
     :func:`collate` takes its two tensors as they are. To anything else it is the sequence of
@@ -62,10 +62,15 @@ class Prebatched:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, row: int) -> tuple[Any, int]:
+    def __getitem__(self, row: Any) -> Any:
+        if isinstance(row, slice):
+            return [self[i] for i in range(*row.indices(len(self)))]
         if not -len(self) <= row < len(self):
             raise IndexError(row)
         return self.images[row], int(self.labels[row])
+
+    def __add__(self, other: Any) -> list[Any]:
+        return [*self, *other]
 
 
 def collate(batch: Any) -> Any:
@@ -236,7 +241,7 @@ class TRDataset(data.Dataset):
         labels = torch.empty(len(indices), dtype=torch.int64)
         for row, index in enumerate(indices):
             image, labels[row] = self._substituting(int(index), decode)
-            if image.shape != (3, 224, 224):  # a plugin's decode_tensor that is not RGB
+            if image.shape != (3, 224, 224) or image.dtype != torch.uint8:  # a plugin's own
                 self.prebatch = False  # in this process; its samples go one by one
                 return [self[index] for index in indices]
             if kind == "fast":

@@ -506,8 +506,9 @@ class Writer:
         first_index: int,
         plan: list[tuple[int, int]],
     ) -> list[fmt.ShardInfo] | None:
-        """Write every shard of ``plan`` in its own worker process (encode, write, fsync, hash):
-        nothing crosses a process boundary but file names and counters.
+        """Write every shard of ``plan`` in a worker process (encode, write, seal), then make it
+        durable and hash it here: nothing crosses a process boundary but file names and
+        counters.
 
         Shards finished by an interrupted run of the same write are kept. Returns None when a
         planned shard came out empty (every one of its samples skipped): the shards after it
@@ -1090,6 +1091,21 @@ def _init_worker(lock_fd: int | None, parent: int | None, shared: tuple | None) 
             pass
     if parent is not None and os.getppid() != parent:  # the writer died before the line above
         os._exit(1)
+    # With forkserver the signal above is tied to the fork server, which outlives a killed
+    # writer while its workers hold its pipe; so also watch the writer itself, whatever started
+    # this process, and leave the moment it is gone.
+    import multiprocessing
+    import threading
+    from multiprocessing.connection import wait
+
+    writer = multiprocessing.parent_process()
+    if writer is not None and writer.sentinel is not None:
+
+        def watch() -> None:
+            wait([writer.sentinel])
+            os._exit(1)
+
+        threading.Thread(target=watch, name="torchrecord-watch-writer", daemon=True).start()
 
 
 _SHARED: tuple | None = None  # (stop mark, progress counters) in shard workers
@@ -1118,7 +1134,10 @@ def _mark_done(path: Path, count: int, input_end: int, skipped: list[list[Any]])
         "input_end": input_end,
         "skipped": skipped,
     }
-    _atomic_write_text(path.with_name(info.file + DONE_SUFFIX), json.dumps(done))
+    try:
+        _atomic_write_text(path.with_name(info.file + DONE_SUFFIX), json.dumps(done))
+    except OSError as exc:  # name the shard, and say why when the disk is full
+        raise _write_failure(path, exc) from exc
     return info
 
 
@@ -1129,10 +1148,10 @@ def _write_planned_shard(
     entries: list[Entry],
     input_end: int,
     layout: tuple[str, str, int],
-) -> tuple[fmt.ShardInfo | None, list[tuple[Entry, str]]]:
-    """One planned shard, in a worker process: its ShardInfo (None if every sample was
-    skipped) and the samples it skipped. ``where``: the shard's index, and its position in the
-    plan (its slot in the shared counters)."""
+) -> tuple[tuple | None, list[tuple[Entry, str]]]:
+    """One planned shard, written and sealed in a worker process: the arguments of
+    :func:`_mark_done` for it (None if every sample was skipped), and the samples it skipped.
+    ``where``: the shard's index, and its position in the plan (its slot in the counters)."""
     index, slot = where
     stop_after, counts = _SHARED or (None, None)
     shard: _ShardWriter | None = None
@@ -1416,6 +1435,10 @@ def _write_synced(path: Path, text: str) -> None:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _write_synced(tmp, text)
-    os.replace(tmp, path)
+    try:
+        _write_synced(tmp, text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync(path.parent)

@@ -6,7 +6,7 @@ The schema is ``tensorprotos.proto`` next to this file (Caffe2's field numbers),
 
 from __future__ import annotations
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 
 from ..errors import SerializationError
 from ..hookspecs import hookimpl
@@ -28,9 +28,12 @@ class TensorProtosSerializer:
         # serialized once, then measured (upb's ByteSize serializes too: twice the work)
         try:
             data = record.SerializeToString()
-        except Exception as exc:  # upb refuses a message of 2 GiB or more
-            raise SerializationError(
-                f"record cannot be serialized ({exc}); protobuf's limit is 2 GiB: downscale "
+        except EncodeError as exc:
+            if not record.IsInitialized():  # not a size problem
+                raise SerializationError(f"record cannot be serialized: {exc}") from exc
+            size = sum(len(proto.byte_data) for proto in record.protos)
+            raise SerializationError(  # upb refuses a message of 2 GiB or more
+                f"record of at least {size} bytes exceeds protobuf's 2 GiB limit; downscale "
                 "the image"
             ) from exc
         if len(data) > MAX_RECORD_BYTES:
