@@ -150,6 +150,7 @@ class Writer:
                 f"{format_version!r}"
             )
         self.format_version = int(format_version)
+        self._lock_fd: int | None = None  # the staging lock's descriptor, while write() runs
         self.progress = sys.stderr.isatty() if progress is None else bool(progress)
         self.skipped: list[tuple[Entry, str]] = []
         # Resolve names now: an unknown codec or serializer fails before any work is done.
@@ -645,7 +646,7 @@ class Writer:
             self.num_workers,
             mp_context=ctx,
             initializer=_init_worker,
-            initargs=(*_inheritance(ctx, getattr(self, "_lock_fd", None)), None),
+            initargs=(*_inheritance(ctx, self._lock_fd), None),
         ) as pool:
             pending: deque = deque()
 
