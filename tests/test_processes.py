@@ -227,6 +227,63 @@ def test_killed_worker_raises_instead_of_hanging(records, expected, persistent, 
     assert elapsed < KILL_TIMEOUT / 3, f"took {elapsed:.1f}s"
 
 
+# argv: dataset. The batches of worker 0 (the first batch among them) cannot be unpickled
+# (EOFError, as when the resource sharer of a dying worker hangs up) and worker 0 is SIGKILLed
+# 0.3 s after its first: the main process sees the EOFError before PyTorch sees the death.
+DYING_HANDOVER_SCRIPT = r"""
+import json, os, signal, sys, threading
+
+from torch.utils.data import get_worker_info
+
+from torchrecord import TorchRecord
+
+
+def hang_up():
+    raise EOFError()
+
+
+class Unreadable:
+    def __reduce__(self):
+        return hang_up, ()
+
+
+def collate(samples):
+    if get_worker_info().id == 0:
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGKILL)).start()
+        return Unreadable()
+    return samples
+
+
+loader = TorchRecord(
+    sys.argv[1], batch_size=2, num_workers=2, transform=lambda record: len(record.protos),
+    persistent_workers=False, collate_fn=collate,
+)
+report = {"batches": 0}
+try:
+    for batch in loader:
+        report["batches"] += 1
+except RuntimeError as exc:
+    report["error"] = str(exc)
+print("REPORT " + json.dumps(report), flush=True)
+"""
+
+
+def test_worker_dying_while_its_batch_is_unpickled_is_named(records, tmp_path):
+    """The EOFError of a batch whose worker is on its way down becomes a dead-worker error
+    naming that worker, instead of a bare EOFError (seen once in CI)."""
+    report, elapsed, _ = run_script(DYING_HANDOVER_SCRIPT, str(records), timeout=KILL_TIMEOUT)
+    assert "error" in report, report
+    # ours, or torch's own when its SIGCHLD handler fires while we wait for the death
+    assert re.fullmatch(
+        r"DataLoader worker \(pid\(s\) \d+\) exited unexpectedly \(killed by signal 9\) "
+        r"while handing over a batch \(EOFError: \)"
+        r"|DataLoader worker \(pid \d+\) is killed by signal: Killed\. ?",
+        report["error"],
+    ), report["error"]
+    assert report["batches"] == 0  # the first batch was the unreadable one
+    assert elapsed < KILL_TIMEOUT / 3, f"took {elapsed:.1f}s"
+
+
 # -- 2. many readers of one dataset at once ---------------------------------------------------
 
 

@@ -115,7 +115,7 @@ class TorchRecord(DataLoader):
                 # batches come back in sampler order whatever the number of workers
                 progress["samples"] = min(progress["samples"] + self.batch_size, progress["share"])
                 yield batch
-        except OSError as exc:
+        except (OSError, EOFError) as exc:  # EOFError is not an OSError
             _raise_if_a_worker_died(iterator, exc)
             raise
         self._progress = None  # the epoch is complete: the sampler has moved to the next one
