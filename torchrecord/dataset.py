@@ -15,6 +15,7 @@ from typing import Any
 
 import torch.utils.data as data
 
+from .batchpool import Recycled, shared_tensor
 from .codecs.base import record_label
 from .errors import DatasetError, RecordCorruptedError, ShardCorruptedError
 from .format import CUSTOM_CODEC
@@ -54,10 +55,10 @@ class Prebatched(Sequence):
     samples it stands for, ``(image, int label)``, so ``default_collate``, a user's
     ``collate_fn`` or ``Subset`` over the same dataset still work."""
 
-    __slots__ = ("images", "labels")
+    __slots__ = ("images", "labels", "ticket")
 
-    def __init__(self, images: Any, labels: Any):
-        self.images, self.labels = images, labels
+    def __init__(self, images: Any, labels: Any, ticket: Any = None):
+        self.images, self.labels, self.ticket = images, labels, ticket
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -77,21 +78,10 @@ def collate(batch: Any) -> Any:
     """TorchRecord's ``collate_fn``: a :class:`Prebatched` batch as it is, anything else
     through ``default_collate``."""
     if isinstance(batch, Prebatched):
+        if batch.ticket is not None:  # a reusable buffer: the ticket travels with it
+            return Recycled(batch.images, batch.labels, batch.ticket)
         return [batch.images, batch.labels]
     return data.default_collate(batch)
-
-
-def _batch_tensor(rows: int, dtype: Any) -> Any:
-    """An uninitialised ``rows x 3 x 224 x 224`` tensor; in a DataLoader worker, in shared
-    memory, so that handing it to the training process copies nothing (as ``default_collate``
-    does)."""
-    import torch
-
-    shape = (rows, 3, 224, 224)
-    if data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(rows * 3 * 224 * 224)
-    return torch.empty(0, dtype=dtype).new(storage).view(shape)
 
 
 class TRDataset(data.Dataset):
@@ -154,7 +144,7 @@ class TRDataset(data.Dataset):
         if transform is not None:
             preload()  # import torchvision once, here, not in every worker of every epoch
         # batches can be built in place when the transform is the codec's own tensor path
-        self._tensor_kind = None
+        self.tensor_kind = None
         if self.reader.codec_name != CUSTOM_CODEC and transform is not None:
             from .codecs.base import Codec
 
@@ -163,7 +153,7 @@ class TRDataset(data.Dataset):
                 if transform == getattr(codec, name) and getattr(type(codec), name) is getattr(
                     Codec, name
                 ):
-                    self._tensor_kind = kind
+                    self.tensor_kind = kind
         if self.extra_fields and builtin:
             transform = _WithExtras(transform)
         self.transform = self._tensor_transform = transform
@@ -225,7 +215,7 @@ class TRDataset(data.Dataset):
         ``prebatch``: then the codec's tensor transforms write each image straight into the
         batch tensor (in shared memory, inside a worker), without a float tensor per image and
         without ``default_collate`` copying them all once more. Same values, less work."""
-        kind = self._tensor_kind if self.prebatch and not self.extra_fields else None
+        kind = self.tensor_kind if self.prebatch and not self.extra_fields else None
         if kind is None or self.transform is not self._tensor_transform:  # (pickling keeps "is")
             return [self[index] for index in indices]
         import torch
@@ -237,20 +227,36 @@ class TRDataset(data.Dataset):
         def decode(record: Any) -> tuple[Any, int]:
             return resize_224(codec.decode_tensor(record)), record_label(record)
 
-        images = _batch_tensor(len(indices), torch.float32 if kind == "fast" else torch.uint8)
+        dtype = torch.float32 if kind == "fast" else torch.uint8
+        shape = (len(indices), 3, 224, 224)
+        ticket = None
+        if data.get_worker_info() is None:
+            images = torch.empty(shape, dtype=dtype)
+        elif self.batch_pool is not None:  # a buffer the training process has let go of
+            images, ticket = self.batch_pool.take(len(indices), dtype)
+        else:  # shared memory: handing it to the training process copies nothing
+            images = shared_tensor(shape, dtype)
         labels = torch.empty(len(indices), dtype=torch.int64)
-        for row, index in enumerate(indices):
-            image, labels[row] = self._substituting(int(index), decode)
-            if image.shape != (3, 224, 224) or image.dtype != torch.uint8:  # a plugin's own
-                self.prebatch = False  # in this process; its samples go one by one
-                return [self[index] for index in indices]
-            if kind == "fast":
-                torch.div(image, 255, out=images[row])  # as .float().div_(255), bit for bit
-            else:
-                images[row].copy_(image)
-        return Prebatched(images, labels)
+        try:
+            for row, index in enumerate(indices):
+                image, labels[row] = self._substituting(int(index), decode)
+                if image.shape != (3, 224, 224) or image.dtype != torch.uint8:  # a plugin's own
+                    self.prebatch = False  # in this process; its samples go one by one
+                    if ticket is not None:
+                        self.batch_pool.give_back(ticket)
+                    return [self[index] for index in indices]
+                if kind == "fast":
+                    torch.div(image, 255, out=images[row])  # as .float().div_(255), bit for bit
+                else:
+                    images[row].copy_(image)
+        except BaseException:
+            if ticket is not None:
+                self.batch_pool.give_back(ticket)
+            raise
+        return Prebatched(images, labels, ticket)
 
     prebatch = False  # set by TorchRecord when its collate_fn accepts a Prebatched batch
+    batch_pool = None  # set by TorchRecord with workers: batch buffers reused (see batchpool)
 
     def _substituting(self, index: int, transform: Callable[[Any], Any] | None) -> Any:
         """Sample ``index``; with ``on_corrupt`` "warn" or "skip", the next sound record

@@ -9,6 +9,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+from .batchpool import BatchPool
 from .dataset import TRDataset, collate
 from .sampler import TRSampler
 
@@ -26,6 +27,11 @@ class TorchRecord(DataLoader):
     ``DataLoader``; ``persistent_workers`` defaults to True when there are workers.
     :meth:`state_dict` and :meth:`load_state_dict` resume in the middle of an epoch, also with a
     different number of workers, batch size or world size.
+
+    With the built-in transforms and collation, workers build each batch in shared memory and
+    reuse a few such buffers once the training process has dropped every reference to a batch
+    (``recycle_batches``; see :mod:`torchrecord.batchpool`). Pass ``recycle_batches=False`` if
+    you send batch tensors on to other processes without copying them.
     """
 
     def __init__(
@@ -46,6 +52,7 @@ class TorchRecord(DataLoader):
         verify_checksums: bool = True,
         on_corrupt: str = "raise",
         drop_last: bool = False,
+        recycle_batches: bool = True,
         **loader_kwargs: Any,
     ):
         dataset = TRDataset(
@@ -75,6 +82,16 @@ class TorchRecord(DataLoader):
             # our collate_fn takes the batches the dataset builds in place (see __getitems__)
             loader_kwargs["collate_fn"] = collate
             dataset.prebatch = True
+            if recycle_batches and dataset.tensor_kind is not None:
+                import torch
+
+                dtype = torch.float32 if dataset.tensor_kind == "fast" else torch.uint8
+                dataset.batch_pool = BatchPool.for_batches(
+                    num_workers,
+                    loader_kwargs.get("prefetch_factor"),
+                    (batch_size, 3, 224, 224),
+                    dtype,
+                )
         if num_workers > 0:
             # the dataset never changes between epochs, so keeping the workers costs nothing
             # and saves their start-up (a fork and the first batches) at every epoch

@@ -1,0 +1,107 @@
+"""Batch buffers that DataLoader workers reuse (torchrecord/batchpool.py).
+
+Real worker processes and real shared memory: a segment is identified in the training process
+by the inode of the file behind its mapping. Every test compares pixels against a loader that
+does not recycle, so a buffer overwritten while still in use would show as different values.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from torchrecord import TorchRecord, Writer
+
+BATCH = 5  # 24 records: 5 batches per epoch (the last of 4 rows), from 2 workers
+
+
+@pytest.fixture(scope="module")
+def records(photo_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("batchpool") / "records"
+    Writer(photo_dir / "data_list.txt", out, db_num=4, codec="jpeg").write()
+    return out
+
+
+def segment(images: torch.Tensor) -> int:
+    """The inode of the shared-memory segment behind a batch received from a worker."""
+    fd, _ = images.untyped_storage()._share_fd_cpu_()
+    return os.fstat(fd).st_ino
+
+
+def loader(records, recycle: bool, **kwargs) -> TorchRecord:
+    options = dict(shuffle=True, seed=3, batch_size=BATCH, num_workers=2, prefetch_factor=1)
+    return TorchRecord(records, recycle_batches=recycle, **{**options, **kwargs})
+
+
+def reference(records, epochs: int, **kwargs) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    plain = loader(records, recycle=False, **kwargs)
+    return [[(images.clone(), labels.clone()) for images, labels in plain] for _ in range(epochs)]
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_dropped_batches_are_reused_with_the_same_values(records, context):
+    expected = reference(records, 2)
+    recycling = loader(records, recycle=True, multiprocessing_context=context)
+    pool = recycling.dataset.batch_pool
+    assert pool is not None and pool.slots == 3  # prefetch_factor + 2
+    segments = []
+    for epoch in range(2):
+        for step, (images, labels) in enumerate(recycling):
+            segments.append(segment(images))
+            want_images, want_labels = expected[epoch][step]
+            assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
+            del images, labels  # the next batch may come in this one's buffer
+    assert len(segments) == 10
+    # each worker cycles through its few buffers (without recycling: 10 different segments)
+    assert len(set(segments)) <= 2 * pool.slots
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_batches_still_held_are_never_overwritten(records, persistent):
+    """Of one epoch's batches, a view, a numpy array or a tensor over the same memory (not a
+    view of the batch) kept with the batch tensors themselves dropped; all of the next epoch
+    kept, so every buffer stays in use: nothing changes under them, also when the workers of a
+    new epoch are new processes."""
+    expected = reference(records, 3, persistent_workers=persistent)
+    recycling = loader(records, recycle=True, persistent_workers=persistent)
+    held = []  # each batch of the first epoch through one kind of reference only
+    for step, (images, _) in enumerate(recycling):
+        if step % 3 == 0:
+            held.append(images[1:])
+        elif step % 3 == 1:
+            held.append(images.numpy())
+        else:
+            alias = torch.empty(0, dtype=images.dtype)
+            held.append(alias.set_(images.untyped_storage(), 0, images.shape, images.stride()))
+        del images
+    kept = [(images, labels) for images, labels in recycling]
+    third = [(images.clone(), labels.clone()) for images, labels in recycling]
+    for step, part in enumerate(held):
+        want = expected[0][step][0]
+        if step % 3 == 0:
+            assert torch.equal(part, want[1:]), f"a view of batch {step} changed"
+        elif step % 3 == 1:
+            assert torch.equal(torch.from_numpy(part), want), f"array {step} changed"
+        else:
+            assert torch.equal(part, want), f"a tensor over batch {step} changed"
+    for step, (images, labels) in enumerate(kept):
+        assert torch.equal(images, expected[1][step][0]), f"epoch 1, batch {step} overwritten"
+        assert torch.equal(labels, expected[1][step][1])
+    for (images, labels), (want_images, want_labels) in zip(third, expected[2]):
+        assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
+
+
+def test_recycling_can_be_turned_off_and_copies_of_the_dataset_do_not_recycle(records):
+    plain = loader(records, recycle=False)
+    assert plain.dataset.batch_pool is None
+    assert len({segment(images) for images, _ in plain}) == 5  # a new segment per batch
+    recycling = loader(records, recycle=True)
+    assert TorchRecord(records, batch_size=BATCH).dataset.batch_pool is None  # no workers
+    # a pickled copy (not for a worker being started) has no shared cells: it cannot recycle
+    copy = pickle.loads(pickle.dumps(recycling.dataset))
+    assert copy.batch_pool.released is None
+    images, ticket = copy.batch_pool.take(2, torch.float32)
+    assert ticket is None and images.shape == (2, 3, 224, 224) and images.is_shared()
