@@ -7,8 +7,10 @@ does not recycle, so a buffer overwritten while still in use would show as diffe
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
+import time
 
 import pytest
 import torch
@@ -105,3 +107,47 @@ def test_recycling_can_be_turned_off_and_copies_of_the_dataset_do_not_recycle(re
     assert copy.batch_pool.released is None
     images, ticket = copy.batch_pool.take(2, torch.float32)
     assert ticket is None and images.shape == (2, 3, 224, 224) and images.is_shared()
+
+
+def test_a_fork_while_batches_are_held_withdraws_their_tickets(records):
+    """A child forked while the training process holds a batch shares its pages: the parent
+    dropping the batch afterwards must not let a worker write into them."""
+    expected = reference(records, 1)
+    recycling = loader(records, recycle=True)
+    batches = iter(recycling)
+    images, _ = next(batches)
+    assert torch.equal(images, expected[0][0][0])
+    want = hashlib.sha256(images.numpy().tobytes()).hexdigest()
+    pages = images.numpy()
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: no torch, only the bytes, once the parent has moved on
+        try:
+            os.close(read_end)
+            time.sleep(2)
+            os.write(write_end, hashlib.sha256(pages.tobytes()).hexdigest().encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    del images, pages  # the parent lets go: without the withdrawal, the buffer is free
+    rest = [(images.clone(), labels.clone()) for images, labels in batches]
+    rest += [(images.clone(), labels.clone()) for images, labels in recycling]  # and reuse
+    with os.fdopen(read_end, "rb") as pipe:
+        seen = pipe.read().decode()
+    os.waitpid(child, 0)
+    assert seen == want, "a worker wrote into a batch a forked child still maps"
+    assert all(torch.equal(a, b[0]) for (a, _), b in zip(rest[:4], expected[0][1:]))
+
+
+def test_samples_sent_by_another_collate_fn_are_never_overwritten(records):
+    """A DataLoader of the user's over the loader's dataset, with ``collate_fn=list``: its
+    samples are views into the worker's buffer, sent as they are; that buffer is let go of,
+    never written again."""
+    recycling = loader(records, recycle=True)
+    dataset = recycling.dataset
+    plain = torch.utils.data.DataLoader(dataset, batch_size=BATCH, num_workers=2, collate_fn=list)
+    kept = [sample for _ in range(2) for batch in plain for sample in batch]
+    assert len(kept) == 48
+    expected = [dataset[i] for i in range(24)] * 2
+    for n, ((image, label), (want, want_label)) in enumerate(zip(kept, expected)):
+        assert label == want_label and torch.equal(image, want), f"sample {n} changed"

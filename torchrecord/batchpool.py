@@ -11,13 +11,15 @@ any more. The training process learns that from the batch's storage: PyTorch kee
 Python object alive as long as any tensor, view or numpy array uses that memory, so a finalizer
 on it runs exactly when the last user lets go. It then writes the batch's ticket (a random
 token) into a shared array, one cell per worker and slot. A worker reuses a slot's segment only
-when that cell holds the token it sent the segment with; anything else (a batch still held, a
-ticket that never came back) makes it take a fresh segment, as PyTorch does. The cost of a lost
-ticket is a slot that stops being reused, never a batch overwritten while in use.
+when that cell holds the token it sent the segment with. Anything else makes it take a fresh
+segment, as PyTorch does, and a buffer whose ticket does not come back is let go of (never
+reused): a batch the training process keeps, one that left the worker through another
+``collate_fn``, one that failed to build.
 
-What the finalizer cannot see is a batch handed on to another process
-(``torch.multiprocessing``): pass ``recycle_batches=False`` to ``TorchRecord`` for that, or clone
-the tensors you send.
+When the training process forks while it holds batches, their tickets are withdrawn: the child
+shares those pages, and nothing tells when it is done with them. What no finalizer can see is a
+batch sent on to another process (``torch.multiprocessing`` queues, spawn ``Process`` arguments):
+pass ``recycle_batches=False`` to ``TorchRecord`` for that, or send clones.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class BatchPool:
         self.batch_shape, self.dtype = tuple(batch_shape), dtype
         # the ticket of the last batch the training process let go of, per worker and slot
         self.released = multiprocessing.RawArray(ctypes.c_int64, num_workers * slots)
-        self._local: dict[int, tuple[Any, int]] = {}  # slot -> (buffer, ticket sent with it)
+        self._local: dict[int, _Slot] = {}  # this worker's buffers
         self._owner = os.getpid()
         _POOLS[self.uid] = self
 
@@ -78,7 +80,7 @@ class BatchPool:
         self.__dict__.update(state)
         self._owner = os.getpid()
 
-    def take(self, rows: int, dtype: Any) -> tuple[Any, tuple[str, int, int, int] | None]:
+    def take(self, rows: int, dtype: Any) -> tuple[Any, Ticket | None]:
         """A ``rows x ...`` batch tensor in shared memory, and its ticket (None: not reusable).
 
         In a worker of this pool's loader, a free slot's buffer (or a new one while there are
@@ -95,29 +97,48 @@ class BatchPool:
             and dtype == self.dtype
             and rows <= self.batch_shape[0]
         )
-        if usable:
-            base = info.id * self.slots
-            for slot in range(self.slots):
-                held = self._local.get(slot)
-                if held is None:
-                    buffer = shared_tensor(self.batch_shape, dtype)
-                elif self.released[base + slot] == held[1]:
-                    buffer = held[0]
-                else:
-                    continue
-                ticket = secrets.randbits(63)
-                self._local[slot] = (buffer, ticket)
-                return buffer[:rows], (self.uid, info.id, slot, ticket)
+        if not usable:
+            return shared_tensor((rows, *self.batch_shape[1:]), dtype), None
+        base = info.id * self.slots
+        for slot, held in list(self._local.items()):
+            held.age += 1
+            # never sent through collate (another collate_fn, a failed batch), or its ticket
+            # is long overdue (a batch kept, a training process that cannot hand it back)
+            overdue = held.age > 4 * self.slots and self.released[base + slot] != held.token
+            if not held.sent or overdue:
+                del self._local[slot]
+        for slot in range(self.slots):
+            held = self._local.get(slot)
+            if held is None:
+                held = self._local[slot] = _Slot(shared_tensor(self.batch_shape, dtype))
+            elif self.released[base + slot] != held.token:
+                continue  # still in use
+            held.token, held.sent, held.age = secrets.randbits(63) | 1, False, 0
+            return held.buffer[:rows], Ticket(self, info.id, slot, held.token)
         return shared_tensor((rows, *self.batch_shape[1:]), dtype), None
 
-    def give_back(self, ticket: tuple[str, int, int, int] | None) -> None:
-        """A batch that will not be sent after all (its building failed): free its slot."""
-        if ticket is not None:  # its slot's cell: no batch of this slot is held elsewhere
-            _, worker, slot, token = ticket
-            self.released[worker * self.slots + slot] = token
 
-    def release(self, worker: int, slot: int, token: int) -> None:
-        self.released[worker * self.slots + slot] = token
+class _Slot:
+    __slots__ = ("buffer", "token", "sent", "age")
+
+    def __init__(self, buffer: Any):
+        self.buffer, self.token, self.sent, self.age = buffer, 0, False, 0
+
+
+class Ticket:
+    """Which buffer a batch was built in: it goes with the batch to the training process."""
+
+    __slots__ = ("pool", "worker", "slot", "token")
+
+    def __init__(self, pool: BatchPool, worker: int, slot: int, token: int):
+        self.pool, self.worker, self.slot, self.token = pool, worker, slot, token
+
+    def send(self) -> tuple[str, int, int, int]:
+        """The batch leaves through TorchRecord's collate: its ticket can come back."""
+        held = self.pool._local.get(self.slot)
+        if held is not None and held.token == self.token:
+            held.sent = True
+        return self.pool.uid, self.worker, self.slot, self.token
 
 
 def _spawning() -> bool:
@@ -138,23 +159,50 @@ def shared_tensor(shape: tuple[int, ...], dtype: Any) -> Any:
     return torch.empty(0, dtype=dtype).new(storage).view(shape)
 
 
-class Recycled:
-    """A batch on its way from a worker to the training process: unpickled there as the plain
-    ``[images, labels]`` list, with a finalizer that hands the ticket back when the training
+class Recycled(list):
+    """``[images, labels]`` on its way from a worker to the training process, where it is
+    unpickled as a plain list, with a finalizer that hands the ticket back when the training
     process drops the images."""
 
-    __slots__ = ("images", "labels", "ticket")
-
-    def __init__(self, images: Any, labels: Any, ticket: tuple[str, int, int, int]):
-        self.images, self.labels, self.ticket = images, labels, ticket
+    def __init__(self, images: Any, labels: Any, ticket: Ticket):
+        super().__init__((images, labels))
+        self.sent = ticket.send()
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return _arrived, (self.images, self.labels, *self.ticket)
+        return _arrived, (self[0], self[1], *self.sent)
+
+
+# finalizers of the batches the training process holds (withdrawn when it forks); finalize
+# objects take no weak references, so the ones that ran are dropped as new ones come
+_HELD: set[weakref.finalize] = set()
 
 
 def _arrived(images: Any, labels: Any, uid: str, worker: int, slot: int, token: int) -> list:
+    from torch.utils.data import get_worker_info
+
     pool = _POOLS.get(uid)
-    if pool is not None and pool.released is not None and os.getpid() == pool._owner:
-        done = weakref.finalize(images.untyped_storage(), pool.release, worker, slot, token)
+    if pool is not None and pool.released is not None and get_worker_info() is None:
+        done = weakref.finalize(
+            images.untyped_storage(), _release, pool, os.getpid(), worker, slot, token
+        )
         done.atexit = False
+        if len(_HELD) >= 64:
+            _HELD.difference_update([f for f in _HELD if not f.alive])
+        _HELD.add(done)
     return [images, labels]
+
+
+def _release(pool: BatchPool, pid: int, worker: int, slot: int, token: int) -> None:
+    if os.getpid() == pid:  # never from a forked child dropping its copy of the batch
+        pool.released[worker * pool.slots + slot] = token
+
+
+def _withdraw_held() -> None:
+    """Before a fork: the child shares the pages of every batch held now, so none of them may
+    be written again (their slots are let go of; the workers make new buffers)."""
+    for done in _HELD:
+        done.detach()
+    _HELD.clear()
+
+
+os.register_at_fork(before=_withdraw_held)

@@ -78,7 +78,7 @@ def collate(batch: Any) -> Any:
     """TorchRecord's ``collate_fn``: a :class:`Prebatched` batch as it is, anything else
     through ``default_collate``."""
     if isinstance(batch, Prebatched):
-        if batch.ticket is not None:  # a reusable buffer: the ticket travels with it
+        if batch.ticket is not None:  # a reusable buffer: its ticket travels with it
             return Recycled(batch.images, batch.labels, batch.ticket)
         return [batch.images, batch.labels]
     return data.default_collate(batch)
@@ -237,22 +237,15 @@ class TRDataset(data.Dataset):
         else:  # shared memory: handing it to the training process copies nothing
             images = shared_tensor(shape, dtype)
         labels = torch.empty(len(indices), dtype=torch.int64)
-        try:
-            for row, index in enumerate(indices):
-                image, labels[row] = self._substituting(int(index), decode)
-                if image.shape != (3, 224, 224) or image.dtype != torch.uint8:  # a plugin's own
-                    self.prebatch = False  # in this process; its samples go one by one
-                    if ticket is not None:
-                        self.batch_pool.give_back(ticket)
-                    return [self[index] for index in indices]
-                if kind == "fast":
-                    torch.div(image, 255, out=images[row])  # as .float().div_(255), bit for bit
-                else:
-                    images[row].copy_(image)
-        except BaseException:
-            if ticket is not None:
-                self.batch_pool.give_back(ticket)
-            raise
+        for row, index in enumerate(indices):
+            image, labels[row] = self._substituting(int(index), decode)
+            if image.shape != (3, 224, 224) or image.dtype != torch.uint8:  # a plugin's own
+                self.prebatch = False  # in this process; its samples go one by one
+                return [self[index] for index in indices]
+            if kind == "fast":
+                torch.div(image, 255, out=images[row])  # as .float().div_(255), bit for bit
+            else:
+                images[row].copy_(image)
         return Prebatched(images, labels, ticket)
 
     prebatch = False  # set by TorchRecord when its collate_fn accepts a Prebatched batch

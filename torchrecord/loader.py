@@ -28,10 +28,11 @@ class TorchRecord(DataLoader):
     :meth:`state_dict` and :meth:`load_state_dict` resume in the middle of an epoch, also with a
     different number of workers, batch size or world size.
 
-    With the built-in transforms and collation, workers build each batch in shared memory and
-    reuse a few such buffers once the training process has dropped every reference to a batch
-    (``recycle_batches``; see :mod:`torchrecord.batchpool`). Pass ``recycle_batches=False`` if
-    you send batch tensors on to other processes without copying them.
+    With the tensor transforms (``"auto"``, ``"fast"``, ``"uint8"``) and TorchRecord's own
+    collation, workers build each batch in shared memory and reuse a few such buffers once the
+    training process has dropped every reference to a batch (``recycle_batches``; see
+    :mod:`torchrecord.batchpool`). Pass ``recycle_batches=False`` if you send batch tensors on to
+    other processes (``torch.multiprocessing``) without copying them.
     """
 
     def __init__(
