@@ -25,6 +25,8 @@ pass ``recycle_batches=False`` to ``TorchRecord`` for that, or send clones.
 from __future__ import annotations
 
 import ctypes
+import functools
+import gc
 import multiprocessing
 import os
 import secrets
@@ -61,7 +63,7 @@ class BatchPool:
         being pinned), within ``MAX_POOL_BYTES``; None when not even two buffers fit."""
         import torch
 
-        if num_workers < 1:
+        if num_workers < 1 or not storage_outlives_its_wrapper():
             return None
         nbytes = torch.empty((), dtype=dtype).element_size()
         for n in batch_shape:
@@ -139,6 +141,24 @@ class Ticket:
         if held is not None and held.token == self.token:
             held.sent = True
         return self.pool.uid, self.worker, self.slot, self.token
+
+
+@functools.lru_cache(maxsize=1)
+def storage_outlives_its_wrapper() -> bool:
+    """Whether this PyTorch keeps a storage's Python object alive while tensors use the
+    storage (PyObject preservation, PyTorch 2.1 and later). Without it a finalizer on the
+    storage would run as soon as the wrapper is dropped, long before the batch is: then no
+    buffer is ever reused."""
+    import torch
+
+    ran: list[bool] = []
+    tensor = torch.empty(1)
+    weakref.finalize(tensor.untyped_storage(), ran.append, True)
+    gc.collect()
+    kept = not ran
+    del tensor
+    gc.collect()
+    return kept and bool(ran)
 
 
 def _spawning() -> bool:
