@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
+import math
 import multiprocessing
 import os
 import secrets
@@ -65,9 +66,7 @@ class BatchPool:
 
         if num_workers < 1 or not storage_outlives_its_wrapper():
             return None
-        nbytes = torch.empty((), dtype=dtype).element_size()
-        for n in batch_shape:
-            nbytes *= n
+        nbytes = torch.empty((), dtype=dtype).element_size() * math.prod(batch_shape)
         slots = min((prefetch_factor or 2) + 2, MAX_POOL_BYTES // max(nbytes, 1))
         return cls(num_workers, slots, batch_shape, dtype) if slots >= 2 else None
 
@@ -172,10 +171,7 @@ def shared_tensor(shape: tuple[int, ...], dtype: Any) -> Any:
     nothing."""
     import torch
 
-    count = 1
-    for n in shape:
-        count *= n
-    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(count)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape))
     return torch.empty(0, dtype=dtype).new(storage).view(shape)
 
 

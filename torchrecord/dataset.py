@@ -179,6 +179,13 @@ class TRDataset(data.Dataset):
         }[name]
 
     @property
+    def batch_dtype(self) -> Any:
+        """The dtype of batches built in place (None: the transform is not a tensor path)."""
+        import torch
+
+        return {"fast": torch.float32, "uint8": torch.uint8}.get(self.tensor_kind)
+
+    @property
     def label_names(self) -> list[str] | None:
         """Names of the labels (string labels or ImageFolder classes), index = label."""
         return self.reader.manifest.extra.get("label_names")
@@ -227,7 +234,7 @@ class TRDataset(data.Dataset):
         def decode(record: Any) -> tuple[Any, int]:
             return resize_224(codec.decode_tensor(record)), record_label(record)
 
-        dtype = torch.float32 if kind == "fast" else torch.uint8
+        dtype = self.batch_dtype
         shape = (len(indices), 3, 224, 224)
         ticket = None
         if data.get_worker_info() is None:

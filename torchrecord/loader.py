@@ -83,15 +83,12 @@ class TorchRecord(DataLoader):
             # our collate_fn takes the batches the dataset builds in place (see __getitems__)
             loader_kwargs["collate_fn"] = collate
             dataset.prebatch = True
-            if recycle_batches and dataset.tensor_kind is not None:
-                import torch
-
-                dtype = torch.float32 if dataset.tensor_kind == "fast" else torch.uint8
+            if recycle_batches and dataset.batch_dtype is not None:
                 dataset.batch_pool = BatchPool.for_batches(
                     num_workers,
                     loader_kwargs.get("prefetch_factor"),
                     (batch_size, 3, 224, 224),
-                    dtype,
+                    dataset.batch_dtype,
                 )
         if num_workers > 0:
             # the dataset never changes between epochs, so keeping the workers costs nothing
