@@ -12,6 +12,7 @@ PyPI, against today's protobuf (see ``benchmarks/original_writer.py``).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -48,7 +49,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def cp() -> Path:
         target = work / "cp"
-        shutil.rmtree(target, ignore_errors=True)
         subprocess.run(["cp", "-r", str(source.root), str(target)], check=True)
         return target
 
@@ -78,21 +78,36 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
+    webdataset, mds, litdata = (
+        peers.WebDatasetMethod(work),
+        peers.StreamingMethod(work),
+        peers.LitDataMethod(work),
+    )
+    # each method with the directory its output goes to, removed before it is timed: the
+    # figures are conversions, not the deletion of the last round's output
     methods = {
-        "cp -r (the floor)": cp,
-        "WebDataset ShardWriter": peer(peers.WebDatasetMethod(work)),
-        "MosaicML MDSWriter": peer(peers.StreamingMethod(work)),
-        "LitData optimize": peer(peers.LitDataMethod(work)),
-        "TorchRecord jpeg, 1 process": torchrecord("jpeg", 0),
-        "TorchRecord jpeg, 2 workers": torchrecord("jpeg", 2),
-        "TorchRecord 0.1.1 writer (raw RGB, 1 process)": original,
-        "TorchRecord raw_rgb, 1 process": torchrecord("raw_rgb", 0),
-        "TorchRecord raw_rgb, 2 workers": torchrecord("raw_rgb", 2),
+        "cp -r (the floor)": (cp, work / "cp"),
+        "WebDataset ShardWriter": (peer(webdataset), webdataset.workdir),
+        "MosaicML MDSWriter": (peer(mds), mds.workdir),
+        "LitData optimize": (peer(litdata), litdata.workdir),
+        "TorchRecord jpeg, 1 process": (torchrecord("jpeg", 0), work / "tr_jpeg_0"),
+        "TorchRecord jpeg, 2 workers": (torchrecord("jpeg", 2), work / "tr_jpeg_2"),
+        "TorchRecord 0.1.1 writer (raw RGB, 1 process)": (original, work / "original"),
+        "TorchRecord raw_rgb, 1 process": (torchrecord("raw_rgb", 0), work / "tr_raw_rgb_0"),
+        "TorchRecord raw_rgb, 2 workers": (torchrecord("raw_rgb", 2), work / "tr_raw_rgb_2"),
     }
+    # As the peers' modules are imported before they are timed, so is torchvision, raw_rgb's
+    # JPEG decoder: with it loaded, the writer uses it whatever the size of the write (a fresh
+    # process loads it only for writes of LIBJPEG_MIN_IMAGES or more).
+    from torchrecord.codecs.raw_rgb import use_libjpeg
+
+    use_libjpeg()
     seconds: dict[str, list[float]] = {name: [] for name in methods}
     sizes: dict[str, int] = {}
     for _ in range(args.rounds):
-        for name, run in methods.items():
+        for name, (run, output) in methods.items():
+            shutil.rmtree(output, ignore_errors=True)
+            os.sync()  # no method pays for writing back another's output
             for path, _ in source.entries:  # the source files are in the page cache
                 path.read_bytes()
             started = time.perf_counter()

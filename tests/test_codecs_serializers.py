@@ -22,6 +22,7 @@ from torchrecord import (
     get_serializer,
 )
 from torchrecord import format as fmt
+from torchrecord.codecs.base import fit
 
 CODECS = ["raw_rgb", "jpeg"]
 SERIALIZERS = ["tensorprotos", "msgpack"]
@@ -264,3 +265,137 @@ def test_msgpack_reads_no_record_over_its_limit(photos, tmp_path, monkeypatch):
         match=rf"shard-00000.lmdb, record key {fmt.record_key(2).hex()} .*msgpack",
     ):
         TRDataset(out, transform=None)[2]
+
+
+def _pillow_pixels(path) -> tuple[tuple[int, int], bytes]:
+    with Image.open(path) as img:
+        rgb = img.convert("RGB")
+        return rgb.size, rgb.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("subsampling", "progressive", "crop"),
+    [(2, False, (0, 0, 301, 203)), (1, False, (5, 3, 260, 250)), (0, True, (1, 1, 97, 333))],
+    ids=["4:2:0", "4:2:2", "4:4:4-progressive"],
+)
+def test_raw_rgb_decodes_jpegs_to_exactly_pillows_pixels(
+    photos, tmp_path, subsampling, progressive, crop
+):
+    """raw_rgb decodes RGB JPEGs with libjpeg-turbo directly (not through Pillow): the stored
+    pixels must be Pillow's, byte for byte, for the chroma layouts and sizes cameras write."""
+    from torchrecord.codecs import raw_rgb
+
+    assert raw_rgb.use_libjpeg(), "this torchvision decodes JPEGs like Pillow: path expected"
+    path, label = read_list(photos)[0]
+    out = tmp_path / "photo.jpg"
+    with Image.open(path) as img:
+        img.crop(crop).save(out, quality=88, subsampling=subsampling, progressive=progressive)
+    assert raw_rgb._rgb_jpeg_size(out.read_bytes()) == (crop[2] - crop[0], crop[3] - crop[1])
+    record = get_codec("raw_rgb").encode(str(out), label)
+    size, pixels = _pillow_pixels(out)
+    assert tuple(record.protos[0].dims) == size
+    assert record.protos[0].byte_data == pixels
+    assert int(record.protos[1].byte_data) == label
+
+
+@pytest.mark.parametrize("kind", ["grey JPEG", "CMYK JPEG", "PNG", "RGB JPEG, max_size"])
+def test_raw_rgb_gives_pillows_pixels_for_what_it_leaves_to_pillow(photos, tmp_path, kind):
+    from torchrecord.codecs import raw_rgb
+
+    assert raw_rgb.use_libjpeg()
+    path, label = read_list(photos)[1]
+    out = tmp_path / ("photo.png" if kind == "PNG" else "photo.jpg")
+    with Image.open(path) as img:
+        mode = {"grey JPEG": "L", "CMYK JPEG": "CMYK"}.get(kind, "RGB")
+        img.convert(mode).save(out)
+    options = {"max_size": 64} if "max_size" in kind else {}
+    if kind != "RGB JPEG, max_size":
+        assert raw_rgb._rgb_jpeg_size(out.read_bytes()) is None
+    record = get_codec("raw_rgb").encode(str(out), label, **options)
+    with Image.open(out) as img:
+        expected = fit(img.convert("RGB"), options.get("max_size"))
+    assert tuple(record.protos[0].dims) == expected.size
+    assert record.protos[0].byte_data == expected.tobytes()
+
+
+def test_raw_rgb_reports_a_truncated_jpeg_as_pillow_does(photos, tmp_path):
+    """The fast decoder refuses a truncated JPEG; Pillow then decodes it, and its error (naming
+    the file and line) is the one the user sees."""
+    path, _ = read_list(photos)[0]
+    broken = path.read_bytes()
+    path.write_bytes(broken[: len(broken) // 2])
+    message = r"data_list\.txt:1: cannot encode .*image file is truncated"
+    with pytest.raises(DataListError, match=message):
+        Writer(photos, tmp_path / "records", codec="raw_rgb").write()
+
+
+def test_raw_rgb_keeps_pillow_when_the_fast_decoder_disagrees():
+    """The once-per-process self-check refuses a decoder whose pixels are not Pillow's (here
+    off by one level in one channel), and accepts the real one."""
+    from torchrecord.codecs import raw_rgb
+
+    real = raw_rgb._fast_decoder()
+    assert real is not None and raw_rgb._same_pixels_as_pillow(real)
+
+    def off_by_one(data):
+        pixels = real(data).clone()
+        pixels[..., 2] ^= 1
+        return pixels
+
+    assert not raw_rgb._same_pixels_as_pillow(off_by_one)
+
+    def refuses(data):
+        raise RuntimeError("not supported")
+
+    assert not raw_rgb._same_pixels_as_pillow(refuses)
+
+
+@pytest.fixture(autouse=True)
+def _libjpeg_as_it_was():
+    """Tests here may turn raw_rgb's libjpeg decode on; the next test finds it as it was."""
+    from torchrecord.codecs import raw_rgb
+
+    was = raw_rgb._libjpeg_on
+    yield
+    raw_rgb._libjpeg_on = was
+
+
+@pytest.mark.parametrize("codec", ["raw_rgb", "smart"])
+def test_writes_are_identical_with_and_without_the_libjpeg_decode(
+    photos, tmp_path, monkeypatch, codec
+):
+    from torchrecord.codecs import raw_rgb
+    from torchrecord.reader import RecordReader
+
+    outs = []
+    for on in (False, True):
+        monkeypatch.setattr(Writer, "_libjpeg_pays_off", lambda self, n, on=on: on)
+        raw_rgb.use_libjpeg(False)
+        out = tmp_path / f"libjpeg-{on}"
+        smart_all_raw = {"raw_below": 10**9} if codec == "smart" else {}
+        Writer(photos, out, db_num=2, codec=codec, num_workers=2, **smart_all_raw).write()
+        assert raw_rgb._libjpeg_on is on  # (forked workers inherit it)
+        reader = RecordReader(out)
+        outs.append([reader.read_bytes(i) for i in range(len(reader))])
+        reader.close()
+    assert len(outs[0]) == len(read_list(photos)) and outs[0] == outs[1]
+
+
+def test_the_writer_loads_torchvision_for_raw_rgb_only_when_it_pays(photos, tmp_path, monkeypatch):
+    import sys
+
+    from torchrecord.writer import LIBJPEG_MIN_IMAGES
+
+    def pays(n, **kwargs):
+        return Writer(photos, tmp_path / "unused", **kwargs)._libjpeg_pays_off(n)
+
+    assert "torchvision" in sys.modules  # loaded: it costs nothing more
+    assert (
+        pays(10)
+        and pays(10, codec="smart")
+        and pays(10, data_process_func=default_data_process_func)
+    )
+    assert not pays(10**6, codec="jpeg")  # the jpeg codec decodes nothing
+    assert not pays(10**6, data_process_func=str.upper)  # a user's function: not ours to speed up
+    monkeypatch.delitem(sys.modules, "torchvision")  # as in a fresh `torchrecord write`
+    assert not pays(LIBJPEG_MIN_IMAGES - 1) and pays(LIBJPEG_MIN_IMAGES)

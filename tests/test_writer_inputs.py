@@ -161,9 +161,11 @@ def test_a_planned_shard_whose_samples_are_all_skipped(photos, tmp_path):
     assert labels == expected[:6] + expected[12:]
 
 
-def test_manifest_records_each_shard_hash(photos, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_manifest_records_each_shard_hash(photos, tmp_path, workers):
+    """Hashed by the writing process's hash thread (0 workers) or in each shard's worker (2)."""
     out = tmp_path / "hash"
-    Writer(photos, out, db_num=3, codec="jpeg").write()
+    Writer(photos, out, db_num=3, codec="jpeg", num_workers=workers).write()
     doc = json.loads((out / "manifest.json").read_text())
     for shard in doc["shards"]:
         assert shard["sha256"] == hashlib.sha256((out / shard["file"]).read_bytes()).hexdigest()

@@ -32,6 +32,13 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
     About 30 times faster than opening the file with Pillow, which matters when a write is
     otherwise a copy. Raises ``ValueError`` when the segments do not lead to a frame header.
     """
+    width, height, _, _ = jpeg_frame(data)
+    return width, height
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int, int, int]:
+    """(width, height, bits per sample, number of components) from a JPEG's frame header
+    (SOF); the components are 0 when the header is too short to say."""
     pos, end = 2, len(data)
     while pos + 4 <= end:
         if data[pos] != 0xFF:
@@ -53,7 +60,7 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
             width = int.from_bytes(data[pos + 7 : pos + 9], "big")
             if not width or not height:
                 raise ValueError(f"frame header says {width}x{height}")
-            return width, height
+            return width, height, data[pos + 4], data[pos + 9] if length >= 8 else 0
         if marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
             break
         pos += 2 + length

@@ -2,10 +2,21 @@
 
 Reading needs no image decode, which makes it the fastest codec to read; the price is about ten
 times the bytes of the source JPEGs on disk.
+
+Pillow decodes the images, except where :func:`use_libjpeg` is on (the writer turns it on for
+large writes, or when torchvision is loaded anyway): there a JPEG that Pillow would open as RGB
+(8 bits, three components, as its frame header says) is decoded by libjpeg-turbo straight into
+the stored layout (``torchvision.io.decode_jpeg``), in about two thirds of the time of Pillow's
+decode followed by ``tobytes()``, and pixel for pixel the same: both use libjpeg-turbo's default
+(exact) IDCT and upsampling. A self-check, once per process, compares the two on JPEGs made on
+the spot and keeps Pillow when they differ; anything the fast decoder refuses goes to Pillow,
+whose error is the one reported.
 """
 
 from __future__ import annotations
 
+import io
+from functools import lru_cache
 from typing import Any
 
 from ..hookspecs import hookimpl
@@ -14,13 +25,20 @@ from .base import Codec, fit, make_record, parse_label
 
 class RawRGBCodec(Codec):
     name = "raw_rgb"
-    description = "RGB pixels decoded by Pillow at write time; no decode when reading"
+    description = "RGB pixels decoded at write time (Pillow's pixels); no decode when reading"
 
     def encode(self, path: str, label: Any, max_size: int | None = None):
+        label = parse_label(label)
+        with open(path, "rb") as f:
+            data = f.read()
+        size = _rgb_jpeg_size(data) if _libjpeg_on else None
+        if size is not None and not (max_size and max(size) > max_size):
+            pixels = _libjpeg_rgb(data, size)
+            if pixels is not None:
+                return make_record(pixels, size, label)
         from PIL import Image
 
-        label = parse_label(label)
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # (Pillow's errors name the file)
             # (convert() of an RGB image would copy it: skip that)
             rgb = fit(img if img.mode == "RGB" else img.convert("RGB"), max_size)
             return make_record(rgb.tobytes(), rgb.size, label)
@@ -37,6 +55,104 @@ class RawRGBCodec(Codec):
         proto = record.protos[0]
         width, height = proto.dims
         return tensor_view(proto.byte_data).view(height, width, 3).permute(2, 0, 1)
+
+
+_libjpeg_on = False  # see use_libjpeg()
+
+
+def use_libjpeg(on: bool = True) -> bool:
+    """Let ``raw_rgb`` decode RGB JPEGs with libjpeg-turbo in this process (and in processes
+    forked from it from now on); True when it will: torchvision decodes JPEGs here and gives
+    Pillow's pixels. Off by default because loading torchvision takes seconds, which a small
+    write never earns back; the writer turns it on when it pays (``Writer._libjpeg_pays_off``).
+    What is stored is the same either way."""
+    global _libjpeg_on
+    _libjpeg_on = on and _fast_decoder() is not None
+    return _libjpeg_on
+
+
+def _rgb_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a JPEG that Pillow opens as an RGB image (8 bits, 3 components, as
+    its frame header says) and decodes without its decompression-bomb check stepping in; None
+    for anything else."""
+    from PIL import Image
+
+    from .jpeg import JPEG_SOI, jpeg_frame
+
+    if not data.startswith(JPEG_SOI):
+        return None
+    try:
+        width, height, bits, components = jpeg_frame(data)
+    except ValueError:
+        return None
+    limit = Image.MAX_IMAGE_PIXELS
+    if bits != 8 or components != 3 or (limit is not None and width * height > limit):
+        return None
+    return width, height
+
+
+def _libjpeg_rgb(data: bytes, size: tuple[int, int]) -> bytes | None:
+    """The RGB pixels (rows of ``R G B`` bytes, as Pillow's ``tobytes()``) of an RGB JPEG of
+    ``size``; None when the fast decoder is unavailable, differs from Pillow here, or
+    refuses the file (Pillow then decodes it, and reports what is wrong with it)."""
+    decode = _fast_decoder()
+    if decode is None:
+        return None
+    try:
+        pixels = decode(data)
+    except RuntimeError:  # truncated or corrupt: Pillow's decode gives the error (or its policy)
+        return None
+    width, height = size
+    if tuple(pixels.shape) != (height, width, 3):
+        return None
+    return pixels.contiguous().numpy().tobytes()
+
+
+@lru_cache(maxsize=1)
+def _fast_decoder():
+    """``bytes -> uint8 H x W x 3 tensor`` through libjpeg-turbo, or None when torchvision cannot
+    decode JPEGs or its pixels differ from Pillow's (checked once per process)."""
+    from .jpeg import _tensor_decoder
+
+    tensor_decoder = _tensor_decoder()
+    if tensor_decoder is None:
+        return None
+    from ..transforms import tensor_view
+
+    def decode(data: bytes):
+        # decode_jpeg fills an H x W x 3 buffer and returns it as a 3 x H x W view: undo the view
+        return tensor_decoder(tensor_view(data)).permute(1, 2, 0)
+
+    return decode if _same_pixels_as_pillow(decode) else None
+
+
+def _same_pixels_as_pillow(decode) -> bool:
+    """Whether ``decode`` gives Pillow's pixels for JPEGs of the kinds cameras and encoders
+    write: chroma subsampled 4:2:0, 4:2:2 and 4:4:4, baseline and progressive, sizes that are
+    not multiples of the block size."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    height, width = 37, 53
+    ys, xs = np.mgrid[0:height, 0:width]
+    gradient = np.stack([xs * 4, ys * 6, (xs + ys) * 3], axis=-1)
+    noise = rng.integers(0, 64, size=(height, width, 3))
+    image = Image.fromarray(np.clip(gradient + noise, 0, 255).astype(np.uint8), "RGB")
+    for subsampling in (2, 1, 0):
+        for progressive in (False, True):
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=85, subsampling=subsampling, progressive=progressive)
+            data = buffer.getvalue()
+            with Image.open(io.BytesIO(data)) as decoded:
+                expected = decoded.tobytes()
+            try:
+                got = decode(data).contiguous().numpy().tobytes()
+            except RuntimeError:
+                return False
+            if got != expected:
+                return False
+    return True
 
 
 CODEC = RawRGBCodec()
