@@ -267,6 +267,23 @@ def test_msgpack_reads_no_record_over_its_limit(photos, tmp_path, monkeypatch):
         TRDataset(out, transform=None)[2]
 
 
+def _count_libjpeg_decodes(monkeypatch) -> list[tuple[int, int]]:
+    """The sizes of the images raw_rgb's libjpeg path decodes from now on (the real decoder
+    runs; this only takes note)."""
+    from torchrecord.codecs import raw_rgb
+
+    decoded, real = [], raw_rgb._libjpeg_rgb
+
+    def noting(data, size):
+        pixels = real(data, size)
+        if pixels is not None:
+            decoded.append(tuple(size))
+        return pixels
+
+    monkeypatch.setattr(raw_rgb, "_libjpeg_rgb", noting)
+    return decoded
+
+
 def _pillow_pixels(path) -> tuple[tuple[int, int], bytes]:
     with Image.open(path) as img:
         rgb = img.convert("RGB")
@@ -279,7 +296,7 @@ def _pillow_pixels(path) -> tuple[tuple[int, int], bytes]:
     ids=["4:2:0", "4:2:2", "4:4:4-progressive"],
 )
 def test_raw_rgb_decodes_jpegs_to_exactly_pillows_pixels(
-    photos, tmp_path, subsampling, progressive, crop
+    photos, tmp_path, monkeypatch, subsampling, progressive, crop
 ):
     """raw_rgb decodes RGB JPEGs with libjpeg-turbo directly (not through Pillow): the stored
     pixels must be Pillow's, byte for byte, for the chroma layouts and sizes cameras write."""
@@ -290,8 +307,9 @@ def test_raw_rgb_decodes_jpegs_to_exactly_pillows_pixels(
     out = tmp_path / "photo.jpg"
     with Image.open(path) as img:
         img.crop(crop).save(out, quality=88, subsampling=subsampling, progressive=progressive)
-    assert raw_rgb._rgb_jpeg_size(out.read_bytes()) == (crop[2] - crop[0], crop[3] - crop[1])
+    decoded = _count_libjpeg_decodes(monkeypatch)
     record = get_codec("raw_rgb").encode(str(out), label)
+    assert decoded == [(crop[2] - crop[0], crop[3] - crop[1])]  # libjpeg decoded it
     size, pixels = _pillow_pixels(out)
     assert tuple(record.protos[0].dims) == size
     assert record.protos[0].byte_data == pixels
@@ -299,7 +317,9 @@ def test_raw_rgb_decodes_jpegs_to_exactly_pillows_pixels(
 
 
 @pytest.mark.parametrize("kind", ["grey JPEG", "CMYK JPEG", "PNG", "RGB JPEG, max_size"])
-def test_raw_rgb_gives_pillows_pixels_for_what_it_leaves_to_pillow(photos, tmp_path, kind):
+def test_raw_rgb_gives_pillows_pixels_for_what_it_leaves_to_pillow(
+    photos, tmp_path, monkeypatch, kind
+):
     from torchrecord.codecs import raw_rgb
 
     assert raw_rgb.use_libjpeg()
@@ -309,9 +329,9 @@ def test_raw_rgb_gives_pillows_pixels_for_what_it_leaves_to_pillow(photos, tmp_p
         mode = {"grey JPEG": "L", "CMYK JPEG": "CMYK"}.get(kind, "RGB")
         img.convert(mode).save(out)
     options = {"max_size": 64} if "max_size" in kind else {}
-    if kind != "RGB JPEG, max_size":
-        assert raw_rgb._rgb_jpeg_size(out.read_bytes()) is None
+    decoded = _count_libjpeg_decodes(monkeypatch)
     record = get_codec("raw_rgb").encode(str(out), label, **options)
+    assert decoded == []  # Pillow decoded it
     with Image.open(out) as img:
         expected = fit(img.convert("RGB"), options.get("max_size"))
     assert tuple(record.protos[0].dims) == expected.size
@@ -397,5 +417,71 @@ def test_the_writer_loads_torchvision_for_raw_rgb_only_when_it_pays(photos, tmp_
     )
     assert not pays(10**6, codec="jpeg")  # the jpeg codec decodes nothing
     assert not pays(10**6, data_process_func=str.upper)  # a user's function: not ours to speed up
+    assert pays(10, num_workers=2)  # forked workers inherit what is loaded here
     monkeypatch.delitem(sys.modules, "torchvision")  # as in a fresh `torchrecord write`
     assert not pays(LIBJPEG_MIN_IMAGES - 1) and pays(LIBJPEG_MIN_IMAGES)
+    assert pays(LIBJPEG_MIN_IMAGES, num_workers=2)  # loaded once, here, before the fork
+    # spawned (or forkserver) workers each load it, whatever this process has loaded
+    import multiprocessing
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda *a, **k: "spawn")
+    assert pays(10) and not pays(10, num_workers=2)
+    assert not pays(2 * LIBJPEG_MIN_IMAGES - 1, num_workers=2)
+    assert pays(2 * LIBJPEG_MIN_IMAGES, num_workers=2)
+
+
+def test_raw_rgb_refuses_what_pillow_refuses_also_with_libjpeg_on(photos, tmp_path):
+    """Pillow opens every file, so a JPEG that libjpeg would decode but Pillow refuses (here a
+    TEM marker right after the start of image) is refused the same way either way."""
+    from torchrecord.codecs import raw_rgb
+
+    path, label = read_list(photos)[0]
+    data = path.read_bytes()
+    odd = tmp_path / "tem.jpg"
+    odd.write_bytes(data[:2] + b"\xff\x01" + data[2:])
+    errors = []
+    for on in (False, True):
+        raw_rgb.use_libjpeg(on)
+        with pytest.raises(Exception) as caught:
+            get_codec("raw_rgb").encode(str(odd), label)
+        errors.append((type(caught.value), str(caught.value)))
+    assert errors[0] == errors[1] and "cannot identify image file" in errors[0][1]
+
+
+def test_a_broken_torchvision_leaves_raw_rgb_writes_to_pillow(photos, tmp_path):
+    """A torchvision that raises when imported (built for another torch) must not stop a write
+    that would have used it: the write goes on with Pillow and stores the same pixels."""
+    from conftest import run_python
+
+    from torchrecord.reader import RecordReader
+
+    fake = tmp_path / "fake" / "torchvision"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        'raise RuntimeError("operator torchvision::nms does not exist")\n'
+    )
+    code = f"""
+import sys
+sys.path.insert(0, {str(tmp_path / "fake")!r})
+import torchrecord.writer as w
+w.LIBJPEG_MIN_IMAGES = 1  # this small write would load torchvision
+from torchrecord import Writer
+from torchrecord.codecs import raw_rgb
+for workers in (0, 2):
+    Writer({str(photos)!r}, {str(tmp_path)!r} + f"/out{{workers}}", db_num=2,
+           num_workers=workers).write()
+print("libjpeg", raw_rgb.libjpeg_on(), "torchvision" in sys.modules)
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert "libjpeg False" in result.stdout
+    Writer(photos, tmp_path / "reference", db_num=2).write()  # here: with libjpeg
+    expected = RecordReader(tmp_path / "reference")
+    for workers in (0, 2):
+        got = RecordReader(tmp_path / f"out{workers}")
+        assert [got.read_bytes(i) for i in range(len(got))] == [
+            expected.read_bytes(i) for i in range(len(expected))
+        ]
+        got.close()
+    expected.close()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import format as fmt
+from .codecs import raw_rgb
 from .codecs.raw_rgb import default_data_process_func, use_libjpeg
 from .datalist import (
     ITERABLE_NAME,
@@ -485,14 +486,24 @@ class Writer:
     def _libjpeg_pays_off(self, num_images: int) -> bool:
         """Whether ``raw_rgb`` (also inside ``smart`` and 0.1's ``default_data_process_func``)
         should decode RGB JPEGs with libjpeg-turbo through torchvision (the same pixels as
-        Pillow's, about 0.4 ms an image sooner here): when torchvision is loaded already, or
-        the write is large enough to repay loading it (about 5 s here)."""
+        Pillow's, about 0.4 ms an image sooner here): when the write is large enough to repay
+        loading torchvision (about 5 s here) in every process that loads it.
+
+        That is this process alone when it encodes, or when its workers are forked (they
+        inherit what it loaded), and nothing at all when torchvision is loaded already; workers
+        started by spawn or forkserver load it each."""
+        import multiprocessing
+
         decodes = (
             self.data_process_func is default_data_process_func
             if self.data_process_func is not None
             else self.codec_name in ("raw_rgb", "smart")
         )
-        return decodes and ("torchvision" in sys.modules or num_images >= LIBJPEG_MIN_IMAGES)
+        if not decodes:
+            return False
+        if self.num_workers == 0 or multiprocessing.get_start_method() == "fork":
+            return "torchvision" in sys.modules or num_images >= LIBJPEG_MIN_IMAGES
+        return num_images >= LIBJPEG_MIN_IMAGES * self.num_workers
 
     def _parallel_plan(self, n: int) -> list[tuple[int, int]] | None:
         """The input ranges of the shards, when they are known before encoding and there are
@@ -978,16 +989,15 @@ class _EncodeJob:
         self.data_process_func = data_process_func
         self.skip = skip
         self.libjpeg = libjpeg
-        if libjpeg:  # loaded here, once: forked workers inherit it
-            use_libjpeg()
+        use_libjpeg(libjpeg)  # loaded here, once: forked workers inherit it
 
     def run_chunk(self, entries: list[Entry]) -> list[tuple[bool, bytes, int]]:
         return [self(entry) for entry in entries]
 
     def __call__(self, entry: Entry) -> tuple[bool, bytes, int]:
         """``(True, bytes, CRC-32)``, computed here: in a worker, not in the writing process."""
-        if self.libjpeg:  # (a no-op after the first call; loads it in a spawned worker)
-            use_libjpeg()
+        if raw_rgb.libjpeg_on() is not self.libjpeg:  # in a spawned worker, the first time
+            use_libjpeg(self.libjpeg)
         try:
             value = self.encode(entry)
             return True, value, zlib.crc32(value)
@@ -1147,9 +1157,10 @@ def _keep_freed_memory(libc: Any) -> None:
     (decoded pixels, serialized bytes, the database's pages). By default glibc serves blocks
     that large with fresh mappings or trims the heap under them, so every record costs page
     faults and zeroed pages: a third of a worker's system time, measured. Blocks under 32 MB
-    now come from the heap, which keeps up to 256 MB free; a worker holds that much at most
-    while it lives, and it lives for one write."""
-    if hasattr(libc, "mallopt"):  # not on musl
+    now come from the heap, and up to 256 MB free at its top stay there. A worker's heap then
+    holds about what its largest batch needed (64 MB of records, and the database's pages for
+    them) and gives it back when the worker exits, at the end of the write."""
+    if hasattr(libc, "mallopt"):  # glibc's; a stub elsewhere (musl)
         libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
         libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
 

@@ -32,13 +32,6 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
     About 30 times faster than opening the file with Pillow, which matters when a write is
     otherwise a copy. Raises ``ValueError`` when the segments do not lead to a frame header.
     """
-    width, height, _, _ = jpeg_frame(data)
-    return width, height
-
-
-def jpeg_frame(data: bytes) -> tuple[int, int, int, int]:
-    """(width, height, bits per sample, number of components) from a JPEG's frame header
-    (SOF); the components are 0 when the header is too short to say."""
     pos, end = 2, len(data)
     while pos + 4 <= end:
         if data[pos] != 0xFF:
@@ -60,7 +53,7 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int, int]:
             width = int.from_bytes(data[pos + 7 : pos + 9], "big")
             if not width or not height:
                 raise ValueError(f"frame header says {width}x{height}")
-            return width, height, data[pos + 4], data[pos + 9] if length >= 8 else 0
+            return width, height
         if marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
             break
         pos += 2 + length
@@ -143,7 +136,7 @@ def _tensor_decoder():
     )
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
-    except ImportError:
+    except Exception:  # not installed, or broken (a torch it was not built for raises here)
         return None
     return partial(decode_jpeg, mode=ImageReadMode.RGB)
 

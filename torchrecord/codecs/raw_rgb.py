@@ -3,14 +3,14 @@
 Reading needs no image decode, which makes it the fastest codec to read; the price is about ten
 times the bytes of the source JPEGs on disk.
 
-Pillow decodes the images, except where :func:`use_libjpeg` is on (the writer turns it on for
-large writes, or when torchvision is loaded anyway): there a JPEG that Pillow would open as RGB
-(8 bits, three components, as its frame header says) is decoded by libjpeg-turbo straight into
-the stored layout (``torchvision.io.decode_jpeg``), which saves about a quarter of the time of
-Pillow's decode and ``tobytes()``, with the same pixels: both use libjpeg-turbo's default (exact)
-IDCT and upsampling. A self-check, once per process, compares the two on JPEGs made on the spot
-and keeps Pillow when they differ; anything the fast decoder refuses goes to Pillow, whose error
-is the one reported.
+Pillow opens every image (it decides what the file is, its size and mode, and what it refuses)
+and decodes it, except where :func:`use_libjpeg` is on (the writer turns it on when it pays):
+there a JPEG that Pillow opened as RGB is decoded by libjpeg-turbo straight into the stored
+layout (``torchvision.io.decode_jpeg``), which saves about a quarter of the time of Pillow's
+decode and ``tobytes()``, with the same pixels: both use libjpeg-turbo's default (exact) IDCT
+and upsampling. A self-check, once per process, compares the two on JPEGs made on the spot and
+keeps Pillow when they differ; anything the fast decoder refuses goes to Pillow, whose error is
+the one reported.
 """
 
 from __future__ import annotations
@@ -28,17 +28,16 @@ class RawRGBCodec(Codec):
     description = "RGB pixels decoded at write time (Pillow's pixels); no decode when reading"
 
     def encode(self, path: str, label: Any, max_size: int | None = None):
-        label = parse_label(label)
-        with open(path, "rb") as f:
-            data = f.read()
-        size = _rgb_jpeg_size(data) if _libjpeg_on else None
-        if size is not None and not (max_size and max(size) > max_size):
-            pixels = _libjpeg_rgb(data, size)
-            if pixels is not None:
-                return make_record(pixels, size, label)
         from PIL import Image
 
-        with Image.open(path) as img:  # (Pillow's errors name the file)
+        label = parse_label(label)
+        with Image.open(path) as img:  # Pillow decides what the file is, and refuses it
+            if _libjpeg_on and img.format == "JPEG" and img.mode == "RGB":
+                if not (max_size and max(img.size) > max_size):
+                    img.fp.seek(0)
+                    pixels = _libjpeg_rgb(img.fp.read(), img.size)
+                    if pixels is not None:
+                        return make_record(pixels, img.size, label)
             # (convert() of an RGB image would copy it: skip that)
             rgb = fit(img if img.mode == "RGB" else img.convert("RGB"), max_size)
             return make_record(rgb.tobytes(), rgb.size, label)
@@ -64,43 +63,28 @@ def use_libjpeg(on: bool = True) -> bool:
     """Let ``raw_rgb`` decode RGB JPEGs with libjpeg-turbo in this process (and in processes
     forked from it from now on); True when it will: torchvision decodes JPEGs here and gives
     Pillow's pixels. Off by default because loading torchvision takes seconds, which a small
-    write never earns back; the writer turns it on when it pays (``Writer._libjpeg_pays_off``).
-    What is stored is the same either way."""
+    write never earns back; each write sets it as it pays (``Writer._libjpeg_pays_off``). What
+    is stored is the same either way."""
     global _libjpeg_on
     _libjpeg_on = on and _fast_decoder() is not None
     return _libjpeg_on
 
 
-def _rgb_jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of a JPEG that Pillow opens as an RGB image (8 bits, 3 components, as
-    its frame header says) and decodes without its decompression-bomb check stepping in; None
-    for anything else."""
-    from PIL import Image
-
-    from .jpeg import JPEG_SOI, jpeg_frame
-
-    if not data.startswith(JPEG_SOI):
-        return None
-    try:
-        width, height, bits, components = jpeg_frame(data)
-    except ValueError:
-        return None
-    limit = Image.MAX_IMAGE_PIXELS
-    if bits != 8 or components != 3 or (limit is not None and width * height > limit):
-        return None
-    return width, height
+def libjpeg_on() -> bool:
+    """Whether :func:`use_libjpeg` is on in this process."""
+    return _libjpeg_on
 
 
 def _libjpeg_rgb(data: bytes, size: tuple[int, int]) -> bytes | None:
-    """The RGB pixels (rows of ``R G B`` bytes, as Pillow's ``tobytes()``) of an RGB JPEG of
-    ``size``; None when the fast decoder is unavailable, differs from Pillow here, or
-    refuses the file (Pillow then decodes it, and reports what is wrong with it)."""
+    """The RGB pixels (rows of ``R G B`` bytes, as Pillow's ``tobytes()``) of a JPEG Pillow
+    opened as RGB, of ``size``; None when the fast decoder is unavailable, differs from Pillow
+    here, or refuses the file (Pillow then decodes it, and reports what is wrong with it)."""
     decode = _fast_decoder()
     if decode is None:
         return None
     try:
         pixels = decode(data)
-    except RuntimeError:  # truncated or corrupt: Pillow's decode gives the error (or its policy)
+    except Exception:  # truncated or corrupt: Pillow's decode gives the error (or its policy)
         return None
     width, height = size
     if tuple(pixels.shape) != (height, width, 3):
@@ -111,7 +95,8 @@ def _libjpeg_rgb(data: bytes, size: tuple[int, int]) -> bytes | None:
 @lru_cache(maxsize=1)
 def _fast_decoder():
     """``bytes -> uint8 H x W x 3 tensor`` through libjpeg-turbo, or None when torchvision cannot
-    decode JPEGs or its pixels differ from Pillow's (checked once per process)."""
+    decode JPEGs (missing or broken) or its pixels differ from Pillow's (checked once per
+    process). Never raises: the writer then goes on with Pillow."""
     from .jpeg import _tensor_decoder
 
     tensor_decoder = _tensor_decoder()
@@ -123,7 +108,11 @@ def _fast_decoder():
         # decode_jpeg fills an H x W x 3 buffer and returns it as a 3 x H x W view: undo the view
         return tensor_decoder(tensor_view(data)).permute(1, 2, 0)
 
-    return decode if _same_pixels_as_pillow(decode) else None
+    try:
+        same = _same_pixels_as_pillow(decode)
+    except Exception:  # e.g. a Pillow built without a JPEG encoder cannot make the samples
+        same = False
+    return decode if same else None
 
 
 def _same_pixels_as_pillow(decode) -> bool:
