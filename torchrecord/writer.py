@@ -486,7 +486,7 @@ class Writer:
     def _libjpeg_pays_off(self, num_images: int) -> bool:
         """Whether ``raw_rgb`` (also inside ``smart`` and 0.1's ``default_data_process_func``)
         should decode RGB JPEGs with libjpeg-turbo through torchvision (the same pixels as
-        Pillow's, about 0.4 ms an image sooner here): when the write is large enough to repay
+        Pillow's, about 0.5 ms an image sooner here): when the write is large enough to repay
         loading torchvision (about 5 s here) in every process that loads it.
 
         That is this process alone when it encodes, or when its workers are forked (they

@@ -6,11 +6,11 @@ times the bytes of the source JPEGs on disk.
 Pillow opens every image (it decides what the file is, its size and mode, and what it refuses)
 and decodes it, except where :func:`use_libjpeg` is on (the writer turns it on when it pays):
 there a JPEG that Pillow opened as RGB is decoded by libjpeg-turbo straight into the stored
-layout (``torchvision.io.decode_jpeg``), which saves about a quarter of the time of Pillow's
-decode and ``tobytes()``, with the same pixels: both use libjpeg-turbo's default (exact) IDCT
-and upsampling. A self-check, once per process, compares the two on JPEGs made on the spot and
-keeps Pillow when they differ; anything the fast decoder refuses goes to Pillow, whose error is
-the one reported.
+layout (``torchvision.io.decode_jpeg``), which saves about a fifth of the time of encoding
+with Pillow's decode and ``tobytes()``, with the same pixels: both use libjpeg-turbo's default
+(exact) IDCT and upsampling. A self-check, once per process, compares the two on JPEGs made on
+the spot and keeps Pillow when they differ; anything the fast decoder refuses goes to Pillow,
+whose error is the one reported.
 """
 
 from __future__ import annotations
