@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import format as fmt
-from .codecs import raw_rgb
-from .codecs.raw_rgb import default_data_process_func, use_libjpeg
+from .codecs.raw_rgb import default_data_process_func, libjpeg_on, use_libjpeg
 from .datalist import (
     ITERABLE_NAME,
     Entry,
@@ -996,7 +995,7 @@ class _EncodeJob:
 
     def __call__(self, entry: Entry) -> tuple[bool, bytes, int]:
         """``(True, bytes, CRC-32)``, computed here: in a worker, not in the writing process."""
-        if raw_rgb.libjpeg_on() is not self.libjpeg:  # in a spawned worker, the first time
+        if libjpeg_on() is not self.libjpeg:  # in a spawned worker, the first time
             use_libjpeg(self.libjpeg)
         try:
             value = self.encode(entry)
