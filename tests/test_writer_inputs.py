@@ -190,3 +190,60 @@ def test_progress_bar_shows_images_bytes_and_rate(photos, tmp_path, capsys, num_
     final = err.replace("\r", "\n").strip().splitlines()[-1]
     assert final.startswith("writing: 100%") and "24/24" in final, err
     assert "img/s" in final and "MB/s" in final and not final.endswith(" 0.0 MB/s]")
+
+
+def test_data_list_paths_resolve_as_pathlib_resolves_them():
+    """resolve_path skips pathlib for plain paths; every path gives pathlib's string."""
+    import itertools
+    import random
+    from pathlib import Path
+
+    from torchrecord.datalist import resolve_path
+
+    parts = ["a", "b.jpg", ".", "..", "", ".hidden", "sp ace", "é", "x\\y"]
+    rng = random.Random(0)
+    paths = {"a", ".", "./a", "a/", "a/.", "/", "//a", "///a", "/a//b/./c/", "../a", "a/.."}
+    for n in range(1, 5):
+        for combo in itertools.product(parts, repeat=n):
+            if rng.random() < 0.05:
+                path = "/".join(combo)
+                paths.update({path, "/" + path, path + "/"})
+    paths.discard("")
+    for base in ("/", "/data", "/data/set", "rel/base"):
+        for path in paths:
+            expected = str(Path(path) if path.startswith("/") else Path(base) / path)
+            assert resolve_path(base, path) == expected, (base, path)
+
+
+def test_the_job_id_is_the_json_of_every_entry(tmp_path):
+    """The write's identity (its staging directory, found again by a resume) is the SHA-256 of
+    its parameters and of each entry as JSON; the fast path for plain entries writes the same
+    bytes, over more than one chunk."""
+    from torchrecord.datalist import Entry
+
+    names = ["plain.jpg", 'quote".jpg', "back\\slash.jpg", "tab\t.jpg", "é😀.jpg", "\x01.jpg"]
+    entries = [
+        Entry(i + 1, f"/d/{i}/{names[i % len(names)]}", ["3", "cat", 'a"b', "ü"][i % 4], "")
+        for i in range(9000)
+    ]
+    entries += [Entry(9001, "/d/int.jpg", 7, ""), Entry(9002, "/d/x.jpg", "1", "", {"b": 1})]
+    writer = Writer(tmp_path / "list.txt", tmp_path / "out")
+    digest = hashlib.sha256()
+    params = [
+        writer.format_version,
+        writer.codec_name,
+        writer.serializer_name,
+        writer.db_num,
+        writer.records_per_shard,
+        writer.bytes_per_shard,
+        writer.shuffle,
+        writer.seed,
+        writer.on_error,
+        0,
+        None,
+        writer.image_policy,
+    ]
+    digest.update(json.dumps(params).encode())
+    for e in entries:
+        digest.update(json.dumps([e.path, e.label, e.extras], sort_keys=True).encode())
+    assert writer._job_id(entries, 0) == digest.hexdigest()

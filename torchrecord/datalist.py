@@ -47,7 +47,7 @@ def read_data_list(
         raise DataListError(name, None, "the data list does not exist") from None
     except UnicodeDecodeError as exc:
         raise DataListError(name, None, f"the data list is not UTF-8 text ({exc})") from None
-    base = Path(root) if root is not None else list_path.resolve().parent
+    base = str(Path(root) if root is not None else list_path.resolve().parent)
     if list_path.suffix.lower() == ".csv":
         rows = _csv_rows(name, text)
     else:
@@ -60,11 +60,30 @@ def read_data_list(
             raise DataListError(
                 name, line_no, f"missing label in {raw!r}; each line must be 'path label'"
             )
-        resolved = Path(path) if os.path.isabs(path) else base / path
-        entries.append(Entry(line_no, str(resolved), label, raw))
+        entries.append(Entry(line_no, resolve_path(base, path), label, raw))
     if not entries:
         raise DataListError(name, None, "the data list is empty: it names no samples")
     return entries
+
+
+def resolve_path(base: str, path: str) -> str:
+    """``str(Path(path))`` when ``path`` is absolute, else ``str(Path(base) / path)``; ``base``
+    is a path as ``str(Path(...))`` writes it.
+
+    The same string, without building ``Path`` objects for the paths that need no normalising
+    (no empty or ``.`` components): a million data-list lines took 17 s through pathlib, most
+    of a large write's start-up."""
+    if os.sep == "/" and not (
+        "//" in path
+        or "/./" in path
+        or path.startswith("./")
+        or path.endswith(("/", "/."))
+        or path == "."
+    ):
+        if path.startswith("/"):
+            return path
+        return base + path if base.endswith("/") else f"{base}/{path}"
+    return str(Path(path) if os.path.isabs(path) else Path(base) / path)
 
 
 def _txt_rows(name: str, text: str):
@@ -127,7 +146,7 @@ def read_image_folder(folder: str | os.PathLike) -> tuple[list[Entry], list[str]
 
 def read_iterable(items: Iterable[Any], root: str | os.PathLike | None = None) -> list[Entry]:
     """``(path, label)`` pairs or dicts with ``path``, ``label`` and extra fields."""
-    base = Path(root) if root is not None else Path.cwd()
+    base = str(Path(root) if root is not None else Path.cwd())
     entries = []
     for position, item in enumerate(items, start=1):
         extras = None
@@ -149,7 +168,7 @@ def read_iterable(items: Iterable[Any], root: str | os.PathLike | None = None) -
         if label is None or (isinstance(label, str) and not label.strip()):
             raise DataListError(ITERABLE_NAME, position, f"missing label for {path!r}")
         path = os.fspath(path)
-        resolved = path if os.path.isabs(path) else str(base / path)
+        resolved = path if os.path.isabs(path) else resolve_path(base, path)
         entries.append(Entry(position, resolved, str(label).strip(), path, extras))
     if not entries:
         raise DataListError(ITERABLE_NAME, None, "the iterable is empty: it names no samples")

