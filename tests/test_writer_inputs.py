@@ -229,21 +229,7 @@ def test_the_job_id_is_the_json_of_every_entry(tmp_path):
     entries += [Entry(9001, "/d/int.jpg", 7, ""), Entry(9002, "/d/x.jpg", "1", "", {"b": 1})]
     writer = Writer(tmp_path / "list.txt", tmp_path / "out")
     digest = hashlib.sha256()
-    params = [
-        writer.format_version,
-        writer.codec_name,
-        writer.serializer_name,
-        writer.db_num,
-        writer.records_per_shard,
-        writer.bytes_per_shard,
-        writer.shuffle,
-        writer.seed,
-        writer.on_error,
-        0,
-        None,
-        writer.image_policy,
-    ]
-    digest.update(json.dumps(params).encode())
+    digest.update(json.dumps(writer._job_params(0)).encode())
     for e in entries:
         digest.update(json.dumps([e.path, e.label, e.extras], sort_keys=True).encode())
     assert writer._job_id(entries, 0) == digest.hexdigest()

@@ -327,21 +327,7 @@ class Writer:
     def _job_id(self, entries: list[Entry], first_index: int) -> str:
         """Names the staging directory: the same write, run again, finds its finished shards."""
         digest = hashlib.sha256()
-        params = [
-            self.format_version,
-            self.codec_name,
-            self.serializer_name,
-            self.db_num,
-            self.records_per_shard,
-            self.bytes_per_shard,
-            self.shuffle,
-            self.seed,
-            self.on_error,
-            first_index,
-            _func_name(self.data_process_func),
-            self.image_policy,
-        ]
-        digest.update(json.dumps(params).encode())
+        digest.update(json.dumps(self._job_params(first_index)).encode())
         from json.encoder import encode_basestring_ascii as quoted
 
         chunk: list[str] = []
@@ -356,6 +342,23 @@ class Writer:
                 chunk = []
         digest.update("".join(chunk).encode())
         return digest.hexdigest()
+
+    def _job_params(self, first_index: int) -> list[Any]:
+        """The settings that make two runs the same write (with the entries: :meth:`_job_id`)."""
+        return [
+            self.format_version,
+            self.codec_name,
+            self.serializer_name,
+            self.db_num,
+            self.records_per_shard,
+            self.bytes_per_shard,
+            self.shuffle,
+            self.seed,
+            self.on_error,
+            first_index,
+            _func_name(self.data_process_func),
+            self.image_policy,
+        ]
 
     # -- steps ---------------------------------------------------------------------------------
     def _entries(self) -> tuple[list[Entry], str, list[str] | None]:
