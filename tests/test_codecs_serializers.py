@@ -485,3 +485,167 @@ print("libjpeg", raw_rgb.libjpeg_on(), "torchvision" in sys.modules)
         ]
         got.close()
     expected.close()
+
+
+def test_parts_are_serialized_as_protobuf_serializes_the_record():
+    """The writer's single-copy serialization gives protobuf's own bytes: images as bytes and
+    as numpy pixels, sizes and lengths across varint widths, any label, names, extra fields."""
+    import random
+
+    import numpy as np
+
+    from torchrecord.codecs.base import RecordParts
+    from torchrecord.writer import add_extras
+
+    serializer = get_serializer("tensorprotos")
+    rng = random.Random(0)
+    for i in range(600):
+        size = (rng.choice([1, 127, 128, 16384, 2**21, 2**35]), rng.choice([1, 128, 375]))
+        image = rng.randbytes(rng.choice([0, 1, 127, 128, 16383, 16384, 450_000]))
+        if i % 2:
+            image = np.frombuffer(image, np.uint8).reshape(1, -1, 1)  # pixels, not bytes
+        parts = RecordParts(image, size, rng.choice([0, 7, -3, 10**12]), rng.choice(["", "jpeg"]))
+        more = None
+        if i % 3 == 0:
+            more = TensorProtos()
+            add_extras(more, {"bbox": [1, 2.5, i], "caption": "é" * rng.choice([1, 200])})
+        record = parts.record()
+        if more is not None:
+            record.protos.extend(more.protos)
+        assert serializer.dumps_parts(parts, more) == serializer.dumps(record), (i, size)
+
+
+@pytest.mark.parametrize("codec", ["raw_rgb", "jpeg", "smart"])
+def test_writes_from_parts_equal_writes_from_records(photos, tmp_path, monkeypatch, codec):
+    """Records of every built-in codec, with extra fields, are the same bytes whether the writer
+    serializes the codec's parts or the record built from them (msgpack: always the record)."""
+    from torchrecord import writer
+    from torchrecord.reader import RecordReader
+
+    items = [
+        {"path": path, "label": label, "caption": f"photo {i}", "box": [i, 2]}
+        for i, (path, label) in enumerate(read_list(photos))
+    ]
+    smart = {"raw_below": 300 * 300} if codec == "smart" else {}  # some raw, some JPEG
+    outs = []
+    for parts in (True, False):
+        if not parts:
+            monkeypatch.setattr(writer, "parts_encoder", lambda codec: None)
+        out = tmp_path / f"parts-{parts}"
+        Writer(items, out, db_num=2, codec=codec, **smart).write()
+        reader = RecordReader(out)
+        outs.append([reader.read_bytes(i) for i in range(len(reader))])
+        reader.close()
+    assert len(outs[0]) == len(items) and outs[0] == outs[1]
+    names = {TensorProtos.FromString(value).protos[0].name for value in outs[0]}
+    assert names == ({"", "jpeg"} if codec == "smart" else {"jpeg" if codec == "jpeg" else ""})
+
+
+def test_a_codec_subclass_that_overrides_encode_is_not_bypassed():
+    """The writer serializes parts only where ``encode_parts`` stores what ``encode`` does."""
+    from torchrecord.codecs.base import Codec, parts_encoder
+    from torchrecord.codecs.raw_rgb import RawRGBCodec
+
+    class Watermarked(RawRGBCodec):  # a plugin's change to raw_rgb, through encode alone
+        def encode(self, path, label, max_size=None):
+            return super().encode(path, label, max_size)
+
+    class OnlyEncode(Codec):
+        def encode(self, path, label):
+            return None
+
+    assert parts_encoder(get_codec("raw_rgb")) == get_codec("raw_rgb").encode_parts
+    assert parts_encoder(get_codec("jpeg")) is not None
+    assert parts_encoder(Watermarked()) is None and parts_encoder(OnlyEncode()) is None
+
+
+def _view_fields(record):
+    return [(list(p.dims), p.data_type, bytes(p.byte_data), p.name) for p in record.protos]
+
+
+def test_record_views_hold_what_protobuf_parses_or_are_refused():
+    """Whatever bytes a view is made of, its fields are protobuf's parse of them: valid records
+    of the shared layout become views, and damaged or unusual ones (mutated, cut, with other
+    fields, duplicates or packed dims) are either read right or left to protobuf."""
+    import random
+
+    from google.protobuf.message import DecodeError
+
+    from torchrecord.codecs.base import RecordParts
+    from torchrecord.serializers.tensorprotos import VIEW_MIN_BYTES, RecordView
+    from torchrecord.writer import add_extras
+
+    serializer = get_serializer("tensorprotos")
+    rng = random.Random(1)
+    valid = []
+    for i in range(40):
+        image = rng.randbytes(rng.choice([VIEW_MIN_BYTES, 200_000, 450_000]))
+        record = RecordParts(image, (rng.randrange(1, 5000), 300), i, ["", "jpeg"][i % 2]).record()
+        if i % 3 == 0:
+            add_extras(record, {"caption": "x" * i})
+        valid.append(record.SerializeToString())
+    for data in valid:  # every valid record is a view, with protobuf's fields
+        view = serializer.loads_view(data)
+        assert isinstance(view, RecordView) and isinstance(view.protos[0].byte_data, memoryview)
+        assert _view_fields(view) == _view_fields(TensorProtos.FromString(data))
+    extra_field = TensorProtos()
+    extra_field.protos.add().segment.begin = 1  # (a field the codecs never write)
+    extra_field.protos[0].segment.end = 2
+    odd = [
+        valid[0] + extra_field.SerializeToString(),
+        valid[1] + b"\x0a\x04\x10\x03\x10\x04",  # data_type twice: protobuf keeps the last
+        valid[2] + b"\x0a\x04\x0a\x02\x01\x02",  # packed dims
+        valid[3] + b"\x0a\x02\x10\x0b",  # a data type the enum does not have
+        valid[6] + b"\x0a\x06\x2a\x01A\x2a\x01B",  # byte_data twice
+        valid[4][:-1],
+        valid[5][:100],
+    ]
+    views = 0
+    for trial in range(3000):
+        data = bytearray(rng.choice(valid + odd))
+        for _ in range(rng.randrange(4) if trial >= len(odd) else 0):
+            where = rng.choice([rng.randrange(40), rng.randrange(len(data))])
+            data[where] = rng.randrange(256)
+        data = bytes(data) if trial >= len(odd) else odd[trial]
+        view = serializer.loads_view(data)
+        if view is None:
+            continue
+        views += 1
+        try:
+            parsed = TensorProtos.FromString(data)
+        except DecodeError:
+            pytest.fail(f"a view of bytes protobuf refuses (trial {trial})")
+        assert _view_fields(view) == _view_fields(parsed), trial
+    assert views > 300  # (mutations in the pixels leave views that must still be right)
+    small = RecordParts(b"\x01" * (VIEW_MIN_BYTES - 100), (10, 10), 1).record()
+    assert serializer.loads_view(small.SerializeToString()) is None  # protobuf parses it faster
+
+
+@pytest.mark.parametrize("codec", ["raw_rgb", "jpeg"])
+def test_the_tensor_transforms_read_views_with_the_same_result(photos, tmp_path, codec):
+    from torchrecord.serializers.tensorprotos import RecordView
+
+    out = tmp_path / "records"
+    Writer(photos, out, codec=codec).write()
+    results = {}
+    for views in (True, False):
+        for transform in ("fast", "uint8"):
+            dataset = TRDataset(out, transform=transform)
+            dataset._views = views
+            samples = [dataset[i] for i in range(len(dataset))]
+            batch = dataset.__getitems__(list(range(8)))
+            results[views, transform] = (samples, [batch[i] for i in range(8)])
+    for transform in ("fast", "uint8"):
+        (with_views, with_views_batch), (messages, messages_batch) = (
+            results[True, transform],
+            results[False, transform],
+        )
+        for (a, label_a), (b, label_b) in zip(
+            with_views + with_views_batch, messages + messages_batch
+        ):
+            assert label_a == label_b and torch.equal(a, b)
+    reader = TRDataset(out).reader
+    big = [i for i in range(len(reader)) if len(reader.read_bytes(i)) >= 64 * 1024]
+    assert all(isinstance(reader.read_view(i), RecordView) for i in big)
+    if codec == "raw_rgb":
+        assert len(big) == len(reader)  # (every photo here is larger than 150 x 150)

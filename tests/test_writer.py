@@ -315,3 +315,36 @@ def test_every_sample_skipped_leaves_nothing_behind(photos, tmp_path):
     with pytest.raises(DataListError, match="every one of the 2 samples was skipped"):
         Writer(photos, out, on_error="skip").write()
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def _dirty_kib() -> int:
+    """Page-cache data waiting to be written to disk, or being written, in KiB."""
+    fields = dict(line.split(":") for line in open("/proc/meminfo"))
+    return int(fields["Dirty"].split()[0]) + int(fields["Writeback"].split()[0])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="Linux only")
+def test_a_sealed_shard_starts_going_to_disk_before_its_fsync(tmp_path):
+    """Sealing a shard starts its writeback (so that the fsync at the end of a write finds it
+    mostly on disk): its dirty pages leave without any fsync, long before the kernel's own
+    flush (30 s)."""
+    import time
+    import zlib
+
+    from torchrecord.writer import _libc, _ShardWriter
+
+    assert _libc() is not None  # Linux with glibc: the writeback hint is in use
+    shard = _ShardWriter(tmp_path, 0, "raw_rgb", "tensorprotos", 2)
+    baseline = _dirty_kib()
+    for _ in range(100):
+        value = os.urandom(480_000)
+        shard.add(value, zlib.crc32(value))
+    shard._flush()  # committed: 48 MB in the page cache, not yet on disk
+    if _dirty_kib() - baseline < 32 << 10:
+        shard.close()
+        pytest.skip("this file system wrote the shard at once: nothing to observe")
+    shard.seal()
+    deadline = time.monotonic() + 10
+    while _dirty_kib() - baseline > 16 << 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _dirty_kib() - baseline <= 16 << 10

@@ -43,6 +43,7 @@ _LAZY = {
     "TensorProto": ".serializers.tensorprotos",
     "Codec": ".codecs.base",
     "make_record": ".codecs.base",
+    "RecordParts": ".codecs.base",
     "get_codec": ".plugins",
     "get_serializer": ".plugins",
 }

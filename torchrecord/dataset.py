@@ -17,12 +17,18 @@ import torch.utils.data as data
 
 from .batchpool import Recycled, shared_tensor
 from .codecs.base import record_label
+from .codecs.jpeg import JPEGCodec
+from .codecs.raw_rgb import RawRGBCodec
+from .codecs.smart import SmartCodec
 from .errors import DatasetError, RecordCorruptedError, ShardCorruptedError
 from .format import CUSTOM_CODEC
 from .reader import RecordReader
 from .serializers.tensorprotos import TensorProtos
 from .transforms import TRANSFORMS, default_transform, preload
 from .writer import record_extras
+
+# codecs whose tensor path reads only dims, byte_data and name: given record views (no copy)
+VIEW_CODECS = (RawRGBCodec, JPEGCodec, SmartCodec)
 
 ON_CORRUPT = ("raise", "warn", "skip")
 
@@ -154,6 +160,8 @@ class TRDataset(data.Dataset):
                     Codec, name
                 ):
                     self.tensor_kind = kind
+        # the built-in codecs' tensor paths read records as views, without copying the image
+        self._views = self.tensor_kind is not None and type(self.reader.codec) in VIEW_CODECS
         if self.extra_fields and builtin:
             transform = _WithExtras(transform)
         self.transform = self._tensor_transform = transform
@@ -213,7 +221,8 @@ class TRDataset(data.Dataset):
         return len(self.reader)
 
     def __getitem__(self, index: int) -> Any:
-        return self._substituting(int(index), self.transform)
+        view = self._views and self.transform is self._tensor_transform
+        return self._substituting(int(index), self.transform, view)
 
     def __getitems__(self, indices: list[int]) -> Any:
         """The samples of one batch (``DataLoader`` asks for a batch at once).
@@ -245,7 +254,7 @@ class TRDataset(data.Dataset):
             images = shared_tensor(shape, dtype)
         labels = torch.empty(len(indices), dtype=torch.int64)
         for row, index in enumerate(indices):
-            image, labels[row] = self._substituting(int(index), decode)
+            image, labels[row] = self._substituting(int(index), decode, self._views)
             if image.shape != (3, 224, 224) or image.dtype != torch.uint8:  # a plugin's own
                 self.prebatch = False  # in this process; its samples go one by one
                 return [self[index] for index in indices]
@@ -258,16 +267,18 @@ class TRDataset(data.Dataset):
     prebatch = False  # set by TorchRecord when its collate_fn accepts a Prebatched batch
     batch_pool = None  # set by TorchRecord with workers: batch buffers reused (see batchpool)
 
-    def _substituting(self, index: int, transform: Callable[[Any], Any] | None) -> Any:
+    def _substituting(
+        self, index: int, transform: Callable[[Any], Any] | None, view: bool = False
+    ) -> Any:
         """Sample ``index``; with ``on_corrupt`` "warn" or "skip", the next sound record
         stands in for a corrupt one."""
         if self.on_corrupt == "raise":
-            return self._sample(index, transform)
+            return self._sample(index, transform, view)
         n = len(self)
         for attempt in range(min(n, _MAX_SUBSTITUTES)):
             candidate = (index + attempt) % n
             try:
-                return self._sample(candidate, transform)
+                return self._sample(candidate, transform, view)
             except (RecordCorruptedError, ShardCorruptedError) as exc:
                 self._log_corrupt(candidate, exc)
         raise DatasetError(
@@ -275,8 +286,10 @@ class TRDataset(data.Dataset):
             "corrupt; run `torchrecord verify` and re-write the dataset"
         )
 
-    def _sample(self, index: int, transform: Callable[[Any], Any] | None) -> Any:
-        record = self.reader.read_record(index)
+    def _sample(
+        self, index: int, transform: Callable[[Any], Any] | None, view: bool = False
+    ) -> Any:
+        record = self.reader.read_view(index) if view else self.reader.read_record(index)
         if transform is None:
             return record
         if not self._builtin_transform:

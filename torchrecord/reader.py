@@ -280,7 +280,21 @@ class RecordReader:
 
     def read_record(self, index: int) -> Any:
         """One record, deserialized (a ``TensorProtos`` message)."""
+        return self._loads(index, self.read_bytes(index))
+
+    def read_view(self, index: int) -> Any:
+        """One record for the built-in codecs' tensor transforms: a view that does not copy
+        the image bytes where the serializer gives one (``loads_view``), else the message
+        :meth:`read_record` gives."""
         value = self.read_bytes(index)
+        loads_view = getattr(self.serializer, "loads_view", None)
+        if loads_view is not None:
+            view = loads_view(value)
+            if view is not None:
+                return view
+        return self._loads(index, value)
+
+    def _loads(self, index: int, value: bytes) -> Any:
         try:
             return self.serializer.loads(value)
         except SerializationError as exc:

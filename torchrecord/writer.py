@@ -9,6 +9,7 @@ ever visible, and a failed write leaves an existing dataset as it was.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import format as fmt
+from .codecs.base import parts_encoder
 from .codecs.raw_rgb import default_data_process_func, libjpeg_on, use_libjpeg
 from .datalist import (
     ITERABLE_NAME,
@@ -966,6 +968,7 @@ class _ShardWriter:
         ]
         self._flush()
         self.close()
+        _start_writeback(self.path)
 
     def finish(self, input_end: int, skipped: list[tuple[Entry, str]], hasher: Any) -> Any:
         """Complete the shard; a future of its ShardInfo, recorded as done (for resume) with
@@ -1028,13 +1031,27 @@ class _EncodeJob:
                 f"file {entry.path} {what}; fix the path or remove the line",
             )
         try:
+            serializer = get_serializer(self.serializer)
             if self.data_process_func is not None:
-                record = self.data_process_func(f"{entry.path} {entry.label}")
-            else:
-                record = get_codec(self.codec).encode(entry.path, entry.label, **self.options)
+                return serializer.dumps(self.data_process_func(f"{entry.path} {entry.label}"))
+            codec = get_codec(self.codec)
+            encode_parts = parts_encoder(codec)
+            parts = encode_parts and encode_parts(entry.path, entry.label, **self.options)
+            if parts is None:
+                record = codec.encode(entry.path, entry.label, **self.options)
+            elif hasattr(serializer, "dumps_parts"):  # the image copied once, into the bytes
+                more = None
                 if entry.extras:
-                    add_extras(record, entry.extras)
-            return get_serializer(self.serializer).dumps(record)
+                    from .serializers.tensorprotos import TensorProtos
+
+                    more = TensorProtos()
+                    add_extras(more, entry.extras)
+                return serializer.dumps_parts(parts, more)
+            else:
+                record = parts.record()
+            if entry.extras:
+                add_extras(record, entry.extras)
+            return serializer.dumps(record)
         except TorchRecordError as exc:
             raise DataListError(self.source, entry.line_no, str(exc)) from None
         except PermissionError as exc:
@@ -1504,6 +1521,40 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _start_writeback(path: Path) -> None:
+    """Have the kernel start writing a sealed shard to disk now, without waiting (Linux's
+    ``sync_file_range``), so that the fsync that makes it durable finds most of it written:
+    the writing overlaps with hashing the shard, and the fsync of the last shard, which
+    nothing else overlaps, takes less. Best effort: elsewhere the fsync does it all."""
+    libc = _libc()
+    if libc is None:
+        return
+    import ctypes
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), _SYNC_FILE_RANGE_WRITE)
+    finally:
+        os.close(fd)
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> Any:
+    """The C library, where it has ``sync_file_range`` (Linux), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc if hasattr(libc, "sync_file_range") else None
+    except OSError:
+        return None
 
 
 def _fsync(path: Path) -> None:

@@ -13,7 +13,7 @@ and old 0.1 datasets are simply ``raw_rgb`` datasets.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from ..errors import EncodeError
 
@@ -40,6 +40,53 @@ def make_record(image_bytes: bytes, size: tuple[int, int], label: int | str, nam
     label_proto.data_type = BYTE
     label_proto.byte_data = str(label).encode("ascii")
     return record
+
+
+class RecordParts(NamedTuple):
+    """A record of the layout above before it is built: what :func:`make_record` takes.
+
+    ``image`` is the stored image bytes as ``bytes`` or any C-contiguous buffer (a numpy array
+    of decoded pixels, for example): a serializer that writes the parts itself copies it once,
+    straight into the serialized record, instead of into a message and then out of it."""
+
+    image: Any
+    size: tuple[int, int]
+    label: int
+    name: str = ""
+
+    def record(self) -> TensorProtos:
+        image = self.image if isinstance(self.image, bytes) else bytes(memoryview(self.image))
+        return make_record(image, self.size, self.label, self.name)
+
+
+def builds_record(encode_parts: Any) -> Any:
+    """A codec's ``encode`` made of its ``encode_parts``: the same parameters (which the writer
+    checks options against), the record built from the parts."""
+    import inspect
+    from functools import wraps
+
+    @wraps(encode_parts)
+    def encode(self: Codec, path: str, label: Any, *args: Any, **options: Any) -> TensorProtos:
+        return encode_parts(self, path, label, *args, **options).record()
+
+    encode.__signature__ = inspect.signature(encode_parts).replace(  # type: ignore[attr-defined]
+        return_annotation="TensorProtos"
+    )
+    return encode
+
+
+def parts_encoder(codec: Any) -> Any:
+    """``codec.encode_parts`` where it stores what ``codec.encode`` does, else None: the class
+    that ``encode`` comes from must define ``encode_parts`` too, so that a subclass overriding
+    ``encode`` alone (or a plugin without ``encode_parts``) is never bypassed."""
+
+    def owner(name: str) -> type | None:
+        return next((k for k in type(codec).__mro__ if name in vars(k)), None)
+
+    cls = owner("encode")
+    if cls is None or cls is Codec or cls is not owner("encode_parts"):
+        return None
+    return codec.encode_parts
 
 
 def record_label(record: TensorProtos) -> int:
@@ -92,6 +139,13 @@ class Codec:
 
     def encode(self, path: str, label: Any) -> TensorProtos:
         raise NotImplementedError
+
+    def encode_parts(self, path: str, label: Any, **options: Any) -> RecordParts | None:
+        """What :meth:`encode` stores, before the record is built, for the writer to serialize
+        without an extra copy of the image; None when only :meth:`encode` knows (the default).
+        The built-in codecs implement ``encode`` as ``encode_parts(...).record()``
+        (:func:`builds_record`)."""
+        return None
 
     def decode_image(self, record: TensorProtos) -> Image:
         raise NotImplementedError

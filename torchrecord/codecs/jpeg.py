@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import EncodeError
 from ..hookspecs import hookimpl
-from .base import Codec, encode_jpeg, fit, make_record, parse_label
+from .base import Codec, RecordParts, builds_record, encode_jpeg, fit, parse_label
 
 JPEG_SOI = b"\xff\xd8\xff"
 JPEG_EOI = b"\xff\xd9"
@@ -79,7 +79,9 @@ class JPEGCodec(Codec):
     name = "jpeg"
     description = "original JPEG bytes, byte-identical; decoded when reading"
 
-    def encode(self, path: str, label: Any, max_size: int | None = None, quality: int = 90):
+    def encode_parts(
+        self, path: str, label: Any, max_size: int | None = None, quality: int = 90
+    ) -> RecordParts:
         """The file's bytes, unchanged; or, when ``max_size`` is set and the image is larger,
         the image scaled down and re-encoded at ``quality``."""
         label = parse_label(label)
@@ -104,8 +106,10 @@ class JPEGCodec(Codec):
 
             with Image.open(io.BytesIO(data)) as img:
                 small = fit(img.convert("RGB"), max_size)
-            return make_record(encode_jpeg(small, quality), small.size, label, name=self.name)
-        return make_record(data, size, label, name=self.name)
+            return RecordParts(encode_jpeg(small, quality), small.size, label, self.name)
+        return RecordParts(data, size, label, self.name)
+
+    encode = builds_record(encode_parts)
 
     def decode_image(self, record):
         from PIL import Image

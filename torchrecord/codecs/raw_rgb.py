@@ -20,14 +20,14 @@ from functools import lru_cache
 from typing import Any
 
 from ..hookspecs import hookimpl
-from .base import Codec, fit, make_record, parse_label
+from .base import Codec, RecordParts, builds_record, fit, parse_label
 
 
 class RawRGBCodec(Codec):
     name = "raw_rgb"
     description = "RGB pixels decoded at write time (Pillow's pixels); no decode when reading"
 
-    def encode(self, path: str, label: Any, max_size: int | None = None):
+    def encode_parts(self, path: str, label: Any, max_size: int | None = None) -> RecordParts:
         from PIL import Image
 
         label = parse_label(label)
@@ -37,10 +37,12 @@ class RawRGBCodec(Codec):
                     img.fp.seek(0)
                     pixels = _libjpeg_rgb(img.fp.read(), img.size)
                     if pixels is not None:
-                        return make_record(pixels, img.size, label)
+                        return RecordParts(pixels, img.size, label)
             # (convert() of an RGB image would copy it: skip that)
             rgb = fit(img if img.mode == "RGB" else img.convert("RGB"), max_size)
-            return make_record(rgb.tobytes(), rgb.size, label)
+            return RecordParts(rgb.tobytes(), rgb.size, label)
+
+    encode = builds_record(encode_parts)
 
     def decode_image(self, record):
         from PIL import Image
@@ -75,10 +77,11 @@ def libjpeg_on() -> bool:
     return _libjpeg_on
 
 
-def _libjpeg_rgb(data: bytes, size: tuple[int, int]) -> bytes | None:
-    """The RGB pixels (rows of ``R G B`` bytes, as Pillow's ``tobytes()``) of a JPEG Pillow
-    opened as RGB, of ``size``; None when the fast decoder is unavailable, differs from Pillow
-    here, or refuses the file (Pillow then decodes it, and reports what is wrong with it)."""
+def _libjpeg_rgb(data: bytes, size: tuple[int, int]) -> Any:
+    """The RGB pixels of a JPEG Pillow opened as RGB, of ``size``: a uint8 H x W x 3 numpy
+    array, whose memory holds the bytes of Pillow's ``tobytes()``. None when the fast decoder is
+    unavailable, differs from Pillow here, or refuses the file (Pillow then decodes it, and
+    reports what is wrong with it)."""
     decode = _fast_decoder()
     if decode is None:
         return None
@@ -89,7 +92,7 @@ def _libjpeg_rgb(data: bytes, size: tuple[int, int]) -> bytes | None:
     width, height = size
     if tuple(pixels.shape) != (height, width, 3):
         return None
-    return pixels.contiguous().numpy().tobytes()
+    return pixels.contiguous().numpy()  # (a view: decode_jpeg's buffer is H x W x 3)
 
 
 @lru_cache(maxsize=1)

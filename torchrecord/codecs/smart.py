@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..hookspecs import hookimpl
-from .base import Codec, encode_jpeg, fit, make_record, parse_label
+from .base import Codec, RecordParts, builds_record, encode_jpeg, fit, parse_label
 from .jpeg import CODEC as JPEG
 from .jpeg import JPEG_SOI, jpeg_size
 from .raw_rgb import CODEC as RAW
@@ -24,14 +24,14 @@ class SmartCodec(Codec):
     name = "smart"
     description = "per image: RGB pixels when small, JPEG when large"
 
-    def encode(
+    def encode_parts(
         self,
         path: str,
         label: Any,
         max_size: int | None = None,
         quality: int = 90,
         raw_below: int = DEFAULT_RAW_BELOW,
-    ):
+    ) -> RecordParts:
         from PIL import Image
 
         label = parse_label(label)
@@ -50,12 +50,14 @@ class SmartCodec(Codec):
         scale = min(1.0, max_size / max(size)) if max_size else 1.0
         pixels = round(size[0] * scale) * round(size[1] * scale)
         if pixels <= raw_below:
-            return RAW.encode(path, label, max_size=max_size)
+            return RAW.encode_parts(path, label, max_size=max_size)
         if head == JPEG_SOI:
-            return JPEG.encode(path, label, max_size=max_size, quality=quality)
+            return JPEG.encode_parts(path, label, max_size=max_size, quality=quality)
         with Image.open(path) as img:
             rgb = fit(img.convert("RGB"), max_size)
-        return make_record(encode_jpeg(rgb, quality), rgb.size, label, name="jpeg")
+        return RecordParts(encode_jpeg(rgb, quality), rgb.size, label, JPEG.name)
+
+    encode = builds_record(encode_parts)
 
     def _codec_of(self, record: Any) -> Codec:
         return JPEG if record.protos[0].name == JPEG.name else RAW
