@@ -324,27 +324,42 @@ def _dirty_kib() -> int:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="Linux only")
-def test_a_sealed_shard_starts_going_to_disk_before_its_fsync(tmp_path):
-    """Sealing a shard starts its writeback (so that the fsync at the end of a write finds it
-    mostly on disk): its dirty pages leave without any fsync, long before the kernel's own
-    flush (30 s)."""
+def test_a_sealed_shard_starts_going_to_disk_before_its_fsync(photos, tmp_path, monkeypatch):
+    """Each shard a worker seals starts its writeback at once (so that the fsync at the end of
+    a write finds it mostly on disk): its dirty pages leave without any fsync, long before the
+    kernel's own flush (30 s)."""
     import time
     import zlib
 
-    from torchrecord.writer import _libc, _ShardWriter
+    from torchrecord import writer
 
-    assert _libc() is not None  # Linux with glibc: the writeback hint is in use
-    shard = _ShardWriter(tmp_path, 0, "raw_rgb", "tensorprotos", 2)
+    assert writer._libc() is not None  # Linux with glibc: the writeback hint is in use
+    shard = writer._ShardWriter(tmp_path, 0, "raw_rgb", "tensorprotos", 2)
     baseline = _dirty_kib()
     for _ in range(100):
         value = os.urandom(480_000)
         shard.add(value, zlib.crc32(value))
-    shard._flush()  # committed: 48 MB in the page cache, not yet on disk
+    shard.seal()  # 48 MB in the page cache, not yet on disk
     if _dirty_kib() - baseline < 32 << 10:
-        shard.close()
         pytest.skip("this file system wrote the shard at once: nothing to observe")
-    shard.seal()
+    writer._start_writeback(shard.path)
     deadline = time.monotonic() + 10
     while _dirty_kib() - baseline > 16 << 10 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _dirty_kib() - baseline <= 16 << 10
+    # and shard workers do it for every shard they seal (forked: they inherit the patch)
+    calls = tmp_path / "calls"
+    real = writer._start_writeback
+
+    def noting(path):
+        with open(calls, "a") as f:
+            f.write(f"{path.name}\n")
+        real(path)
+
+    import multiprocessing
+
+    if multiprocessing.get_start_method() != "fork":
+        return  # (spawned workers would not see the patch)
+    monkeypatch.setattr(writer, "_start_writeback", noting)
+    Writer(photos, tmp_path / "records", db_num=3, num_workers=2).write()
+    assert sorted(calls.read_text().split()) == [f"shard-0000{k}.lmdb" for k in range(3)]

@@ -13,6 +13,7 @@ Environment variables:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import threading
@@ -258,6 +259,28 @@ def get_serializer(name: str) -> Any:
         return table[name].obj
     except KeyError:
         raise UnknownPluginError("serializer", name, sorted(table)) from None
+
+
+def fast_method(obj: Any, method: str, fast: str) -> Any:
+    """``obj.<fast>``, the optional faster form of ``obj.<method>`` (a codec's ``encode_parts``
+    for ``encode``, a serializer's ``dumps_parts`` for ``dumps`` and ``loads_view`` for
+    ``loads``), where it does what ``method`` does; else None.
+
+    It does when the class ``method`` comes from also defines ``fast``, or made ``method`` of
+    ``fast`` (see :func:`torchrecord.codecs.base.builds_record`): a subclass that overrides
+    ``method`` alone is never bypassed."""
+    return getattr(obj, fast) if _fast_method_applies(type(obj), method, fast) else None
+
+
+@functools.cache
+def _fast_method_applies(cls: type, method: str, fast: str) -> bool:
+    def owner(name: str) -> type | None:
+        return next((k for k in cls.__mro__ if name in vars(k)), None)
+
+    impl, slow = owner(fast), owner(method)
+    if impl is None or slow is None:
+        return False
+    return slow is impl or getattr(vars(slow)[method], "built_on", None) == fast
 
 
 def list_codecs() -> list[PluginInfo]:

@@ -20,7 +20,7 @@ import numpy as np
 from . import format as fmt
 from .environments import SHARED
 from .errors import DatasetError, RecordCorruptedError, SerializationError, ShardCorruptedError
-from .plugins import get_codec, get_serializer
+from .plugins import fast_method, get_codec, get_serializer
 
 
 class RecordReader:
@@ -287,7 +287,7 @@ class RecordReader:
         the image bytes where the serializer gives one (``loads_view``), else the message
         :meth:`read_record` gives."""
         value = self.read_bytes(index)
-        loads_view = getattr(self.serializer, "loads_view", None)
+        loads_view = fast_method(self.serializer, "loads", "loads_view")
         if loads_view is not None:
             view = loads_view(value)
             if view is not None:

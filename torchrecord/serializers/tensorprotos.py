@@ -54,10 +54,10 @@ class TensorProtosSerializer:
 
         Written here in protobuf's wire format, fields in number order as protobuf writes
         them; tests compare the two over many records."""
-        width, height = parts.size
-        if not (isinstance(width, int) and isinstance(height, int) and width >= 0 and height >= 0):
-            return self.dumps(_with(parts.record(), more))  # (dims protobuf would refuse)
         image = memoryview(parts.image)
+        if not (_plain_size(parts.size) and image.c_contiguous and isinstance(parts.name, str)):
+            return self.dumps(_with(parts.record(), more))  # protobuf says what it makes of it
+        width, height = parts.size
         image = image.cast("B") if image.nbytes else b""  # (bytes.join takes flat buffers)
         head = b"".join(
             (b"\x08", _varint(width), b"\x08", _varint(height), b"\x10\x03\x2a")
@@ -201,6 +201,15 @@ def _varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+def _plain_size(size: Any) -> bool:
+    """Whether ``size`` is two ints that are int64 dims without sign (what images have)."""
+    return (
+        isinstance(size, tuple | list)
+        and len(size) == 2
+        and all(type(n) is int and 0 <= n < 1 << 63 for n in size)
+    )
 
 
 def _with(record: TensorProtos, more: TensorProtos | None) -> TensorProtos:
