@@ -1143,12 +1143,11 @@ def _init_worker(lock_fd: int | None, parent: int | None, shared: tuple | None) 
             os.close(lock_fd)  # the parent's descriptor still holds the lock
         except OSError:
             pass
-    if sys.platform.startswith("linux"):
+    libc = _libc()
+    if libc is not None:
         try:
-            import ctypes
             import signal
 
-            libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
             _keep_freed_memory(libc)
         except (OSError, AttributeError):
@@ -1532,7 +1531,7 @@ def _start_writeback(path: Path) -> None:
     shard, which nothing else overlaps, takes less. Best effort: elsewhere, or if the call
     fails, the fsync does it all. (In one process the fsync runs beside the writing anyway.)"""
     libc = _libc()
-    if libc is None:
+    if libc is None or not hasattr(libc, "sync_file_range"):
         return
     import ctypes
 
@@ -1549,16 +1548,15 @@ def _start_writeback(path: Path) -> None:
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-@functools.lru_cache(maxsize=1)
+@functools.cache
 def _libc() -> Any:
-    """The C library, where it has ``sync_file_range`` (Linux), else None."""
+    """The C library, on Linux (for prctl, mallopt and sync_file_range); None elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
 
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc if hasattr(libc, "sync_file_range") else None
+        return ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
 
