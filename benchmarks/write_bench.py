@@ -1,12 +1,14 @@
 """Write (conversion) throughput: TorchRecord against its peers and ``cp -r``, side by side.
 
-    python -m benchmarks.write_bench [--num-images 2000] [--rounds 3]
+    python -m benchmarks.write_bench [--num-images 2000] [--rounds 3] [--source warm|cold]
 
-Every method converts the same generated CUB-like JPEGs (read from files that are in the page
-cache: each round reads them first) into its own format; rounds interleave the methods and a
-figure is the median over rounds. ``cp -r`` of the source folder is the floor any conversion is
-measured against. The original TorchRecord 0.1.1 writer runs too: its own code, fetched from
-PyPI, against today's protobuf (see ``benchmarks/original_writer.py``).
+Every method converts the same generated CUB-like JPEGs into its own format; rounds interleave
+the methods and a figure is the median over rounds. The source files are in the page cache
+before every method (``--source warm``: each method reads them first) or dropped from it
+(``--source cold``, ``posix_fadvise(DONTNEED)``: every method reads them from disk, as a
+conversion of a dataset too large for memory does). ``cp -r`` of the source folder is the
+floor any conversion is measured against. The original TorchRecord 0.1.1 writer runs too: its
+own code, fetched from PyPI, against today's protobuf (see ``benchmarks/original_writer.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--data", type=Path, default=REPO / "data")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument(
+        "--source",
+        choices=("warm", "cold"),
+        default="warm",
+        help="source files in the page cache before each method, or read from disk",
+    )
     args = parser.parse_args(argv)
 
     from benchmarks import original_writer, peers
@@ -108,8 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, (run, output) in methods.items():
             shutil.rmtree(output, ignore_errors=True)
             os.sync()  # no method pays for writing back another's output
-            for path, _ in source.entries:  # the source files are in the page cache
-                path.read_bytes()
+            for path, _ in source.entries:  # every method finds the source files alike
+                if args.source == "warm":
+                    path.read_bytes()
+                else:
+                    _evict(path)
             started = time.perf_counter()
             target = run()
             seconds[name].append(time.perf_counter() - started)
@@ -123,10 +134,15 @@ def main(argv: list[str] | None = None) -> int:
         medians[k] for k in methods if k.split()[0] in ("WebDataset", "MosaicML", "LitData")
     )
     original_key = "TorchRecord 0.1.1 writer (raw RGB, 1 process)"
+    where = (
+        "source files in the page cache"
+        if args.source == "warm"
+        else "source files dropped from the page cache before each method (read from disk)"
+    )
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} with `python -m benchmarks.write_bench`: {n} "
-        f"CUB-like JPEGs ({src_bytes / 1e6:.1f} MB), source files in the page cache, median of "
-        f"{args.rounds} rounds. Machine: {machine()['cpu']}, {machine()['cores']} cores.",
+        f"CUB-like JPEGs ({src_bytes / 1e6:.1f} MB), {where}, median of {args.rounds} "
+        f"rounds. Machine: {machine()['cpu']}, {machine()['cores']} cores.",
         "",
         "| method | seconds | images/s | x fastest peer | x cp -r | x 0.1.1 | MB on disk "
         "| x source bytes |",
@@ -142,9 +158,18 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items())]
     text = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "write.md").write_text(text)
+    (args.out / ("write.md" if args.source == "warm" else "write-cold.md")).write_text(text)
     print("\n" + text)
     return 0
+
+
+def _evict(path: Path) -> None:
+    """Drop a file's pages from the page cache (it was written back by the sync before)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 if __name__ == "__main__":

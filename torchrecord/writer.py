@@ -34,6 +34,7 @@ from .datalist import (
 )
 from .errors import DataListError, DatasetExistsError, DiskFullError, TorchRecordError
 from .plugins import fast_method, get_codec, get_serializer
+from .readahead import SourceReadahead
 
 _INITIAL_MAP_SIZE = 256 << 20
 _BATCH_RECORDS = 512
@@ -671,10 +672,21 @@ class Writer:
         ``BrokenProcessPool`` instead of hanging the write.
         """
         job = self._encode_job(source, len(entries))
-        if self.num_workers == 0:
-            for entry in entries:
-                yield (entry, *job(entry))
-            return
+        ahead = SourceReadahead([entry.path for entry in entries])
+        try:
+            if self.num_workers == 0:
+                ahead.start()
+                for entry in entries:
+                    ahead.advance()
+                    yield (entry, *job(entry))
+                return
+            yield from self._encoded_by_workers(entries, job, ahead)
+        finally:
+            ahead.close()
+
+    def _encoded_by_workers(
+        self, entries: list[Entry], job: _EncodeJob, ahead: SourceReadahead
+    ) -> Iterator[tuple[Entry, bool, bytes, int]]:
         from collections import deque
         from concurrent.futures import ProcessPoolExecutor
 
@@ -699,6 +711,11 @@ class Writer:
             try:
                 for chunk in chunks:
                     pending.append((chunk, pool.submit(job.run_chunk, chunk)))
+                    # started once the pool has forked its workers (at the first submit),
+                    # so no worker is forked while the thread runs; it reads ahead of what
+                    # the workers were given
+                    ahead.start()
+                    ahead.advance(len(chunk))
                     if len(pending) >= 4 * self.num_workers:
                         yield from drain()
                 while pending:
@@ -1244,19 +1261,21 @@ def _write_planned_shard(
     shard: _ShardWriter | None = None
     skipped: list[tuple[Entry, str]] = []
     try:
-        for entry in entries:
-            if stop_after is not None and stop_after.value < slot:
-                raise _Cancelled
-            ok, value, crc = job(entry)
-            if counts is not None:
-                counts[2 * slot] += 1
-                counts[2 * slot + 1] += len(value) if ok else 0
-            if not ok:
-                skipped.append((entry, value.decode()))
-                continue
-            if shard is None:
-                shard = _ShardWriter(staging, index, *layout)
-            shard.add(value, crc)
+        with SourceReadahead([entry.path for entry in entries]).start() as ahead:
+            for entry in entries:
+                if stop_after is not None and stop_after.value < slot:
+                    raise _Cancelled
+                ahead.advance()
+                ok, value, crc = job(entry)
+                if counts is not None:
+                    counts[2 * slot] += 1
+                    counts[2 * slot + 1] += len(value) if ok else 0
+                if not ok:
+                    skipped.append((entry, value.decode()))
+                    continue
+                if shard is None:
+                    shard = _ShardWriter(staging, index, *layout)
+                shard.add(value, crc)
         if shard is None:
             return None, skipped
         shard.seal()

@@ -1,0 +1,222 @@
+"""Source readahead: the kernel reads the coming source files a window ahead of the encoder.
+
+Observed in the real page cache: files are evicted (``POSIX_FADV_DONTNEED``), and ``mincore``
+says which of their pages are in memory."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from torchrecord import TRDataset, Writer
+from torchrecord import readahead as ra
+from torchrecord import writer as writer_module
+
+pytestmark = pytest.mark.skipif(
+    not (ra.available() and sys.platform.startswith("linux")), reason="Linux page cache only"
+)
+
+
+def _resident(path: Path) -> float:
+    """Share of the file's pages in the page cache (mincore), without reading any of them."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        try:
+            vec = (ctypes.c_ubyte * pages)()
+            start = ctypes.c_char.from_buffer(mapping)
+            rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(start)), ctypes.c_size_t(size), vec)
+            del start
+            assert rc == 0, os.strerror(ctypes.get_errno())
+            return sum(v & 1 for v in vec) / pages
+        finally:
+            mapping.close()
+
+
+def _evict(paths: list[Path]) -> None:
+    os.sync()  # (dirty pages cannot be dropped)
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    assert not any(_resident(p) for p in paths), "this file system keeps evicted pages"
+
+
+def _wait_resident(paths: list[Path], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(_resident(p) == 1.0 for p in paths):
+        assert time.monotonic() < deadline, [p.name for p in paths if _resident(p) < 1.0][:5]
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def many_photos(photo_dir, tmp_path) -> list[Path]:
+    """300 JPEG files (the 24 photos over and over, under names of their own), not cached."""
+    photos = sorted(photo_dir.rglob("*.jpg"))
+    out = tmp_path / "many"
+    out.mkdir()
+    paths = []
+    for i in range(300):
+        path = out / f"{i:04d}.jpg"
+        shutil.copyfile(photos[i % len(photos)], path)
+        paths.append(path)
+    _evict(paths)
+    return paths
+
+
+def test_reads_a_window_ahead_of_the_encoder_and_no_further(many_photos, tmp_path):
+    fifo = tmp_path / "a-fifo"
+    os.mkfifo(fifo)  # a data list may name anything: the helper must not hang on it
+    paths = [fifo, *many_photos]  # position k + 1 is many_photos[k]
+    ahead = ra.SourceReadahead(paths, window=64, burst=16).start()
+    try:
+        assert ahead._helper is not None
+        _wait_resident(many_photos[:63])  # positions 1..63: the first window
+        time.sleep(0.3)
+        assert not any(_resident(p) for p in many_photos[63:])
+        # the encoder jumps to position 150: the files it passed are not read any more,
+        # the next window is
+        ahead.advance(150)
+        _wait_resident(many_photos[149:213])
+        time.sleep(0.3)
+        assert not any(_resident(p) for p in many_photos[63:149])
+        assert not any(_resident(p) for p in many_photos[213:])
+        helper = ahead._helper
+    finally:
+        ahead.close()
+    assert helper.returncode is not None  # ended and reaped
+
+
+def test_starts_once_a_coming_file_is_not_in_the_page_cache(many_photos, monkeypatch):
+    monkeypatch.setattr(ra, "PROBE_EVERY", 32)
+    for path in many_photos[:150]:
+        path.read_bytes()  # the first 150 files are in the page cache, the others on disk
+    ahead = ra.SourceReadahead(many_photos, window=64, burst=16).start()
+    try:
+        for _ in range(2):
+            ahead.advance(40)
+            assert ahead._helper is None  # probes at 0, 40 and 80 found their windows cached
+        ahead.advance(40)  # the window from 120 reaches files on disk
+        assert ahead._helper is not None
+        _wait_resident(many_photos[150:184])
+        time.sleep(0.3)
+        assert not any(_resident(p) for p in many_photos[184:])
+    finally:
+        ahead.close()
+
+
+def test_small_sets_of_files_start_no_helper(many_photos):
+    few = many_photos[: ra.MIN_FILES - 1]
+    with ra.SourceReadahead(few).start() as ahead:
+        assert ahead._helper is None
+        ahead.advance(10)
+        assert ahead._helper is None
+    assert not any(_resident(p) for p in few[10:])
+
+
+def test_helper_ends_when_the_writer_is_killed(many_photos, tmp_path):
+    listing = tmp_path / "paths.json"
+    listing.write_text(json.dumps([str(p) for p in many_photos]))
+    code = f"""
+import json, sys, time
+from torchrecord.readahead import SourceReadahead
+paths = json.load(open({str(listing)!r}))
+ahead = SourceReadahead(paths, window=16).start()
+print(ahead._helper.pid, flush=True)
+time.sleep(60)
+"""
+    import subprocess
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    try:
+        helper = int(proc.stdout.readline())
+        assert _alive(helper)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while _alive(helper):
+            assert time.monotonic() < deadline, "the helper outlived the killed writer"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its new parent to reap it has ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+class _Spy(ra.SourceReadahead):
+    """The real readahead, which also notes in a file (worker processes write there too) what
+    it was given and whether its helper ran."""
+
+    log: Path
+
+    def __init__(self, paths, *args, **kwargs):
+        self.given = [str(p) for p in paths]
+        super().__init__(paths, *args, **kwargs)
+
+    def close(self) -> None:
+        helper = self._helper
+        super().close()
+        with open(self.log, "a") as f:
+            row = {
+                "paths": self.given,
+                "taken": self.taken,
+                "helper": helper is not None,
+                "reaped": helper is None or helper.returncode is not None,
+            }
+            f.write(json.dumps(row) + "\n")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("source", ["on disk", "cached"])
+def test_writes_read_their_sources_ahead_in_write_order(
+    many_photos, tmp_path, monkeypatch, workers, source
+):
+    log = tmp_path / "readahead.jsonl"
+    monkeypatch.setattr(_Spy, "log", log, raising=False)
+    monkeypatch.setattr(writer_module, "SourceReadahead", _Spy)
+    data_list = tmp_path / "list.txt"
+    data_list.write_text("".join(f"{p} {i % 5}\n" for i, p in enumerate(many_photos[:280])))
+    if source == "cached":
+        for path in many_photos:
+            path.read_bytes()
+    out = tmp_path / f"out{workers}"
+    Writer(
+        data_list, out, db_num=2, shuffle=True, codec="jpeg", num_workers=workers, progress=False
+    ).write()
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    # one readahead per encoding loop: the whole write in one process, each shard in a worker;
+    # its helper ran only when the sources were on disk
+    assert len(rows) == (1 if workers == 0 else 2)
+    assert [row["helper"] for row in rows] == [source == "on disk"] * len(rows)
+    assert all(row["reaped"] for row in rows)
+    assert all(row["taken"] == len(row["paths"]) for row in rows)
+    # each loop was given its sources in the order it wrote them: its shard's records
+    dataset = TRDataset(out, transform=None)
+    written = [bytes(dataset[i].protos[0].byte_data) for i in range(len(dataset))]
+    shards = [written] if workers == 0 else [written[:140], written[140:]]
+    given = [tuple(Path(p).read_bytes() for p in row["paths"]) for row in rows]
+    assert sorted(given) == sorted(map(tuple, shards))
+    assert sorted(map(str, many_photos[:280])) == sorted(p for row in rows for p in row["paths"])

@@ -1,0 +1,196 @@
+"""Source readahead: the kernel reads the next source files while the writer encodes this one.
+
+A conversion reads every source file once, in the order of the write, and most of them come
+from disk: a dataset of millions of files is not in the page cache. Read one after the other,
+each file costs the encoder a wait for the disk. A small helper process asks the kernel to read
+the coming files (``posix_fadvise(WILLNEED)``, which queues the reads and returns at once), a
+window ahead of the encoder, so that by the time the encoder opens a file it is in memory.
+Measured here on 2,000 JPEGs of 35 KB from a cold cache: a ``jpeg`` write in one process took
+0.59 s instead of 1.21 (fresh processes, medians). When the files are in the page cache already
+nothing is read ahead: the helper starts only once a probe finds a coming file on disk.
+
+A process, not a thread: a thread in the writing process would take Python's lock for every
+file, and handing that lock back and forth with the encoder made a write from a warm cache 1.5
+times slower here. The helper is a bare interpreter (``python -I -S``, no imports) that reads
+NUL-separated paths from a pipe; the encoder's side writes the next names in bursts, never
+waits for the pipe, and the helper ends when the pipe closes (also when the writer is killed).
+
+The window is bounded in files, and each file is advised up to ``ADVISE_BYTES``, so what is read
+ahead is still in the page cache when its turn comes, however large the dataset. Only a hint: a
+file the helper cannot open or advise is left to the encoder, which reports what is wrong with
+it. Without ``posix_fadvise`` (not Linux or BSD), or if the helper cannot start, nothing is read
+ahead.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+MIN_FILES = 128  # smaller writes (or shards) start no helper: it would not pay for itself
+WINDOW_FILES = 256  # files advised ahead of the encoder, at most
+BURST_FILES = 64  # names sent at once: the encoder writes to the pipe once per this many files
+ADVISE_BYTES = 8 << 20  # of each file; the kernel's own readahead follows the encoder beyond
+PROBES = 4  # files of the coming window probed for being in the page cache
+PROBE_EVERY = 256  # files between probes, while the helper is not running
+_NEVER = 1 << 62
+
+# The helper: NUL-separated paths on stdin, each advised; nothing imported but os and sys.
+_HELPER = """\
+import os, sys
+size = int(sys.argv[1])
+flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+rest = b""
+while chunk := os.read(0, 1 << 16):
+    *names, rest = (rest + chunk).split(b"\\0")
+    for name in names:
+        try:
+            fd = os.open(name, flags)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        os.close(fd)
+"""
+
+
+def available() -> bool:
+    return hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_WILLNEED")
+
+
+def _cached(path: str | os.PathLike) -> bool:
+    """Whether the first byte of ``path`` is in the page cache: a read that fails rather than
+    wait for the disk (``RWF_NOWAIT``; it starts the kernel's readahead of the file, if
+    anything). A file that cannot be probed counts as not cached, one that cannot be opened as
+    cached (nothing to read ahead there)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except (OSError, ValueError):
+        return True
+    try:
+        return os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT) >= 0
+    except (OSError, AttributeError):  # BlockingIOError: not cached; others: cannot tell
+        return False
+    finally:
+        os.close(fd)
+
+
+class SourceReadahead:
+    """Has ``paths`` read ahead, in order, at most ``window`` files ahead of the encoder, which
+    calls :meth:`advance` for each file it has taken.
+
+    :meth:`start` starts it, :meth:`close` (or leaving a ``with`` block) ends it. Start it
+    after forking worker processes, so that they do not inherit its pipe.
+
+    The helper runs only while it is needed: every ``PROBE_EVERY`` files (and at the start)
+    a few files of the coming window are probed (a one-byte read that must not wait for the
+    disk), and the helper starts the first time one of them is not in the page cache. Costly
+    next to a write from the page cache (starting an interpreter, a system call per file), it
+    is never started for one.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike],
+        window: int = WINDOW_FILES,
+        burst: int = BURST_FILES,
+    ):
+        self.paths = paths
+        self.window = max(1, window)
+        self.burst = max(1, min(burst, self.window))
+        self.taken = 0  # files the encoder has taken
+        self.sent = 0  # files up to which names went to the helper
+        self._pending = b""  # the rest of a name the pipe had no room for
+        self._helper: subprocess.Popen | None = None
+        self._probe_at = _NEVER  # position of the next probe while there is no helper
+        self._closed = False
+
+    def start(self) -> SourceReadahead:
+        """Start watching (once; later calls do nothing)."""
+        if self._probe_at == _NEVER and self._helper is None and not self._closed:
+            if len(self.paths) >= MIN_FILES and available():
+                self._probe_at = 0
+                self._probe()
+        return self
+
+    def __enter__(self) -> SourceReadahead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def advance(self, files: int = 1) -> None:
+        """The encoder has taken ``files`` more files."""
+        self.taken += files
+        if self._helper is not None:
+            if self.taken + self.window - self.sent >= self.burst:
+                self._send()
+        elif self.taken >= self._probe_at:
+            self._probe()
+
+    def _probe(self) -> None:
+        """Start the helper if a file of the coming window is not in the page cache."""
+        count = len(self.paths)
+        step = max(1, self.window // PROBES)
+        ahead = range(self.taken, min(count, self.taken + self.window), step)
+        if any(not _cached(self.paths[k]) for k in ahead):
+            self._probe_at = _NEVER
+            self._spawn()
+        else:
+            self._probe_at = self.taken + PROBE_EVERY
+
+    def _spawn(self) -> None:
+        try:
+            self._helper = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _HELPER, str(ADVISE_BYTES)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                close_fds=True,
+            )
+            os.set_blocking(self._helper.stdin.fileno(), False)
+        except (OSError, ValueError, subprocess.SubprocessError):
+            self._helper = None
+            return
+        self._send()
+
+    def close(self) -> None:
+        """End the helper; what it queued is in the kernel's hands already."""
+        self._closed = True
+        self._probe_at = _NEVER
+        helper, self._helper = self._helper, None
+        if helper is None:
+            return
+        try:
+            helper.stdin.close()
+        except OSError:
+            pass
+        helper.kill()  # nothing it has left to do is worth waiting for
+        helper.wait()
+
+    def _send(self) -> None:
+        """Names up to ``window`` files ahead of the encoder, as far as the pipe takes them
+        (none of the files the encoder has reached already: no use reading those now)."""
+        stop = min(len(self.paths), self.taken + self.window)
+        first = max(self.sent, self.taken)
+        names = [self._pending] if self._pending else []
+        names += [os.fsencode(self.paths[k]) + b"\0" for k in range(first, stop)]
+        self.sent = max(self.sent, stop)
+        data = b"".join(names)
+        if not data:
+            return
+        try:
+            written = os.write(self._helper.stdin.fileno(), data)
+        except BlockingIOError:  # the helper is behind: these go with the next burst
+            written = 0
+        except OSError:  # the helper is gone: read nothing ahead from now on
+            self.close()
+            return
+        # a name cut short is finished next time; the names after it are dropped (the
+        # encoder reads those files itself), so nothing piles up while the helper is behind
+        end = data.find(b"\0", written) + 1 if written < len(data) else 0
+        self._pending = data[written:end] if written < end else b""
