@@ -712,8 +712,8 @@ class Writer:
                 for chunk in chunks:
                     pending.append((chunk, pool.submit(job.run_chunk, chunk)))
                     # started once the pool has forked its workers (at the first submit),
-                    # so no worker is forked while the thread runs; it reads ahead of what
-                    # the workers were given
+                    # so that no worker inherits the helper's pipe; it reads ahead of what
+                    # the workers were given (up to 4 chunks a worker are in flight)
                     ahead.start()
                     ahead.advance(len(chunk))
                     if len(pending) >= 4 * self.num_workers:
