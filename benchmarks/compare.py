@@ -37,6 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 BASELINE = "ImageFolder (loose files)"
+IN_MEMORY = ", records in memory"  # the suffix of a TorchRecord method's twin that reads none
 
 # which per-core pipeline of benchmarks/limit.py each method runs
 PIPELINE_OF = {
@@ -52,6 +53,8 @@ PIPELINE_OF = {
     "TorchRecord jpeg uint8": "tensor uint8 (jpeg)",
     "TorchRecord raw_rgb, defaults": "tensor (raw)",
     "TorchRecord jpeg, defaults": "tensor (jpeg)",
+    "TorchRecord raw_rgb, defaults, records in memory": "tensor (raw)",
+    "TorchRecord jpeg, defaults, records in memory": "tensor (jpeg)",
 }
 
 
@@ -384,6 +387,11 @@ def main(argv: list[str] | None = None) -> int:
             "pipeline": pipeline,
             "of_ideal": median / ideal if ideal else None,
         }
+        twin = name + IN_MEMORY
+        if twin in rates:  # the same loader with its records in memory: its pipeline's limit
+            results["methods"][name]["of_in_memory"] = statistics.median(
+                r / m for r, m in zip(rates[name], rates[twin])
+            )
     write_report(results, args.out)
     return 0
 
@@ -423,6 +431,23 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"{t['resize'] * 1e3:.2f} | {to_tensor} | {t['total'] * 1e3:.2f} | "
             f"{t['images_per_s']:.0f} |"
         )
+    limited = {n: r for n, r in results["methods"].items() if r.get("of_in_memory")}
+    if limited:
+        lines += [
+            "",
+            "Share of the pipeline's limit with the DataLoader's transport: images/s against the "
+            "same loader with every record already in its workers' memory (median of per-round "
+            "ratios):",
+            "",
+            "| method | images/s | records in memory, images/s | share |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, r in limited.items():
+            twin = results["methods"][name + IN_MEMORY]
+            lines.append(
+                f"| {name} | {r['images_per_s']:.0f} | {twin['images_per_s']:.0f} | "
+                f"{r['of_in_memory']:.0%} |"
+            )
     if results.get("shuffle_quality"):
         lines += [
             "",

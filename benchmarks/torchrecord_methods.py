@@ -11,6 +11,7 @@ import importlib.metadata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from benchmarks.compare import IN_MEMORY
 from benchmarks.peers import Method, Source
 from torchrecord import TorchRecord, Writer
 
@@ -26,8 +27,27 @@ class _Float:
             yield images.float().div_(255), labels
 
 
+class _RecordsInMemory:
+    """Stands in for a reader's ``read_view``: the first call, in whichever process makes it (a
+    DataLoader worker), reads every record of the dataset once (fetch, CRC-32 check, parse) and
+    keeps it; from then on reading a record is a list lookup. So a loader that reads through it
+    does everything TorchRecord does but read records: the limit of its pipeline, transport
+    included. Built in the workers, so the training process (whose memory is measured for every
+    method) holds none of it."""
+
+    def __init__(self, reader) -> None:
+        self.reader, self.read = reader, reader.read_view
+        self.records: list | None = None
+
+    def __call__(self, index: int):
+        if self.records is None:
+            self.records = [self.read(i) for i in range(len(self.reader))]
+        return self.records[index]
+
+
 class TorchRecordMethod(Method):
-    """TorchRecord with one codec and one read-time transform."""
+    """TorchRecord with one codec and one read-time transform; ``in_memory``: with every record
+    already read into its workers' memory (see :class:`_RecordsInMemory`)."""
 
     def __init__(
         self,
@@ -37,12 +57,14 @@ class TorchRecordMethod(Method):
         name: str,
         num_workers_write: int = 2,
         persistent: bool = False,
+        in_memory: bool = False,
     ) -> None:
         self.slug = f"torchrecord_{codec}"  # transforms of one codec share its dataset
         super().__init__(workdir)
         self.codec, self.transform, self.name = codec, transform, name
         self.num_workers_write = num_workers_write
         self.persistent = persistent  # False like every peer; True is TorchRecord's default
+        self.in_memory = in_memory
 
     def prepare(self, source: Source) -> None:
         self.source = source
@@ -76,6 +98,10 @@ class TorchRecordMethod(Method):
             seed=seed,
             persistent_workers=self.persistent and num_workers > 0,
         )
+        if self.in_memory:
+            if loader.dataset.tensor_kind is None:
+                raise ValueError("records in memory are given to the tensor transforms only")
+            loader.dataset.reader.read_view = _RecordsInMemory(loader.dataset.reader)
         return _Float(loader) if self.transform == "uint8" else loader
 
     def describe(self) -> str:
@@ -85,6 +111,8 @@ class TorchRecordMethod(Method):
             "fast": "tensor decode + antialiased resize",
             "uint8": "uint8 batches, float conversion in the training process",
         }[self.transform]
+        if self.in_memory:
+            how += "; every record read into the workers' memory first (the pipeline's limit)"
         return (
             f"LMDB shards of {stored}; {how}; torchrecord "
             f"{importlib.metadata.version('torchrecord')}"
@@ -104,6 +132,23 @@ def torchrecord_methods(workdir: Path) -> list[TorchRecordMethod]:
             workdir, "raw_rgb", "fast", "TorchRecord raw_rgb, defaults", persistent=True
         ),
         TorchRecordMethod(workdir, "jpeg", "fast", "TorchRecord jpeg, defaults", persistent=True),
+        # the same two with every record in the workers' memory: their pipelines' limits
+        TorchRecordMethod(
+            workdir,
+            "raw_rgb",
+            "fast",
+            "TorchRecord raw_rgb, defaults" + IN_MEMORY,
+            persistent=True,
+            in_memory=True,
+        ),
+        TorchRecordMethod(
+            workdir,
+            "jpeg",
+            "fast",
+            "TorchRecord jpeg, defaults" + IN_MEMORY,
+            persistent=True,
+            in_memory=True,
+        ),
     ]
 
 
