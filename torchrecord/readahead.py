@@ -39,6 +39,8 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from .clib import libc
+
 MIN_FILES = 128  # smaller writes (or shards) start no helper: it would not pay for itself
 WINDOW_FILES = 256  # files advised ahead of the encoder, at most
 BURST_FILES = 64  # names sent at once: the encoder writes to the pipe once per this many files
@@ -106,53 +108,25 @@ def _cached(path: str | os.PathLike) -> bool | None:
 
 def _mincore_first_page(fd: int) -> bool | None:
     """``mincore`` of a one-page shared read-only mapping of ``fd``: reads nothing."""
-    libc = _libc()
-    if libc is None:
+    lib = libc()
+    if lib is None or not hasattr(lib, "mincore"):
         return None
     import ctypes
 
     page = os.sysconf("SC_PAGE_SIZE")
-    address = libc.mmap(None, page, _PROT_READ, _MAP_SHARED, fd, 0)
+    address = lib.mmap(None, page, _PROT_READ, _MAP_SHARED, fd, 0)
     if address is None or address == ctypes.c_void_p(-1).value:
         return None
     try:
         vec = (ctypes.c_ubyte * 1)()
-        if libc.mincore(address, page, vec) != 0:
+        if lib.mincore(address, page, vec) != 0:
             return None
         return bool(vec[0] & 1)
     finally:
-        libc.munmap(address, page)
+        lib.munmap(address, page)
 
 
 _PROT_READ, _MAP_SHARED = 1, 1
-
-
-def _libc():
-    """The C library with ``mmap``, ``mincore`` and ``munmap`` typed; None if unavailable."""
-    global _LIBC
-    if _LIBC is False:
-        import ctypes
-
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.mmap.restype = ctypes.c_void_p
-            libc.mmap.argtypes = [
-                ctypes.c_void_p,
-                ctypes.c_size_t,
-                ctypes.c_int,
-                ctypes.c_int,
-                ctypes.c_int,
-                ctypes.c_long,
-            ]
-            libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-            libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-            _LIBC = libc
-        except (OSError, AttributeError):
-            _LIBC = None
-    return _LIBC
-
-
-_LIBC = False  # not looked up yet
 
 
 class SourceReadahead:

@@ -9,7 +9,6 @@ ever visible, and a failed write leaves an existing dataset as it was.
 from __future__ import annotations
 
 import errno
-import functools
 import hashlib
 import json
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import format as fmt
+from .clib import libc as _libc
 from .codecs.raw_rgb import default_data_process_func, libjpeg_on, use_libjpeg
 from .datalist import (
     ITERABLE_NAME,
@@ -1565,19 +1565,6 @@ def _start_writeback(path: Path) -> None:
 
 
 _SYNC_FILE_RANGE_WRITE = 2
-
-
-@functools.cache
-def _libc() -> Any:
-    """The C library, on Linux (for prctl, mallopt and sync_file_range); None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
 
 
 def _fsync(path: Path) -> None:
