@@ -10,8 +10,8 @@ off: a ``jpeg`` write took 0.37 s instead of 0.75 (medians of 5 rounds). When th
 the page cache already nothing is read ahead: the helper starts only once a probe finds a
 coming file on disk.
 
-The probe asks the kernel which pages of a file's first page are in memory (``mincore`` on a
-one-page mapping), which reads nothing. The kernel answers that only for files the user owns or
+The probe asks the kernel whether a file's first page is in memory (``mincore`` on a one-page
+mapping), which reads nothing. The kernel answers that only for files the user owns or
 may write; for others a one-byte read that must not wait for the disk (``RWF_NOWAIT``) stands in.
 It can only err towards "in memory" (a miss starts a read, which may finish in time), so the
 helper may start late, never for files that are in memory. Files it cannot probe (not regular
