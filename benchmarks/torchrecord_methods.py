@@ -2,7 +2,9 @@
 
 One dataset per codec is written (8 shards, shuffled at write time, 2 encoding workers) and read
 with a full shuffle by several configurations: 0.1's PIL transform, the tensor ("fast")
-transform, and uint8 batches converted to float in the training process (the fastest).
+transform, uint8 batches converted to float in the training process, and the defaults. Each
+defaults loader has a twin with every record already in its workers' memory: the limit of its
+pipeline with the DataLoader's transport (a measuring aid, not a setting).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import importlib.metadata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from benchmarks.compare import IN_MEMORY
 from benchmarks.peers import Method, Source
 from torchrecord import TorchRecord, Writer
 
@@ -36,18 +37,20 @@ class _RecordsInMemory:
     method) holds none of it."""
 
     def __init__(self, reader) -> None:
-        self.reader, self.read = reader, reader.read_view
+        self.reader = reader
         self.records: list | None = None
 
     def __call__(self, index: int):
-        if self.records is None:
-            self.records = [self.read(i) for i in range(len(self.reader))]
+        if self.records is None:  # (the class's read_view: the instance's is this object)
+            read = type(self.reader).read_view
+            self.records = [read(self.reader, i) for i in range(len(self.reader))]
         return self.records[index]
 
 
 class TorchRecordMethod(Method):
-    """TorchRecord with one codec and one read-time transform; ``in_memory``: with every record
-    already read into its workers' memory (see :class:`_RecordsInMemory`)."""
+    """TorchRecord with one codec and one read-time transform. ``limit_of``: the name of the
+    method this one is the limit of: the same loader with every record already read into its
+    workers' memory (see :class:`_RecordsInMemory`; a measuring aid, not a setting)."""
 
     def __init__(
         self,
@@ -57,14 +60,16 @@ class TorchRecordMethod(Method):
         name: str,
         num_workers_write: int = 2,
         persistent: bool = False,
-        in_memory: bool = False,
+        limit_of: str | None = None,
     ) -> None:
         self.slug = f"torchrecord_{codec}"  # transforms of one codec share its dataset
         super().__init__(workdir)
         self.codec, self.transform, self.name = codec, transform, name
         self.num_workers_write = num_workers_write
         self.persistent = persistent  # False like every peer; True is TorchRecord's default
-        self.in_memory = in_memory
+        self.limit_of = limit_of
+        if limit_of and not persistent:  # (else every timed epoch would read them all again)
+            raise ValueError("records in memory need persistent workers")
 
     def prepare(self, source: Source) -> None:
         self.source = source
@@ -98,9 +103,9 @@ class TorchRecordMethod(Method):
             seed=seed,
             persistent_workers=self.persistent and num_workers > 0,
         )
-        if self.in_memory:
-            if loader.dataset.tensor_kind is None:
-                raise ValueError("records in memory are given to the tensor transforms only")
+        if self.limit_of:
+            if loader.dataset.tensor_kind is None or num_workers == 0:
+                raise ValueError("records in memory: tensor transforms and workers only")
             loader.dataset.reader.read_view = _RecordsInMemory(loader.dataset.reader)
         return _Float(loader) if self.transform == "uint8" else loader
 
@@ -111,7 +116,7 @@ class TorchRecordMethod(Method):
             "fast": "tensor decode + antialiased resize",
             "uint8": "uint8 batches, float conversion in the training process",
         }[self.transform]
-        if self.in_memory:
+        if self.limit_of:
             how += "; every record read into the workers' memory first (the pipeline's limit)"
         return (
             f"LMDB shards of {stored}; {how}; torchrecord "
@@ -127,27 +132,18 @@ def torchrecord_methods(workdir: Path) -> list[TorchRecordMethod]:
         TorchRecordMethod(workdir, "jpeg", "fast", "TorchRecord jpeg fast"),
         TorchRecordMethod(workdir, "raw_rgb", "uint8", "TorchRecord raw_rgb uint8"),
         TorchRecordMethod(workdir, "jpeg", "uint8", "TorchRecord jpeg uint8"),
-        # TorchRecord's defaults: the fast transform and persistent workers
-        TorchRecordMethod(
-            workdir, "raw_rgb", "fast", "TorchRecord raw_rgb, defaults", persistent=True
-        ),
-        TorchRecordMethod(workdir, "jpeg", "fast", "TorchRecord jpeg, defaults", persistent=True),
-        # the same two with every record in the workers' memory: their pipelines' limits
-        TorchRecordMethod(
-            workdir,
-            "raw_rgb",
-            "fast",
-            "TorchRecord raw_rgb, defaults" + IN_MEMORY,
-            persistent=True,
-            in_memory=True,
-        ),
-        TorchRecordMethod(
-            workdir,
-            "jpeg",
-            "fast",
-            "TorchRecord jpeg, defaults" + IN_MEMORY,
-            persistent=True,
-            in_memory=True,
+        # TorchRecord's defaults: the fast transform and persistent workers; each followed by
+        # its limit, the same loader with its records in memory (run next to it, in turn first)
+        *(
+            TorchRecordMethod(workdir, codec, "fast", name, persistent=True, limit_of=limit_of)
+            for codec in ("raw_rgb", "jpeg")
+            for name, limit_of in (
+                (f"TorchRecord {codec}, defaults", None),
+                (
+                    f"TorchRecord {codec}, defaults, records in memory",
+                    f"TorchRecord {codec}, defaults",
+                ),
+            )
         ),
     ]
 
