@@ -232,12 +232,15 @@ class _Spy(ra.SourceReadahead):
 
     def close(self) -> None:
         helper = self._helper
+        kept = helper is not None and helper is ra._kept_helper()
         super().close()
         with open(self.log, "a") as f:
             row = {
                 "paths": self.given,
                 "taken": self.taken,
                 "helper": helper is not None,
+                "pid": helper.pid if helper is not None else None,
+                "kept": kept,
                 "reaped": helper is None or helper.returncode is not None,
             }
             f.write(json.dumps(row) + "\n")
@@ -249,9 +252,11 @@ def test_writes_read_their_sources_ahead_in_write_order(
     many_photos, tmp_path, monkeypatch, workers, source
 ):
     """0: one process; 1: a pool of encoders, read ahead by the writing process; 2: shard
-    workers, each reading its shard ahead."""
+    workers, each reading its shards ahead (4 shards: a worker keeps its helper for the next)."""
     if workers == 2 and multiprocessing.get_start_method() != "fork":
         pytest.skip("the spy reaches shard workers through fork")
+    monkeypatch.setattr(ra, "MIN_FILES", 32)  # (shards of 70 files read ahead too)
+    shards = 4 if workers == 2 else 2
     log = tmp_path / "readahead.jsonl"
     monkeypatch.setattr(_Spy, "log", log, raising=False)
     monkeypatch.setattr(writer_module, "SourceReadahead", _Spy)
@@ -262,19 +267,35 @@ def test_writes_read_their_sources_ahead_in_write_order(
             path.read_bytes()
     out = tmp_path / f"out{workers}"
     Writer(
-        data_list, out, db_num=2, shuffle=True, codec="jpeg", num_workers=workers, progress=False
+        data_list,
+        out,
+        db_num=shards,
+        shuffle=True,
+        codec="jpeg",
+        num_workers=workers,
+        progress=False,
     ).write()
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     # one readahead per encoding loop: the whole write in one process, each shard in a worker;
     # its helper ran only when the sources were on disk
-    assert len(rows) == (2 if workers == 2 else 1)
+    assert len(rows) == (shards if workers == 2 else 1)
     assert [row["helper"] for row in rows] == [source == "on disk"] * len(rows)
-    assert all(row["reaped"] for row in rows)
+    pids = {row["pid"] for row in rows if row["helper"]}
+    if workers == 2:  # kept by each worker for its next shard, ended when the worker exits
+        assert all(row["kept"] for row in rows if row["helper"])
+        assert len(pids) <= 2
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in pids):
+            assert time.monotonic() < deadline, "a kept helper outlived its worker"
+            time.sleep(0.05)
+    else:  # the writing process ends its helper with the loop
+        assert not any(row["kept"] for row in rows)
+        assert all(row["reaped"] for row in rows)
     assert all(row["taken"] == len(row["paths"]) for row in rows)  # (pool: handed to workers)
     # each loop was given its sources in the order it wrote them: its shard's records
     dataset = TRDataset(out, transform=None)
     written = [bytes(dataset[i].protos[0].byte_data) for i in range(len(dataset))]
-    shards = [written] if workers < 2 else [written[:140], written[140:]]
+    per_shard = [written] if workers < 2 else [written[k : k + 70] for k in range(0, 280, 70)]
     given = [tuple(Path(p).read_bytes() for p in row["paths"]) for row in rows]
-    assert sorted(given) == sorted(map(tuple, shards))
+    assert sorted(given) == sorted(map(tuple, per_shard))
     assert sorted(map(str, many_photos[:280])) == sorted(p for row in rows for p in row["paths"])

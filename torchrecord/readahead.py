@@ -148,8 +148,10 @@ class SourceReadahead:
         paths: Sequence[str | os.PathLike],
         window: int = WINDOW_FILES,
         burst: int = BURST_FILES,
+        keep_helper: bool = False,
     ):
         self.paths = paths
+        self.keep_helper = keep_helper
         self.window = max(1, window)
         self.burst = max(1, min(burst, self.window))
         self.taken = 0  # files the encoder has taken
@@ -194,6 +196,11 @@ class SourceReadahead:
             self._probe_at = self.taken + PROBE_EVERY
 
     def _spawn(self) -> None:
+        if self.keep_helper:
+            self._helper = _kept_helper()
+            if self._helper is not None:
+                self._send()
+                return
         try:
             self._helper = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _HELPER, str(ADVISE_BYTES)],
@@ -207,24 +214,21 @@ class SourceReadahead:
         except Exception:  # no helper, then: the write goes on, reading nothing ahead
             self.close()
             return
+        if self.keep_helper:
+            _keep(self._helper)
         self._send()
 
     def close(self) -> None:
-        """End the helper; what it queued is in the kernel's hands already."""
+        """End the helper (or leave it to the next readahead of this process, when it is
+        kept); what it queued is in the kernel's hands already."""
         self._closed = True
         self._probe_at = _NEVER
         helper, self._helper = self._helper, None
         if helper is None:
             return
-        try:
-            helper.stdin.close()
-        except OSError:
-            pass
-        helper.kill()  # nothing it has left to do is worth waiting for
-        try:
-            helper.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # (stuck in the kernel: reaped when it gets out)
-            pass
+        if helper is _kept_helper():
+            return
+        _end(helper)
 
     def _send(self) -> None:
         """Names up to ``window`` files ahead of the encoder, as far as the pipe takes them
@@ -248,3 +252,49 @@ class SourceReadahead:
         # encoder reads those files itself), so nothing piles up while the helper is behind
         end = data.find(b"\0", written) + 1 if written < len(data) else 0
         self._pending = data[written:end] if written < end else b""
+
+
+def _end(helper: subprocess.Popen) -> None:
+    if _KEPT.get("helper") is helper:
+        _KEPT.clear()
+    try:
+        helper.stdin.close()
+    except OSError:
+        pass
+    helper.kill()  # nothing it has left to do is worth waiting for
+    try:
+        helper.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # (stuck in the kernel: reaped when it gets out)
+        pass
+
+
+# A process that reads ahead again and again (a shard worker of a write, shard after shard)
+# keeps its helper: starting an interpreter costs about 20 ms of CPU here, a tenth of what
+# encoding a shard of 1,000 JPEGs takes. It ends with that process (a multiprocessing
+# finalizer; if the process is killed, the closed pipe ends it).
+_KEPT: dict[str, object] = {}
+
+
+def _kept_helper() -> subprocess.Popen | None:
+    """This process's kept helper, if it still runs (not one inherited through fork)."""
+    helper = _KEPT.get("helper")
+    if helper is None or _KEPT.get("owner") != os.getpid():
+        return None
+    if helper.poll() is not None:  # it died: reaped now
+        _KEPT.clear()
+        return None
+    return helper
+
+
+def _keep(helper: subprocess.Popen) -> None:
+    """Keep ``helper`` (a new one: the one kept before, if any, has died) for this process."""
+    from multiprocessing import util
+
+    _KEPT.update(helper=helper, owner=os.getpid())
+    util.Finalize(None, _end_kept, exitpriority=0)  # (run when a multiprocessing worker exits)
+
+
+def _end_kept() -> None:
+    helper = _kept_helper()
+    if helper is not None:
+        _end(helper)

@@ -1261,7 +1261,8 @@ def _write_planned_shard(
     shard: _ShardWriter | None = None
     skipped: list[tuple[Entry, str]] = []
     try:
-        with SourceReadahead([entry.path for entry in entries]).start() as ahead:
+        paths = [entry.path for entry in entries]
+        with SourceReadahead(paths, keep_helper=True).start() as ahead:
             for entry in entries:
                 if stop_after is not None and stop_after.value < slot:
                     raise _Cancelled
