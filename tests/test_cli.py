@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import flip_record_byte, read_list
 
+from torchrecord import TRDataset
 from torchrecord import format as fmt
 
 TORCHRECORD = Path(sys.executable).parent / "torchrecord"
@@ -151,6 +152,7 @@ def test_write_help_and_plugins():
     assert "raw_rgb decode with Pillow at write time" in text
     assert "jpeg store the original JPEG bytes unchanged" in text
     assert "--codec NAME" in text
+    assert "--no-readahead" in text
 
     listed = run_cli("plugins")
     assert listed.returncode == 0, listed.stderr
@@ -237,3 +239,11 @@ def test_shard_ranges_and_join_from_the_command_line(photos, tmp_path):
     assert joined.returncode == 0, joined.stderr
     assert "24 records in 3 shards" in joined.stdout
     assert run_cli("verify", str(tmp_path / "joined")).returncode == 0
+
+
+def test_write_without_readahead(photo_dir, tmp_path):
+    out = tmp_path / "no_readahead"
+    done = run_cli("write", photo_dir / "data_list.txt", out, "--no-readahead", "-q")
+    assert done.returncode == 0, done.stderr
+    assert TRDataset(out, transform=None).reader.num_shards == 1
+    assert len(TRDataset(out)) == 24

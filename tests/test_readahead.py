@@ -299,3 +299,26 @@ def test_writes_read_their_sources_ahead_in_write_order(
     given = [tuple(Path(p).read_bytes() for p in row["paths"]) for row in rows]
     assert sorted(given) == sorted(map(tuple, per_shard))
     assert sorted(map(str, many_photos[:280])) == sorted(p for row in rows for p in row["paths"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_readahead_can_be_turned_off(many_photos, tmp_path, monkeypatch, workers):
+    if workers == 2 and multiprocessing.get_start_method() != "fork":
+        pytest.skip("the spy reaches shard workers through fork")
+    log = tmp_path / "readahead.jsonl"
+    monkeypatch.setattr(_Spy, "log", log, raising=False)
+    monkeypatch.setattr(writer_module, "SourceReadahead", _Spy)
+    data_list = tmp_path / "list.txt"
+    data_list.write_text("".join(f"{p} 0\n" for p in many_photos))
+    Writer(
+        data_list,
+        tmp_path / "out",
+        db_num=2,
+        codec="jpeg",
+        num_workers=workers,
+        progress=False,
+        readahead=False,
+    ).write()
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(rows) == (2 if workers == 2 else 1)
+    assert not any(row["helper"] for row in rows)  # (the sources were on disk)

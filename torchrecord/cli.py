@@ -88,6 +88,7 @@ def _cmd_write(args: argparse.Namespace) -> int:
         raw_below=args.raw_below,
         format_version=args.format_version,
         progress=False if args.quiet else None,
+        readahead=not args.no_readahead,
     )
     manifest = writer.write()
     seconds = time.perf_counter() - started
@@ -328,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help="on-disk format (default 2; 1 is readable by TorchRecord 0.2.0 but stores "
         "each large record in whole 4 KiB pages, about 2 KB more per record)",
+    )
+    write.add_argument(
+        "--no-readahead",
+        action="store_true",
+        help="do not read source files ahead of the encoder when they are on disk (by default "
+        "a helper process asks the kernel for the next 256; Linux)",
     )
     write.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     write.set_defaults(func=_cmd_write)

@@ -149,8 +149,10 @@ class SourceReadahead:
         window: int = WINDOW_FILES,
         burst: int = BURST_FILES,
         keep_helper: bool = False,
+        enabled: bool = True,
     ):
         self.paths = paths
+        self.enabled = enabled
         self.keep_helper = keep_helper
         self.window = max(1, window)
         self.burst = max(1, min(burst, self.window))
@@ -164,7 +166,7 @@ class SourceReadahead:
     def start(self) -> SourceReadahead:
         """Start watching (once; later calls do nothing)."""
         if self._probe_at == _NEVER and self._helper is None and not self._closed:
-            if len(self.paths) >= MIN_FILES and available():
+            if self.enabled and len(self.paths) >= MIN_FILES and available():
                 self._probe_at = 0
                 self._probe()
         return self

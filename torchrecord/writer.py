@@ -92,6 +92,7 @@ class Writer:
         quality: int = 90,
         raw_below: int | None = None,
         format_version: int = fmt.FORMAT_VERSION,
+        readahead: bool = True,
     ):
         if int(db_num) < 1:
             raise ValueError(f"db_num must be at least 1, got {db_num}")
@@ -155,6 +156,7 @@ class Writer:
                 f"{format_version!r}"
             )
         self.format_version = int(format_version)
+        self.readahead = bool(readahead)  # source files read ahead when they are on disk
         self._lock_fd: int | None = None  # the staging lock's descriptor, while write() runs
         self.progress = sys.stderr.isatty() if progress is None else bool(progress)
         self.skipped: list[tuple[Entry, str]] = []
@@ -496,6 +498,7 @@ class Writer:
             self.on_error == "skip",
             self.image_policy,
             libjpeg=self._libjpeg_pays_off(num_images),
+            readahead=self.readahead,
         )
 
     def _libjpeg_pays_off(self, num_images: int) -> bool:
@@ -672,7 +675,7 @@ class Writer:
         ``BrokenProcessPool`` instead of hanging the write.
         """
         job = self._encode_job(source, len(entries))
-        ahead = SourceReadahead([entry.path for entry in entries])
+        ahead = SourceReadahead([entry.path for entry in entries], enabled=job.readahead)
         try:
             if self.num_workers == 0:
                 ahead.start()
@@ -1012,8 +1015,10 @@ class _EncodeJob:
         skip: bool,
         options: dict[str, Any] | None = None,
         libjpeg: bool = False,
+        readahead: bool = True,
     ):
         self.options = dict(options or {})
+        self.readahead = readahead  # (changes how fast, never what: not part of the job id)
         self.source = source
         self.codec = codec
         self.serializer = serializer
@@ -1262,7 +1267,7 @@ def _write_planned_shard(
     skipped: list[tuple[Entry, str]] = []
     try:
         paths = [entry.path for entry in entries]
-        with SourceReadahead(paths, keep_helper=True).start() as ahead:
+        with SourceReadahead(paths, enabled=job.readahead, keep_helper=True).start() as ahead:
             for entry in entries:
                 if stop_after is not None and stop_after.value < slot:
                     raise _Cancelled
