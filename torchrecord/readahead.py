@@ -140,7 +140,9 @@ class SourceReadahead:
     The helper runs only while it is needed: every ``PROBE_EVERY`` files (and at the start)
     a few files of the coming window are probed, and the helper starts the first time one of
     them is not in the page cache. Costly next to a write from the page cache (starting an
-    interpreter, a system call per file), it is never started for one.
+    interpreter, a system call per file), it is never started for one. ``keep_helper``: leave
+    the helper to this process's next readahead instead of ending it (see ``_KEPT``);
+    ``enabled=False``: read nothing ahead.
     """
 
     def __init__(
@@ -271,8 +273,8 @@ def _end(helper: subprocess.Popen) -> None:
 
 
 # A process that reads ahead again and again (a shard worker of a write, shard after shard)
-# keeps its helper: starting an interpreter costs about 20 ms of CPU here, a tenth of what
-# encoding a shard of 1,000 JPEGs takes. It ends with that process (a multiprocessing
+# keeps its helper: starting an interpreter costs about 20 ms of CPU here, as much as encoding
+# about 130 JPEGs in a ``jpeg`` write. It ends with that process (a multiprocessing
 # finalizer; if the process is killed, the closed pipe ends it).
 _KEPT: dict[str, object] = {}
 
