@@ -52,8 +52,6 @@ PIPELINE_OF = {
     "TorchRecord jpeg uint8": "tensor uint8 (jpeg)",
     "TorchRecord raw_rgb, defaults": "tensor (raw)",
     "TorchRecord jpeg, defaults": "tensor (jpeg)",
-    "TorchRecord raw_rgb, defaults, records in memory": "tensor (raw)",
-    "TorchRecord jpeg, defaults, records in memory": "tensor (jpeg)",
 }
 
 
@@ -389,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     for method in methods:
         name = method.name
         ratios = [r / b for r, b in zip(rates[name], rates[BASELINE])]
-        pipeline = PIPELINE_OF.get(name)
+        # (a loader's limit, its twin with the records in memory, runs its pipeline)
+        pipeline = PIPELINE_OF.get(name) or PIPELINE_OF.get(getattr(method, "limit_of", None))
         ideal = limits[pipeline]["images_per_s"] * args.workers if pipeline else None
         median = statistics.median(rates[name])
         results["methods"][name] = {
@@ -401,7 +400,6 @@ def main(argv: list[str] | None = None) -> int:
             "peak_pss": peaks[name],
             "pipeline": pipeline,
             "of_ideal": median / ideal if ideal else None,
-            "pipeline_limit": bool(getattr(method, "limit_of", None)),
         }
         if name in limits_of:  # the same loader with its records in memory: its limit
             twin = limits_of[name]
@@ -507,9 +505,10 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
     names = list(results["methods"])
     values = [results["methods"][n]["images_per_s"] for n in names]
+    limits = {r["limit"] for r in results["methods"].values() if r.get("limit")}
     colours = [
         "#e3a5a7"  # a limit (records in memory): a measuring aid, not a setting
-        if results["methods"][n].get("pipeline_limit")
+        if n in limits
         else "#c44e52"
         if n.startswith("TorchRecord")
         else "#8c8c8c"

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from benchmarks import original_writer, peers
-    from benchmarks.compare import dir_bytes, machine, versions
+    from benchmarks.compare import dir_bytes, evict, machine, versions
     from benchmarks.make_dataset import make_dataset
     from torchrecord import Writer
 
@@ -116,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, (run, output) in methods.items():
             shutil.rmtree(output, ignore_errors=True)
             os.sync()  # no method pays for writing back another's output
-            for path, _ in source.entries:  # every method finds the source files alike
-                if args.source == "warm":
+            if args.source == "warm":  # every method finds the source files alike
+                for path, _ in source.entries:
                     path.read_bytes()
-                else:
-                    _evict(path)
+            else:
+                evict(source.root)
             started = time.perf_counter()
             target = run()
             seconds[name].append(time.perf_counter() - started)
@@ -161,15 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / ("write.md" if args.source == "warm" else "write-cold.md")).write_text(text)
     print("\n" + text)
     return 0
-
-
-def _evict(path: Path) -> None:
-    """Drop a file's pages from the page cache (it was written back by the sync before)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 if __name__ == "__main__":
