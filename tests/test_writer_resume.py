@@ -183,12 +183,13 @@ def test_append_adds_shards_and_leaves_the_published_ones(photos, tmp_path):
         Writer(second, tmp_path / "nothing", codec="jpeg", append=True).write()
 
 
-def test_a_failed_write_leaves_nothing_behind_and_refuses_concurrent_writes(photos, tmp_path):
+def test_an_overwrite_leaves_only_the_new_dataset_behind(photos, tmp_path):
     out = tmp_path / "records"
     Writer(photos, out, codec="jpeg").write()
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-00000.lmdb"]
     # a staging directory left by a killed write of different content is cleaned up
     (out / ".tmp-0123456789abcdef").mkdir()
+    (out / ".tmp-0123456789abcdef" / ".lock").touch()
     (out / ".tmp-0123456789abcdef" / "shard-00000.lmdb").write_bytes(b"partial")
     Writer(photos, out, codec="raw_rgb", overwrite=True).write()
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-00000.lmdb"]

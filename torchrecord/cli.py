@@ -416,6 +416,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"torchrecord {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a read-only directory, a full disk, a lost mount...
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"torchrecord {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        hint = (
+            "; run the same command again to resume (finished shards are kept)"
+            if args.command == "write"
+            else ""
+        )
+        print(f"\ntorchrecord {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -33,16 +33,19 @@ class Entry:
     label: str
     text: str  # the line as written
     extras: dict[str, Any] | None = None  # extra per-sample fields (from dicts)
+    error: str | None = None  # why this sample cannot be written (kept for on_error="skip")
 
 
 def read_data_list(
-    data_list: str | os.PathLike, root: str | os.PathLike | None = None
+    data_list: str | os.PathLike, root: str | os.PathLike | None = None, skip: bool = False
 ) -> list[Entry]:
-    """Parse a data list; raises :class:`DataListError` naming the file and line."""
+    """Parse a data list; raises :class:`DataListError` naming the file and line. With
+    ``skip``, a line without a path or a label becomes an entry with its ``error`` set instead
+    (the writer skips and reports it)."""
     list_path = Path(data_list)
     name = str(list_path)
     try:
-        text = list_path.read_text(encoding="utf-8")
+        text = list_path.read_text(encoding="utf-8-sig")  # (a spreadsheet's byte-order mark)
     except FileNotFoundError:
         raise DataListError(name, None, "the data list does not exist") from None
     except UnicodeDecodeError as exc:
@@ -53,13 +56,17 @@ def read_data_list(
     else:
         rows = _txt_rows(name, text)
     entries = []
-    for line_no, path, label, raw in rows:
-        if not path:
-            raise DataListError(name, line_no, f"no path in {raw!r}; expected 'path label'")
-        if not label:
-            raise DataListError(
-                name, line_no, f"missing label in {raw!r}; each line must be 'path label'"
-            )
+    for line_no, path, label, raw, error in rows:
+        if error is None and not path:
+            error = f"no path in {raw!r}; expected 'path label'"
+        elif error is None and not label:
+            error = f"missing label in {raw!r}; each line must be 'path label'"
+        if error is not None:
+            if not skip:
+                raise DataListError(name, line_no, error)
+            resolved = resolve_path(base, path) if path else ""
+            entries.append(Entry(line_no, resolved, "", raw, error=error))
+            continue
         entries.append(Entry(line_no, resolve_path(base, path), label, raw))
     if not entries:
         raise DataListError(name, None, "the data list is empty: it names no samples")
@@ -87,47 +94,64 @@ def resolve_path(base: str, path: str) -> str:
 
 
 def _txt_rows(name: str, text: str):
+    """``(line, path, label, the line as written, error)`` for each sample line."""
     for line_no, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line:
             continue
         parts = line.rsplit(None, 1)
         if len(parts) == 1:
-            yield line_no, parts[0], "", raw
+            yield line_no, parts[0], "", raw, None
         else:
-            yield line_no, parts[0], parts[1], raw
+            yield line_no, parts[0], parts[1], raw, None
 
 
 def _csv_rows(name: str, text: str):
+    """As :func:`_txt_rows`; a row is numbered by the line it starts on (a quoted cell may run
+    over several lines)."""
     reader = csv.reader(io.StringIO(text))
+    end = 0
     for row in reader:
-        line_no = reader.line_num
+        line_no, end = end + 1, reader.line_num
         cells = [c.strip() for c in row]
         if not any(cells):
             continue
         if line_no == 1 and [c.lower() for c in cells[:2]] == ["path", "label"]:
             continue
+        raw = ",".join(row)
         if len(cells) > 2:
-            raise DataListError(
-                name, line_no, f"expected two columns (path, label), got {len(cells)}: {row!r}"
-            )
-        yield line_no, cells[0], cells[1] if len(cells) > 1 else "", ",".join(row)
+            error = f"expected two columns (path, label), got {len(cells)}: {row!r}"
+            yield line_no, cells[0], "", raw, error
+            continue
+        yield line_no, cells[0], cells[1] if len(cells) > 1 else "", raw, None
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def read_image_folder(folder: str | os.PathLike) -> tuple[list[Entry], list[str]]:
+def read_image_folder(
+    folder: str | os.PathLike, exclude: str | os.PathLike | None = None
+) -> tuple[list[Entry], list[str]]:
     """An ImageFolder-style directory: one sub-folder per class, labels by sorted folder name.
 
     Returns the entries (in sorted class, then sorted path order; ``line_no`` is the position)
-    and the class names.
+    and the class names. ``exclude`` (the output directory, when it lies inside ``folder``) is
+    not read. A class folder without images is refused, as torchvision's ImageFolder refuses
+    it: it would shift the indices of the classes after it.
     """
     root = Path(folder)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    skip: tuple[str, ...] = ()  # the excluded directory's parts, relative to root
+    if exclude is not None and Path(exclude).resolve().is_relative_to(root.resolve()):
+        skip = Path(exclude).resolve().relative_to(root.resolve()).parts
+    classes = sorted(
+        p.name
+        for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and (p.name,) != skip
+    )
     if not classes:
         raise DataListError(str(root), None, "no class folders: expected root/<class>/<image>")
     entries: list[Entry] = []
+    empty = []
     for label, name in enumerate(classes):
         files = sorted(
             p
@@ -135,38 +159,52 @@ def read_image_folder(folder: str | os.PathLike) -> tuple[list[Entry], list[str]
             if p.is_file()
             and p.suffix.lower() in IMAGE_EXTENSIONS
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
+            and not (skip and p.relative_to(root).parts[: len(skip)] == skip)
         )
+        if not files:
+            empty.append(name)
         for path in files:
             rel = str(path.relative_to(root))
             entries.append(Entry(len(entries) + 1, str(path), str(label), rel))
     if not entries:
         raise DataListError(str(root), None, f"no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+    if empty:
+        raise DataListError(
+            str(root),
+            None,
+            f"class folder(s) {', '.join(map(repr, empty))} hold no images "
+            f"({', '.join(IMAGE_EXTENSIONS)}); every folder is a class and an empty one would "
+            "shift the labels of the classes after it: add its images or move it out",
+        )
     return entries, classes
 
 
-def read_iterable(items: Iterable[Any], root: str | os.PathLike | None = None) -> list[Entry]:
-    """``(path, label)`` pairs or dicts with ``path``, ``label`` and extra fields."""
+def read_iterable(
+    items: Iterable[Any], root: str | os.PathLike | None = None, skip: bool = False
+) -> list[Entry]:
+    """``(path, label)`` pairs or dicts with ``path``, ``label`` and extra fields. With
+    ``skip``, an item without a path or a label becomes an entry with its ``error`` set."""
     base = str(Path(root) if root is not None else Path.cwd())
     entries = []
     for position, item in enumerate(items, start=1):
-        extras = None
+        extras, error, path, label = None, None, "", ""
         if isinstance(item, dict):
             if "path" not in item or "label" not in item:
-                raise DataListError(
-                    ITERABLE_NAME,
-                    position,
-                    f"a dict needs 'path' and 'label' keys, got {sorted(item)}",
-                )
-            path, label = item["path"], item["label"]
-            extras = {k: v for k, v in item.items() if k not in ("path", "label")} or None
+                error = f"a dict needs 'path' and 'label' keys, got {sorted(item)}"
+            else:
+                path, label = item["path"], item["label"]
+                extras = {k: v for k, v in item.items() if k not in ("path", "label")} or None
         elif isinstance(item, (tuple, list)) and len(item) == 2:
             path, label = item
         else:
-            raise DataListError(
-                ITERABLE_NAME, position, f"expected a (path, label) pair or a dict, got {item!r}"
-            )
-        if label is None or (isinstance(label, str) and not label.strip()):
-            raise DataListError(ITERABLE_NAME, position, f"missing label for {path!r}")
+            error = f"expected a (path, label) pair or a dict, got {item!r}"
+        if error is None and (label is None or (isinstance(label, str) and not label.strip())):
+            error = f"missing label for {path!r}"
+        if error is not None:
+            if not skip:
+                raise DataListError(ITERABLE_NAME, position, error)
+            entries.append(Entry(position, "", "", repr(item), error=error))
+            continue
         path = os.fspath(path)
         resolved = path if os.path.isabs(path) else resolve_path(base, path)
         entries.append(Entry(position, resolved, str(label).strip(), path, extras))
@@ -175,19 +213,57 @@ def read_iterable(items: Iterable[Any], root: str | os.PathLike | None = None) -
     return entries
 
 
-def index_labels(entries: list[Entry]) -> tuple[list[Entry], list[str] | None]:
+def missing_file(path: str) -> str | None:
+    """Why ``path`` cannot be read as a sample's file, or None when it is a file."""
+    if os.path.isfile(path):
+        return None
+    what = "is a directory" if os.path.isdir(path) else "does not exist"
+    return f"file {path} {what}; fix the path or remove the line"
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def index_labels(
+    entries: list[Entry], source: str, skip: bool = False
+) -> tuple[list[Entry], list[str] | None]:
     """Integer labels stay as they are; otherwise every distinct label gets an index in sorted
-    order, and the names are returned (they go into the manifest)."""
+    order, and the names are returned (they go into the manifest).
 
-    def is_int(text: str) -> bool:
-        try:
-            int(text)
-        except ValueError:
-            return False
-        return True
-
-    if all(is_int(e.label) for e in entries):
+    Labels that are mostly integers are integers: the others are mistakes (a header line, a
+    typo), refused with their line, or with ``skip`` marked to be skipped. Only the samples that
+    can be written name classes: with ``skip``, a sample whose file is missing (a header line
+    such as ``filename,class``, say) is marked to be skipped before the names are counted."""
+    valid = [e for e in entries if e.error is None]
+    ints = [e for e in valid if _is_int(e.label)]
+    if len(ints) == len(valid):
         return entries, None
-    names = sorted({e.label for e in entries})
+    if 2 * len(ints) > len(valid):
+        example = ints[0]
+        marked = []
+        for e in entries:
+            if e.error is None and not _is_int(e.label):
+                error = (
+                    f"label {e.label!r} is not an integer, unlike the other labels (line "
+                    f"{example.line_no}: {example.label!r}); fix the label or remove the line"
+                )
+                if not skip:
+                    raise DataListError(source, e.line_no, error)
+                e = replace(e, error=error)
+            marked.append(e)
+        return marked, None
+    if skip:
+        entries = [
+            replace(e, error=why) if e.error is None and (why := missing_file(e.path)) else e
+            for e in entries
+        ]
+    names = sorted({e.label for e in entries if e.error is None})
+    if not names:
+        return entries, None
     index = {name: str(i) for i, name in enumerate(names)}
-    return [replace(e, label=index[e.label]) for e in entries], names
+    return [replace(e, label=index[e.label]) if e.error is None else e for e in entries], names

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -28,6 +29,7 @@ from .datalist import (
     ITERABLE_NAME,
     Entry,
     index_labels,
+    missing_file,
     read_data_list,
     read_image_folder,
     read_iterable,
@@ -45,6 +47,9 @@ LIBJPEG_MIN_IMAGES = 10_000
 EXTRAS_PROTO_NAME = "extras"  # the third proto of a record with extra fields (JSON)
 SKIPPED_REPORT = "skipped.tsv"
 STAGING_PREFIX = ".tmp-"
+_STAGING_NAME = re.compile(re.escape(STAGING_PREFIX) + "[0-9a-f]{16}")
+_SKIPPED_HEADER = "line\tpath\treason"
+_REASONS_SHOWN = 5  # skip reasons quoted when every sample was skipped
 DONE_SUFFIX = ".done"
 
 
@@ -160,6 +165,7 @@ class Writer:
         self._lock_fd: int | None = None  # the staging lock's descriptor, while write() runs
         self.progress = sys.stderr.isatty() if progress is None else bool(progress)
         self.skipped: list[tuple[Entry, str]] = []
+        self._label_names: list[str] | None = None
         # Resolve names now: an unknown codec or serializer fails before any work is done.
         get_serializer(self.serializer_name)
         self.image_policy: dict[str, Any] = {}
@@ -173,6 +179,8 @@ class Writer:
             self.image_policy["raw_below"] = int(
                 DEFAULT_RAW_BELOW if raw_below is None else raw_below
             )
+        if not 1 <= int(quality) <= 100:
+            raise ValueError(f"quality must be between 1 and 100 (JPEG quality), got {quality}")
         if self.image_policy and self.codec_name != "raw_rgb":
             self.image_policy["quality"] = int(quality)
         if not custom:
@@ -181,12 +189,25 @@ class Writer:
             raise ValueError(
                 "max_size, quality and raw_below need a codec, not a custom data_process_func"
             )
+        if custom and self.num_workers:
+            import pickle
+
+            try:  # the workers receive it pickled
+                pickle.dumps(self.data_process_func)
+            except Exception as exc:
+                raise ValueError(
+                    f"num_workers={self.num_workers} needs a data_process_func that can be "
+                    f"pickled ({type(exc).__name__}: {exc}): define it at module level, not as "
+                    "a lambda or nested function, or use num_workers=0"
+                ) from None
 
     # -- public ------------------------------------------------------------------------------
     def write(self) -> fmt.Manifest:
         """Write the dataset and return its manifest."""
         started = time.perf_counter()
+        self.skipped = []
         entries, source, label_names = self._entries()
+        self._label_names = label_names
         if self.db_num > len(entries):
             raise ValueError(
                 f"db_num={self.db_num} is more than the {len(entries)} samples of "
@@ -196,6 +217,7 @@ class Writer:
             raise ValueError(
                 "extra fields need a codec; a custom data_process_func stores its own records"
             )
+        entries = _same_extra_fields(entries, source, self.on_error == "skip")
         order = list(range(len(entries)))
         if self.shuffle:
             random.Random(self.seed).shuffle(order)
@@ -221,6 +243,25 @@ class Writer:
         finished = self._already_written(ordered, part["first_shard"] if part else 0)
         if finished is not None:
             return finished
+        self._check_output_dir()  # refused before anything is created
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with _OutputLock(self.output_dir):
+            # again, now that no other write can publish here meanwhile
+            finished = self._already_written(ordered, part["first_shard"] if part else 0)
+            if finished is not None:
+                return finished
+            return self._write_locked(started, entries, ordered, source, label_names, part)
+
+    def _write_locked(
+        self,
+        started: float,
+        entries: list[Entry],
+        ordered: list[Entry],
+        source: str,
+        label_names: list[str] | None,
+        part: dict[str, Any] | None,
+    ) -> fmt.Manifest:
+        """The write, holding the output directory's lock."""
         base = self._check_output_dir()
         append_id = None
         if base is not None:
@@ -229,9 +270,15 @@ class Writer:
                 _remove_stale_staging(self.output_dir, keep=None)
                 return base  # this very append completed already (killed before it exited)
             ordered, label_names = _merge_label_names(base, ordered, label_names, source)
+            fields = sorted({k for e in ordered if e.extras and e.error is None for k in e.extras})
+            if fields != base.extra.get("extra_fields", []):
+                raise ValueError(
+                    f"cannot append {source}: its samples have the extra fields {fields}, the "
+                    f"dataset's have {base.extra.get('extra_fields', [])}; the loader batches "
+                    "them, so every sample needs the same"
+                )
             self.format_version = base.format_version  # new shards are laid out like the old
 
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         first_index = len(base.shards) if base is not None else 0
         if part is not None:
             first_index = part["first_shard"]
@@ -259,10 +306,15 @@ class Writer:
                 raise
             if not shards:
                 shutil.rmtree(staging, ignore_errors=True)  # bad input: leave nothing behind
+                shown = "; ".join(
+                    f"line {e.line_no}: {reason}" for e, reason in self.skipped[:_REASONS_SHOWN]
+                )
+                more = len(self.skipped) - _REASONS_SHOWN
                 raise DataListError(
                     source,
                     None,
-                    f"every one of the {len(entries)} samples was skipped; see the reasons above",
+                    f"every one of the {len(entries)} samples was skipped, so no dataset was "
+                    f"written: {shown}" + (f"; and {more} more" if more > 0 else ""),
                 )
             extra = self._manifest_extra(source, label_names, ordered)
             extra["write_seconds"] = round(time.perf_counter() - started, 3)
@@ -362,23 +414,24 @@ class Writer:
             first_index,
             _func_name(self.data_process_func),
             self.image_policy,
+            self._label_names,  # (the entries hold indices: renamed classes are another write)
         ]
 
     # -- steps ---------------------------------------------------------------------------------
     def _entries(self) -> tuple[list[Entry], str, list[str] | None]:
-        source = self.data_list
+        source, skip = self.data_list, self.on_error == "skip"
         if isinstance(source, (str, os.PathLike)):
             if Path(source).is_dir():
-                entries, classes = read_image_folder(source)
+                entries, classes = read_image_folder(source, exclude=self.output_dir)
                 return entries, str(source), classes
-            entries = read_data_list(source, root=self.root)
+            entries = read_data_list(source, root=self.root, skip=skip)
             name = str(source)
         else:
-            entries = read_iterable(source, root=self.root)
+            entries = read_iterable(source, root=self.root, skip=skip)
             name = ITERABLE_NAME
         if self.data_process_func is not None:
             return entries, name, None  # 0.1: the function reads the label itself
-        entries, label_names = index_labels(entries)
+        entries, label_names = index_labels(entries, name, skip=skip)
         return entries, name, label_names
 
     def _check_output_dir(self) -> fmt.Manifest | None:
@@ -400,6 +453,13 @@ class Writer:
                     f"{out} was written with codec {base.codec!r} and serializer "
                     f"{base.serializer!r}; append with the same ones"
                 )
+            if (base.extra.get("image_policy") or None) != (self.image_policy or None):
+                raise ValueError(
+                    f"{out} was written with the image policy "
+                    f"{base.extra.get('image_policy') or 'none (images as they are)'} and this "
+                    f"append asks for {self.image_policy or 'none'}; append with the same "
+                    "max_size, quality and raw_below"
+                )
             return base
         if has_dataset and not self.overwrite:
             raise DatasetExistsError(
@@ -407,6 +467,8 @@ class Writer:
                 "output_dir, pass overwrite=True (--overwrite) to replace it, or append=True "
                 "(--append) to add to it."
             )
+        manifest = out / fmt.MANIFEST_NAME
+        _refuse_foreign_files(out, _listed_files(manifest) if manifest.exists() else set())
         return None
 
     def _plan(self, n: int) -> list[tuple[int, int]]:
@@ -771,7 +833,7 @@ class Writer:
                 if self.append and old_report.exists()
                 else []
             )
-            lines = ["line\tpath\treason", *previous] + [
+            lines = [_SKIPPED_HEADER, *previous] + [
                 f"{e.line_no}\t{e.path}\t{reason}".replace("\n", " ") for e, reason in self.skipped
             ]
             (staging / SKIPPED_REPORT).write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -779,16 +841,22 @@ class Writer:
         # disk the publish fails here, with the old dataset intact.
         staged_manifest = staging / fmt.MANIFEST_NAME
         _write_synced(staged_manifest, json.dumps(manifest.to_json(), indent=2) + "\n")
+        old_files: set[str] = set()
         if self.overwrite and old_manifest.exists():
+            old_files = _listed_files(old_manifest)
             # The old dataset stops being a dataset first (its manifest goes), then its files.
             old_manifest.unlink()
             _fsync(out)
         if not self.append:
-            for p in out.iterdir():  # an old dataset's files, or leftovers of a killed publish
-                stale_shard = p.name.startswith("shard-") and p.name.endswith(".lmdb")
-                if p.is_file() and (
-                    p.name in (fmt.LEGACY_DATA_FILE, "lock.mdb", SKIPPED_REPORT)
-                    or (stale_shard and p.name not in new_files)
+            # an old dataset's files, or leftovers of a killed publish; never a file of yours
+            legacy = (out / fmt.LEGACY_DATA_FILE).is_file()  # (refused without overwrite)
+            for p in out.iterdir():
+                if p.name in new_files or not p.is_file():
+                    continue
+                if (
+                    p.name in old_files
+                    or (legacy and p.name in (fmt.LEGACY_DATA_FILE, "lock.mdb"))
+                    or _written_here(p)
                 ):
                     p.unlink()
         for name in sorted(new_files):
@@ -825,32 +893,41 @@ def join_parts(
     plans = {doc["part"]["plan"] for _, doc in docs}
     if len(plans) != 1:
         raise ValueError("the parts come from different writes (input or settings differ)")
-    expected = 0
+    expected, previous = 0, None
     for part, doc in docs:
-        if doc["part"]["first_shard"] != expected:
+        first, stop = doc["part"]["first_shard"], doc["part"]["stop_shard"]
+        if first < expected:
             raise ValueError(
-                f"shards {expected}..{doc['part']['first_shard'] - 1} are missing "
-                f"(or written twice) before {part}"
+                f"{part} holds shards {first}..{stop - 1} and {previous} holds shards up to "
+                f"{expected - 1}: the parts overlap (or one was given twice); give each shard "
+                "range once"
             )
-        expected = doc["part"]["stop_shard"]
+        if first > expected:
+            raise ValueError(
+                f"shards {expected}..{first - 1} are missing before {part}: write them with "
+                f"shard_range=({expected}, {first})"
+            )
+        expected, previous = stop, part
     total = docs[0][1]["part"]["total_shards"]
     if expected != total:
         raise ValueError(
             f"shards {expected}..{total - 1} are missing: write them with "
             f"shard_range=({expected}, {total})"
         )
+    old_files: set[str] = set()
     if (out / fmt.MANIFEST_NAME).exists():
         if not overwrite:
             raise DatasetExistsError(f"{out} already holds a dataset; pass overwrite=True")
-        # the old dataset stops being one before any of its files is replaced
+        old_files = _listed_files(out / fmt.MANIFEST_NAME)
+    if out.is_dir():
+        _refuse_foreign_files(out, old_files)
+    if old_files:  # the old dataset stops being one before any of its files is replaced
         (out / fmt.MANIFEST_NAME).unlink()
         _fsync(out)
     out.mkdir(parents=True, exist_ok=True)
     wanted = {item["file"] for _, doc in docs for item in doc["shards"]}
-    for p in out.iterdir():  # files of a dataset that was there before
-        if p.is_file() and (
-            p.name == SKIPPED_REPORT or (p.name.startswith("shard-") and p.name not in wanted)
-        ):
+    for p in out.iterdir():  # files of a dataset that was there before; never a file of yours
+        if p.is_file() and p.name not in wanted and (p.name in old_files or _written_here(p)):
             p.unlink()
     shards, skipped_lines = [], []
     for part, doc in docs:
@@ -898,7 +975,7 @@ def join_parts(
     if skipped_lines:
         extra["skipped_report"] = SKIPPED_REPORT
         (out / SKIPPED_REPORT).write_text(
-            "line\tpath\treason\n" + "\n".join(skipped_lines) + "\n", encoding="utf-8"
+            _SKIPPED_HEADER + "\n" + "\n".join(skipped_lines) + "\n", encoding="utf-8"
         )
     _fsync(out)
     manifest = fmt.Manifest(
@@ -1043,13 +1120,9 @@ class _EncodeJob:
             return False, exc.message.encode(), 0
 
     def encode(self, entry: Entry) -> bytes:
-        if not os.path.isfile(entry.path):
-            what = "is a directory" if os.path.isdir(entry.path) else "does not exist"
-            raise DataListError(
-                self.source,
-                entry.line_no,
-                f"file {entry.path} {what}; fix the path or remove the line",
-            )
+        error = entry.error or missing_file(entry.path)
+        if error is not None:  # a bad line, or a file that is not there
+            raise DataListError(self.source, entry.line_no, error)
         try:
             serializer = get_serializer(self.serializer)
             if self.data_process_func is not None:
@@ -1298,6 +1371,36 @@ def _write_planned_shard(
             shard.close()
 
 
+class _OutputLock:
+    """An exclusive lock on the output directory itself (``flock`` on the directory), held from
+    the check of what the directory holds to the publish: two writes into one directory at once
+    are refused, not interleaved. No file is left behind."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.fd: int | None = None
+
+    def __enter__(self) -> _OutputLock:
+        import fcntl
+
+        self.fd = os.open(self.out, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise DatasetExistsError(
+                f"another write into {self.out} is running; wait for it to finish, or write "
+                "into another directory"
+            ) from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class _StagingLock:
     """An exclusive lock on a staging directory: two runs of one write must not interleave."""
 
@@ -1325,12 +1428,16 @@ class _StagingLock:
 
 
 def _remove_stale_staging(out: Path, keep: Path | None) -> None:
-    """Remove the staging directories of other, abandoned writes (none holds its lock)."""
+    """Remove the staging directories of other, abandoned writes (none holds its lock). Only
+    directories named as this writer names them that hold its lock file (or nothing: killed
+    before it took the lock) are touched."""
     import fcntl
 
     for staging in out.glob(STAGING_PREFIX + "*"):
-        if staging == keep or not staging.is_dir():
+        if staging == keep or not staging.is_dir() or not _STAGING_NAME.fullmatch(staging.name):
             continue
+        if not (staging / ".lock").is_file() and any(staging.iterdir()):
+            continue  # not ours
         try:
             fd = os.open(staging / ".lock", os.O_RDWR)
         except OSError:
@@ -1344,6 +1451,60 @@ def _remove_stale_staging(out: Path, keep: Path | None) -> None:
         finally:
             if fd is not None:
                 os.close(fd)
+
+
+def _listed_files(manifest_path: Path) -> set[str]:
+    """The files a dataset's manifest names (its shards and skip report), or none if it cannot
+    be read."""
+    try:
+        doc = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = {str(item["file"]) for item in doc.get("shards", [])}
+        if doc.get("skipped_report"):
+            files.add(str(doc["skipped_report"]))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return set()
+    return {name for name in files if "/" not in name and name not in ("", ".", "..")}
+
+
+def _written_here(path: Path) -> bool:
+    """Whether ``path`` is a file this writer writes: a shard (its metadata says so, read
+    without a lock) or a skip report (its header). Files of any other kind are the user's."""
+    if path.name == SKIPPED_REPORT:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.readline() == _SKIPPED_HEADER + "\n"
+        except (OSError, UnicodeDecodeError):
+            return False
+    if not (path.name.startswith("shard-") and path.name.endswith(".lmdb")):
+        return False
+    import lmdb
+
+    try:
+        env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, max_dbs=0)
+    except lmdb.Error:
+        return False
+    try:
+        with env.begin() as txn:
+            meta = json.loads(bytes(txn.get(fmt.META_KEY) or b"{}"))
+        return isinstance(meta, dict) and meta.get("format") == fmt.FORMAT_NAME
+    except (lmdb.Error, ValueError):
+        return False
+    finally:
+        env.close()
+
+
+def _refuse_foreign_files(out: Path, old_files: set[str]) -> None:
+    """Refuse to write where a file of the user's has a name a dataset uses (``shard-*.lmdb``,
+    ``skipped.tsv``): the new dataset could replace it. ``old_files`` are the replaced
+    dataset's own, whatever state they are in."""
+    for path in sorted([*out.glob("shard-*.lmdb"), out / SKIPPED_REPORT]):
+        if path.name in old_files or not path.exists():
+            continue
+        if not path.is_file() or not _written_here(path):
+            raise DatasetExistsError(
+                f"{path} exists and was not written by TorchRecord; a dataset written here "
+                "could replace it. Move it away, or choose another output directory."
+            )
 
 
 def _merge_label_names(
@@ -1363,6 +1524,35 @@ def _merge_label_names(
 
     index = {str(i): str(merged.index(name)) for i, name in enumerate(names)}
     return [replace(e, label=index[e.label]) for e in entries], merged
+
+
+def _same_extra_fields(entries: list[Entry], source: str, skip: bool) -> list[Entry]:
+    """Every sample must carry the same extra fields (the loader batches them field by field):
+    the most common set of names is the dataset's, a sample with another set is refused (with
+    ``skip``, marked to be skipped)."""
+    from collections import Counter
+    from dataclasses import replace
+
+    def names(e: Entry) -> tuple[str, ...]:
+        return tuple(sorted(e.extras or ()))
+
+    counts = Counter(names(e) for e in entries if e.error is None)
+    if len(counts) <= 1:
+        return entries
+    expected = counts.most_common(1)[0][0]
+    marked = []
+    for e in entries:
+        if e.error is None and names(e) != expected:
+            error = (
+                f"its extra fields {list(names(e))} differ from the other samples' "
+                f"{list(expected)}: every sample needs the same fields (the loader batches "
+                "them); add the missing ones or remove the line"
+            )
+            if not skip:
+                raise DataListError(source, e.line_no, error)
+            e = replace(e, error=error)
+        marked.append(e)
+    return marked
 
 
 def _check_options(codec: Any, options: dict[str, Any]) -> None:

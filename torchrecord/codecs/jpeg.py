@@ -32,9 +32,19 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
     About 30 times faster than opening the file with Pillow, which matters when a write is
     otherwise a copy. Raises ``ValueError`` when the segments do not lead to a frame header.
     """
+    width, height, _ = _walk_header(data)
+    return width, height
+
+
+def _walk_header(data: bytes) -> tuple[int, int, int]:
+    """(width, height, where the image data starts): the frame header's size and the offset
+    of the first start-of-scan marker (0 when the walk stops before it)."""
     pos, end = 2, len(data)
+    size = None
     while pos + 4 <= end:
         if data[pos] != 0xFF:
+            if size is not None:
+                return (*size, 0)
             raise ValueError(f"expected a marker at byte {pos}")
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
@@ -43,20 +53,26 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
         if marker in _STANDALONE_MARKERS:
             pos += 2
             continue
+        if marker == 0xDA and size is not None:  # start of scan: the image data follows
+            return (*size, pos)
+        if marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
+            break
         length = int.from_bytes(data[pos + 2 : pos + 4], "big")
         if length < 2 or pos + 2 + length > end:
+            if size is not None:
+                return (*size, 0)
             raise ValueError(f"segment {marker:#04x} at byte {pos} runs past the end")
-        if marker in _SOF_MARKERS:
+        if marker in _SOF_MARKERS and size is None:
             if length < 7:
                 raise ValueError("frame header too short")
             height = int.from_bytes(data[pos + 5 : pos + 7], "big")
             width = int.from_bytes(data[pos + 7 : pos + 9], "big")
             if not width or not height:
                 raise ValueError(f"frame header says {width}x{height}")
-            return width, height
-        if marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
-            break
+            size = (width, height)
         pos += 2 + length
+    if size is not None:
+        return (*size, 0)
     raise ValueError("no frame header (SOF) before the image data")
 
 
@@ -92,11 +108,15 @@ class JPEGCodec(Codec):
                 f"{path} is not a JPEG file (it does not start with a JPEG marker); the 'jpeg' "
                 "codec stores JPEG bytes unchanged. Use codec='raw_rgb' for other image formats."
             )
-        try:
-            size = jpeg_size(data)  # from the frame header; the pixels are not decoded here
+        try:  # from the frame header; the pixels are not decoded here
+            width, height, scan = _walk_header(data)
+            size = (width, height)
         except ValueError:
-            size = _pillow_size(path, data)  # unusual marker layouts that decoders tolerate
-        if data.rfind(JPEG_EOI, max(0, len(data) - 65536)) < 0:
+            size, scan = _pillow_size(path, data), 0  # unusual layouts that decoders tolerate
+        # The end-of-image marker must follow the image data: an embedded thumbnail (in the
+        # EXIF segment, before the scan) ends with one too. Inside the entropy-coded data a
+        # 0xFF byte is always followed by 0x00 or a restart marker, never by 0xD9.
+        if data.rfind(JPEG_EOI, max(scan, len(data) - 65536)) < 0:
             raise EncodeError(
                 f"{path} is a truncated JPEG (no end-of-image marker): re-export or re-download "
                 "the file, or remove its line from the data list."
