@@ -141,6 +141,18 @@ def test_persistent_workers_and_loader_kwargs(photos, records):
         assert len(seen) == 24 and len(set(seen)) == 24
 
 
+def test_in_order_false_is_refused(records):
+    """Out-of-order batches would break the order and the resume (state_dict counts batches)."""
+    with pytest.raises(ValueError, match="in_order=False"):
+        TorchRecord(records, batch_size=8, num_workers=2, in_order=False)
+
+    def order(**kwargs):
+        loader = TorchRecord(records, shuffle=True, batch_size=8, transform=fingerprint, **kwargs)
+        return [int(c) for crcs, _ in loader for c in crcs]
+
+    assert order(num_workers=2, in_order=True) == order()  # the default, said aloud
+
+
 def test_pickles_before_and_after_a_read(records):
     dataset = TRDataset(records, transform=fingerprint)
     clone = pickle.loads(pickle.dumps(dataset))

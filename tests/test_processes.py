@@ -287,6 +287,47 @@ def test_worker_dying_while_its_batch_is_unpickled_is_named(records, tmp_path):
 # -- 2. many readers of one dataset at once ---------------------------------------------------
 
 
+def test_a_thread_reads_on_while_another_thread_forks(records, expected):
+    """Forks (a loader starting its workers, say) while an eval thread reads: the thread's
+    shards stay open in this process, and each child reads through environments of its own."""
+    reader = TRDataset(records, transform=fingerprint)
+    reference = [reader[i] for i in range(NUM_RECORDS)]
+    assert sorted(reference) == expected
+    stop, errors, reads = False, [], [0]
+
+    def read_on() -> None:
+        i = 0
+        while not stop:
+            try:
+                got = reader[i % NUM_RECORDS]
+                assert got == reference[i % NUM_RECORDS]
+                reads[0] += 1
+            except Exception as exc:  # any of them fails the test below
+                errors.append(repr(exc))
+            i += 1
+
+    thread = ThreadPoolExecutor(max_workers=1)
+    running = thread.submit(read_on)
+    try:
+        children = []
+        for n in range(60):
+            pid = os.fork()
+            if pid == 0:  # the child reads a record of its own, through its own environment
+                try:
+                    ok = reader[n % NUM_RECORDS] == reference[n % NUM_RECORDS]
+                finally:
+                    os._exit(0 if ok else 3)
+            children.append(pid)
+            time.sleep(0.005)
+        codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
+    finally:
+        stop = True
+        running.result(timeout=60)
+        thread.shutdown()
+    assert errors == [], f"{len(errors)} of {reads[0] + len(errors)} reads failed: {errors[:2]}"
+    assert reads[0] > 0 and codes == [0] * 60
+
+
 def test_three_loaders_interleaved_in_one_process(records, expected):
     parent = TRDataset(records, transform=fingerprint)
     reference = [parent[i] for i in range(NUM_RECORDS)]  # the parent holds shards before forks

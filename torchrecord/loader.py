@@ -56,6 +56,12 @@ class TorchRecord(DataLoader):
         recycle_batches: bool = True,
         **loader_kwargs: Any,
     ):
+        if loader_kwargs.get("in_order", True) is False:
+            raise ValueError(
+                "in_order=False hands batches over as workers finish them, out of order; "
+                "TorchRecord's order (a function of seed and epoch) and its resume "
+                "(state_dict counts the batches yielded) need them in order: leave in_order out"
+            )
         dataset = TRDataset(
             record_path,
             transform=transform,

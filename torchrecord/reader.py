@@ -243,29 +243,37 @@ class RecordReader:
     # -- records -------------------------------------------------------------------------------
     def key_of(self, shard: int, local: int) -> bytes:
         if self.manifest.shards[shard].legacy_db is not None:
-            self._open(shard)
-            return self._legacy_keys[shard][local]
+            SHARED.enter_read()
+            try:
+                self._open(shard)
+                return self._legacy_keys[shard][local]
+            finally:
+                SHARED.leave_read()
         return fmt.record_key(local, self.manifest.format_version)
 
     def read_bytes(self, index: int) -> bytes:
         """The stored bytes of one record, checked against its CRC-32."""
         shard, local = self.locate(index)
-        env = self._open(shard)
-        key = self.key_of(shard, local)
+        SHARED.enter_read()  # (a fork in another thread waits for this read: see SHARED)
         try:
-            if self.manifest.format_version >= 2:
-                value = _read_parts(env, key)
-            else:
-                with env.begin(db=self._dbs.get(shard)) as txn:
-                    value = txn.get(key)
-        except Exception as exc:
-            import lmdb
+            env = self._open(shard)
+            key = self.key_of(shard, local)
+            try:
+                if self.manifest.format_version >= 2:
+                    value = _read_parts(env, key)
+                else:
+                    with env.begin(db=self._dbs.get(shard)) as txn:
+                        value = txn.get(key)
+            except Exception as exc:
+                import lmdb
 
-            if not isinstance(exc, lmdb.Error):
-                raise
-            raise RecordCorruptedError(
-                self.shard_label(shard), key, local, f"LMDB cannot read it ({exc})"
-            ) from exc
+                if not isinstance(exc, lmdb.Error):
+                    raise
+                raise RecordCorruptedError(
+                    self.shard_label(shard), key, local, f"LMDB cannot read it ({exc})"
+                ) from exc
+        finally:
+            SHARED.leave_read()
         if value is None:
             raise RecordCorruptedError(self.shard_label(shard), key, local, "the record is missing")
         checksums = self._checksums.get(shard)
@@ -373,7 +381,11 @@ def verify(reader: RecordReader, quick: bool = False) -> Iterator[DatasetError]:
     try:
         for shard in range(reader.num_shards):
             try:
-                reader._open(shard)
+                SHARED.enter_read()
+                try:
+                    reader._open(shard)
+                finally:
+                    SHARED.leave_read()
             except DatasetError as exc:
                 yield exc
                 continue  # nothing more can be read from this shard

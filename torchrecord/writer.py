@@ -1536,6 +1536,8 @@ def _same_extra_fields(entries: list[Entry], source: str, skip: bool) -> list[En
     def names(e: Entry) -> tuple[str, ...]:
         return tuple(sorted(e.extras or ()))
 
+    if not any(e.extras for e in entries):  # (the common case, at a glance)
+        return entries
     counts = Counter(names(e) for e in entries if e.error is None)
     if len(counts) <= 1:
         return entries
