@@ -287,45 +287,67 @@ def test_worker_dying_while_its_batch_is_unpickled_is_named(records, tmp_path):
 # -- 2. many readers of one dataset at once ---------------------------------------------------
 
 
-def test_a_thread_reads_on_while_another_thread_forks(records, expected):
-    """Forks (a loader starting its workers, say) while an eval thread reads: the thread's
-    shards stay open in this process, and each child reads through environments of its own."""
-    reader = TRDataset(records, transform=fingerprint)
-    reference = [reader[i] for i in range(NUM_RECORDS)]
-    assert sorted(reference) == expected
-    stop, errors, reads = False, [], [0]
+FORKS_WHILE_READING = """
+import json, os, sys, zlib
+from concurrent.futures import ThreadPoolExecutor
+from torchrecord import TRDataset
 
-    def read_on() -> None:
-        i = 0
-        while not stop:
+path, forking_threads, forks = sys.argv[1], int(sys.argv[2]), 30
+
+def fingerprint(record):
+    return zlib.crc32(record.protos[0].byte_data), int(record.protos[1].byte_data)
+
+reader = TRDataset(path, transform=fingerprint)
+reference = [reader[i] for i in range(len(reader))]
+stop, errors, reads = False, [], [0]
+
+def read_on():
+    i = 0
+    while not stop:
+        try:
+            assert reader[i % len(reference)] == reference[i % len(reference)]
+            reads[0] += 1
+        except Exception as exc:
+            errors.append(repr(exc))
+        i += 1
+
+def fork_and_read():
+    codes = []
+    for n in range(forks):
+        pid = os.fork()
+        if pid == 0:  # the child reads through an environment of its own
+            ok = False
             try:
-                got = reader[i % NUM_RECORDS]
-                assert got == reference[i % NUM_RECORDS]
-                reads[0] += 1
-            except Exception as exc:  # any of them fails the test below
-                errors.append(repr(exc))
-            i += 1
+                ok = reader[n % len(reference)] == reference[n % len(reference)]
+            finally:
+                os._exit(0 if ok else 3)
+        codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    return codes
 
-    thread = ThreadPoolExecutor(max_workers=1)
-    running = thread.submit(read_on)
-    try:
-        children = []
-        for n in range(60):
-            pid = os.fork()
-            if pid == 0:  # the child reads a record of its own, through its own environment
-                try:
-                    ok = reader[n % NUM_RECORDS] == reference[n % NUM_RECORDS]
-                finally:
-                    os._exit(0 if ok else 3)
-            children.append(pid)
-            time.sleep(0.005)
-        codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
-    finally:
-        stop = True
-        running.result(timeout=60)
-        thread.shutdown()
-    assert errors == [], f"{len(errors)} of {reads[0] + len(errors)} reads failed: {errors[:2]}"
-    assert reads[0] > 0 and codes == [0] * 60
+pool = ThreadPoolExecutor(max_workers=1 + forking_threads)
+running = pool.submit(read_on)
+forkers = [pool.submit(fork_and_read) for _ in range(forking_threads)]
+codes = [code for forker in forkers for code in forker.result()]
+stop = True
+running.result()
+print("REPORT " + json.dumps({"errors": errors[:3], "failed": len(errors), "reads": reads[0],
+                              "codes": codes}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("dataset", ["v2", "0.1"])
+@pytest.mark.parametrize("forking_threads", [1, 2])
+def test_a_thread_reads_on_while_other_threads_fork(
+    records, legacy_fixture, dataset, forking_threads
+):
+    """Forks (loaders starting their workers, say) while an eval thread reads: the thread's
+    reads never meet a closed environment, forks from two threads take turns, and each child
+    reads through environments of its own. A 0.1 dataset's reads nest (its keys are read
+    through the shard too). In a subprocess: a deadlock fails the test by its timeout."""
+    path = records if dataset == "v2" else legacy_fixture / "record"
+    report, _, _ = run_script(FORKS_WHILE_READING, str(path), str(forking_threads), timeout=180)
+    assert report["failed"] == 0, report["errors"]
+    assert report["reads"] > 0 and report["codes"] == [0] * 30 * forking_threads
 
 
 def test_three_loaders_interleaved_in_one_process(records, expected):

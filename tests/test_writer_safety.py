@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import REPO, read_list
+from conftest import REPO, read_list, run_python
 
 from torchrecord import DataListError, DatasetExistsError, TorchRecord, TRDataset, Writer
+from torchrecord.writer import join_parts
 
 
 def labels_of(out):
@@ -108,6 +110,10 @@ def test_two_writes_into_one_directory_at_once_are_refused(photos, tmp_path):
             Writer(photos, out, codec="jpeg").write()
         with pytest.raises(DatasetExistsError, match="another write into .* is running"):
             Writer(photos, out, codec="jpeg", overwrite=True).write()
+        part = tmp_path / "part"
+        Writer(photos, part, codec="jpeg", db_num=2, shard_range=(0, 2)).write()
+        with pytest.raises(DatasetExistsError, match="another write into .* is running"):
+            join_parts(out, [part])
         go.touch()
         assert first.wait(timeout=300) == 0, first.stderr.read()
     finally:
@@ -116,6 +122,88 @@ def test_two_writes_into_one_directory_at_once_are_refused(photos, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["codec"] == "custom"  # the first write's dataset, whole
     assert labels_of(out) == [label for _, label in read_list(photos)]
+
+
+def test_a_process_forked_during_a_write_does_not_keep_the_directory_locked(photos, tmp_path):
+    """A child forked while a write runs (by another thread; or the writer's own pool workers)
+    gets a copy of the lock's descriptor: it closes it, so the lock ends with the write."""
+    import threading
+
+    from torchrecord import default_data_process_func
+
+    out, forked = tmp_path / "records", threading.Event()
+
+    def slow(line):  # the first sample waits until the child exists
+        forked.wait(60)
+        return default_data_process_func(line)
+
+    writer = threading.Thread(target=Writer(photos, out, data_process_func=slow).write)
+    writer.start()
+    deadline = time.monotonic() + 60
+    while not list(out.glob(".tmp-*")):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    child = os.fork()
+    if child == 0:
+        time.sleep(60)
+        os._exit(0)
+    try:
+        forked.set()
+        writer.join(120)
+        assert (out / "manifest.json").exists()
+        Writer(photos, out, codec="jpeg", overwrite=True).write()  # while the child lives
+        assert json.loads((out / "manifest.json").read_text())["codec"] == "jpeg"
+    finally:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
+
+
+def test_a_truncated_file_named_like_a_shard_is_refused_not_read(photos, tmp_path):
+    """Reading a truncated LMDB file through its map would kill the writer with SIGBUS."""
+    whole = tmp_path / "whole"
+    Writer(photos, whole, db_num=2, codec="jpeg").write()
+    out = tmp_path / "out"
+    out.mkdir()
+    data = (whole / "shard-00001.lmdb").read_bytes()
+    (out / "shard-00001.lmdb").write_bytes(data[: len(data) // 2])
+    code = f"""
+from torchrecord import Writer, DatasetExistsError
+try:
+    Writer({str(photos)!r}, {str(out)!r}, db_num=2, codec="jpeg").write()
+except DatasetExistsError as exc:
+    print("REFUSED", exc)
+"""
+    result = run_python(code, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "REFUSED" in result.stdout and "shard-00001.lmdb exists" in result.stdout
+
+
+def test_append_refuses_files_of_the_user_too(photos, tmp_path):
+    samples = read_list(photos)
+    out = tmp_path / "records"
+    Writer(samples[:12], out, codec="jpeg", db_num=2).write()
+    (out / "shard-00002.lmdb").write_text("user data")
+    with pytest.raises(DatasetExistsError, match=r"shard-00002\.lmdb exists and was not written"):
+        Writer(samples[12:], out, codec="jpeg", append=True).write()
+    (out / "shard-00002.lmdb").rename(out / "kept")
+    (out / "skipped.tsv").write_text("my notes\nimportant line\n")
+    with pytest.raises(DatasetExistsError, match=r"skipped\.tsv exists and was not written"):
+        Writer(samples[12:], out, codec="jpeg", append=True, on_error="skip").write()
+    assert (out / "skipped.tsv").read_text() == "my notes\nimportant line\n"
+    assert (out / "kept").read_text() == "user data"
+
+
+def test_a_common_named_label_among_integers_is_a_class(photos, tmp_path):
+    """Only a few stray labels are mistakes: 10 'background' among 14 '0' are a class."""
+    samples = read_list(photos)
+    listing = photos.parent / "two.txt"
+    listing.write_text(
+        "".join(f"{p} {'0' if i < 14 else 'background'}\n" for i, (p, _) in enumerate(samples))
+    )
+    manifest = Writer(listing, tmp_path / "out", codec="jpeg", on_error="skip").write()
+    assert manifest.extra["label_names"] == ["0", "background"]
+    assert manifest.extra["skipped"] == 0
+    assert labels_of(tmp_path / "out") == [0] * 14 + [1] * 10
 
 
 def test_a_spreadsheet_csv_with_a_byte_order_mark_and_a_header(photos, tmp_path):
@@ -304,8 +392,6 @@ def test_options_that_cannot_work_are_refused_before_any_work(photos, tmp_path):
 
 
 def test_join_names_overlapping_and_missing_parts(photos, tmp_path):
-    from torchrecord.writer import join_parts
-
     parts = []
     for first, stop in [(0, 2), (1, 3), (3, 4)]:
         parts.append(tmp_path / f"part{first}")

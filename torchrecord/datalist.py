@@ -221,6 +221,9 @@ def missing_file(path: str) -> str | None:
     return f"file {path} {what}; fix the path or remove the line"
 
 
+STRAY_SHARE = 100  # at most 1 label in 100 that is not an integer is a stray, not a name
+
+
 def _is_int(text: str) -> bool:
     try:
         int(text)
@@ -235,15 +238,16 @@ def index_labels(
     """Integer labels stay as they are; otherwise every distinct label gets an index in sorted
     order, and the names are returned (they go into the manifest).
 
-    Labels that are mostly integers are integers: the others are mistakes (a header line, a
-    typo), refused with their line, or with ``skip`` marked to be skipped. Only the samples that
+    Labels that are integers but for a few (one line, or at most one in :data:`STRAY_SHARE`)
+    are integers: the few are mistakes (a header line, a typo), refused with their line, or
+    with ``skip`` marked to be skipped. More of them make every label a name. Only the samples that
     can be written name classes: with ``skip``, a sample whose file is missing (a header line
     such as ``filename,class``, say) is marked to be skipped before the names are counted."""
     valid = [e for e in entries if e.error is None]
     ints = [e for e in valid if _is_int(e.label)]
     if len(ints) == len(valid):
         return entries, None
-    if 2 * len(ints) > len(valid):
+    if ints and len(valid) - len(ints) <= max(1, len(valid) // STRAY_SHARE):
         example = ints[0]
         marked = []
         for e in entries:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,9 +23,11 @@ class SharedEnvironments:
     just before ``fork``, and readers notice through :attr:`generation` and reopen lazily.
 
     Other threads of the parent may be reading at that moment (an eval loop in a thread while
-    a loader starts its workers): reads go through a gate (:meth:`enter_read`,
-    :meth:`leave_read`), and the fork closes the environments only once no read is inside and
-    keeps the gate shut until the child exists. A read waits for the fork, then reopens.
+    a loader starts its workers). Every read holds its thread's read lock (``with
+    SHARED.reading():``, a C-level ``RLock``: reads nest, and an exception anywhere, Ctrl-C
+    included, releases it). A fork takes the read locks of all other threads, so it waits for
+    the reads in progress and holds back new ones, closes the environments, and gives the locks
+    back once the child exists. Forks from several threads take turns.
     """
 
     def __init__(self) -> None:
@@ -39,10 +39,11 @@ class SharedEnvironments:
 
     def _fresh_locks(self) -> None:
         self.lock = threading.Lock()
-        # reads in progress, one entry (the thread's id) per read; deque appends, removes and
-        # len() are atomic, which keeps a read's cost at a few tenths of a microsecond
-        self._reads: deque[int] = deque()
-        self._forking = False
+        # held by a fork from before it to after it: no thread registers, no other fork starts
+        self._forks = threading.Lock()
+        self._read_locks: dict[int, Any] = {}  # thread id -> that thread's read lock
+        self._local = threading.local()
+        self._held: list[Any] = []  # the read locks a fork in progress holds
 
     def _check_pid(self) -> None:
         if self.pid != os.getpid():  # forked without the at-fork hooks: drop, never close
@@ -79,35 +80,40 @@ class SharedEnvironments:
                 del self.refs[key]
 
     # -- reads and forks -------------------------------------------------------------------------
-    def enter_read(self) -> None:
-        """Before using an environment (opening a shard, a transaction): waits while a fork
-        closes them. Pair each call with :meth:`leave_read`."""
-        me = threading.get_ident()
-        while True:
-            self._reads.append(me)
-            if not self._forking:  # (checked after the append: see _before_fork)
-                return
-            self._reads.remove(me)  # a fork is closing the environments: let it, then read
-            while self._forking:
-                time.sleep(0.0002)
-
-    def leave_read(self) -> None:
-        self._reads.remove(threading.get_ident())
+    def reading(self) -> Any:
+        """This thread's read lock: hold it (``with``) while using an environment (opening a
+        shard, a transaction, the bytes it returns)."""
+        lock = getattr(self._local, "lock", None)
+        if lock is None:
+            lock = threading.RLock()
+            with self._forks:  # (not while a fork is taking the read locks)
+                self._read_locks[threading.get_ident()] = lock
+            self._local.lock = lock
+        return lock
 
     def _before_fork(self) -> None:
-        # Set the flag, then look at the reads: a read that started before sees it, backs off
-        # and waits; one that started after waits. (The GIL runs these steps one at a time.)
-        self._forking = True
-        me = threading.get_ident()  # a fork from inside this thread's own read is not waited for
-        while any(thread != me for thread in list(self._reads)):
-            time.sleep(0.0002)
-        self.close_all()  # the gate stays shut until the child exists
+        self._forks.acquire()
+        me = threading.get_ident()
+        alive = {thread.ident for thread in threading.enumerate()}
+        for ident, lock in list(self._read_locks.items()):
+            if ident not in alive:
+                del self._read_locks[ident]  # a thread that ended (its lock is free)
+            elif ident != me:  # (a fork from inside this thread's own read is not waited for)
+                self._held.append(lock)
+                lock.acquire()  # waits for that thread's read in progress, holds back its next
+        self.close_all()
 
     def _after_fork_in_parent(self) -> None:
-        self._forking = False
+        held, self._held = self._held, []
+        for lock in held:
+            try:
+                lock.release()
+            except RuntimeError:  # not acquired: the fork was interrupted before it
+                pass
+        self._forks.release()
 
     def _after_fork_in_child(self) -> None:
-        self._fresh_locks()  # a thread of the parent may have held them: it does not exist here
+        self._fresh_locks()  # the parent's threads, holding some of them, do not exist here
         self.pid, self.envs, self.refs = os.getpid(), {}, {}
         self.generation += 1
 

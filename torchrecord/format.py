@@ -249,28 +249,23 @@ def _legacy_manifest(root: Path) -> Manifest:
     from .environments import SHARED
 
     names, counts = [], []
-    SHARED.enter_read()
-    generation = SHARED.current_generation()
-    try:
+    with SHARED.reading():
+        generation = SHARED.current_generation()
         shared_key, env = SHARED.acquire(
             root / LEGACY_DATA_FILE, lambda: lmdb.open(str(root), max_dbs=4096, **READ_OPTIONS)
         )
-    except BaseException:
-        SHARED.leave_read()
-        raise
-    try:
-        with env.begin() as txn:
-            for db_key, _ in txn.cursor():
-                name = db_key.decode("ascii", "replace")
-                if name.startswith("db") and name[2:].isdigit():
-                    names.append(name)
-            names.sort(key=lambda n: int(n[2:]))
-            for name in names:
-                db = env.open_db(name.encode(), txn=txn, create=False)
-                counts.append(txn.stat(db)["entries"])
-    finally:
-        SHARED.release(shared_key, generation)
-        SHARED.leave_read()
+        try:
+            with env.begin() as txn:
+                for db_key, _ in txn.cursor():
+                    name = db_key.decode("ascii", "replace")
+                    if name.startswith("db") and name[2:].isdigit():
+                        names.append(name)
+                names.sort(key=lambda n: int(n[2:]))
+                for name in names:
+                    db = env.open_db(name.encode(), txn=txn, create=False)
+                    counts.append(txn.stat(db)["entries"])
+        finally:
+            SHARED.release(shared_key, generation)
     if not names:
         raise DatasetError(f"{root}/{LEGACY_DATA_FILE} holds no TorchRecord 0.1 sub-databases")
     size = (root / LEGACY_DATA_FILE).stat().st_size

@@ -56,7 +56,7 @@ class TorchRecord(DataLoader):
         recycle_batches: bool = True,
         **loader_kwargs: Any,
     ):
-        if loader_kwargs.get("in_order", True) is False:
+        if not loader_kwargs.get("in_order", True):
             raise ValueError(
                 "in_order=False hands batches over as workers finish them, out of order; "
                 "TorchRecord's order (a function of seed and epoch) and its resume "

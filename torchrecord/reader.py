@@ -243,19 +243,15 @@ class RecordReader:
     # -- records -------------------------------------------------------------------------------
     def key_of(self, shard: int, local: int) -> bytes:
         if self.manifest.shards[shard].legacy_db is not None:
-            SHARED.enter_read()
-            try:
+            with SHARED.reading():
                 self._open(shard)
                 return self._legacy_keys[shard][local]
-            finally:
-                SHARED.leave_read()
         return fmt.record_key(local, self.manifest.format_version)
 
     def read_bytes(self, index: int) -> bytes:
         """The stored bytes of one record, checked against its CRC-32."""
         shard, local = self.locate(index)
-        SHARED.enter_read()  # (a fork in another thread waits for this read: see SHARED)
-        try:
+        with SHARED.reading():  # (a fork in another thread waits for this read: see SHARED)
             env = self._open(shard)
             key = self.key_of(shard, local)
             try:
@@ -272,8 +268,6 @@ class RecordReader:
                 raise RecordCorruptedError(
                     self.shard_label(shard), key, local, f"LMDB cannot read it ({exc})"
                 ) from exc
-        finally:
-            SHARED.leave_read()
         if value is None:
             raise RecordCorruptedError(self.shard_label(shard), key, local, "the record is missing")
         checksums = self._checksums.get(shard)
@@ -381,11 +375,8 @@ def verify(reader: RecordReader, quick: bool = False) -> Iterator[DatasetError]:
     try:
         for shard in range(reader.num_shards):
             try:
-                SHARED.enter_read()
-                try:
+                with SHARED.reading():
                     reader._open(shard)
-                finally:
-                    SHARED.leave_read()
             except DatasetError as exc:
                 yield exc
                 continue  # nothing more can be read from this shard

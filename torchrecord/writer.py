@@ -453,6 +453,7 @@ class Writer:
                     f"{out} was written with codec {base.codec!r} and serializer "
                     f"{base.serializer!r}; append with the same ones"
                 )
+            _refuse_foreign_files(out, _listed_files(out / fmt.MANIFEST_NAME))
             if (base.extra.get("image_policy") or None) != (self.image_policy or None):
                 raise ValueError(
                     f"{out} was written with the image policy "
@@ -828,9 +829,10 @@ class Writer:
         old_manifest = out / fmt.MANIFEST_NAME
         old_report = out / SKIPPED_REPORT
         if self.skipped:
+            listed = self.append and SKIPPED_REPORT in _listed_files(old_manifest)
             previous = (
                 old_report.read_text(encoding="utf-8").splitlines()[1:]
-                if self.append and old_report.exists()
+                if listed and old_report.exists()
                 else []
             )
             lines = [_SKIPPED_HEADER, *previous] + [
@@ -914,17 +916,30 @@ def join_parts(
             f"shards {expected}..{total - 1} are missing: write them with "
             f"shard_range=({expected}, {total})"
         )
+    if (out / fmt.MANIFEST_NAME).exists() and not overwrite:
+        raise DatasetExistsError(f"{out} already holds a dataset; pass overwrite=True")
+    out.mkdir(parents=True, exist_ok=True)
+    with _OutputLock(out):
+        return _join_locked(out, docs)
+
+
+def _join_locked(out: Path, docs: list[tuple[Path, dict[str, Any]]]) -> fmt.Manifest:
     old_files: set[str] = set()
     if (out / fmt.MANIFEST_NAME).exists():
-        if not overwrite:
-            raise DatasetExistsError(f"{out} already holds a dataset; pass overwrite=True")
         old_files = _listed_files(out / fmt.MANIFEST_NAME)
-    if out.is_dir():
-        _refuse_foreign_files(out, old_files)
+    # a shard an interrupted join was copying (from another file system) is completed below
+    copying = {
+        item["file"]
+        for part, doc in docs
+        for item in doc["shards"]
+        if (part / item["file"]).exists()
+        and (out / item["file"]).exists()
+        and (out / item["file"]).stat().st_size < (part / item["file"]).stat().st_size
+    }
+    _refuse_foreign_files(out, old_files | copying)
     if old_files:  # the old dataset stops being one before any of its files is replaced
         (out / fmt.MANIFEST_NAME).unlink()
         _fsync(out)
-    out.mkdir(parents=True, exist_ok=True)
     wanted = {item["file"] for _, doc in docs for item in doc["shards"]}
     for p in out.iterdir():  # files of a dataset that was there before; never a file of yours
         if p.is_file() and p.name not in wanted and (p.name in old_files or _written_here(p)):
@@ -1372,20 +1387,44 @@ def _write_planned_shard(
 
 
 class _OutputLock:
-    """An exclusive lock on the output directory itself (``flock`` on the directory), held from
-    the check of what the directory holds to the publish: two writes into one directory at once
-    are refused, not interleaved. No file is left behind."""
+    """An exclusive lock on the output directory, held from the check of what the directory
+    holds to the publish: two writes into one directory at once are refused, not interleaved.
+
+    ``flock`` on the directory itself, which leaves no file behind; where the file system
+    cannot lock a directory (NFS emulates ``flock`` with byte-range locks, which need a file
+    open for writing), on a lock file in it, ``.torchrecord-write.lock``."""
+
+    LOCK_FILE = ".torchrecord-write.lock"
+    HELD: set[int] = set()  # descriptors of the locks this process holds (closed in a child)
 
     def __init__(self, out: Path):
         self.out = out
         self.fd: int | None = None
+
+    @classmethod
+    def forget_in_child(cls) -> None:
+        """A forked child (a pool worker, a process a thread started meanwhile) closes its copy
+        of each lock: the lock is the writing process's, and ends with its write."""
+        for fd in cls.HELD:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        cls.HELD = set()
 
     def __enter__(self) -> _OutputLock:
         import fcntl
 
         self.fd = os.open(self.out, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise
+            except OSError:  # this file system locks files only
+                os.close(self.fd)
+                self.fd = os.open(self.out / self.LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
             self.fd = None
@@ -1393,12 +1432,18 @@ class _OutputLock:
                 f"another write into {self.out} is running; wait for it to finish, or write "
                 "into another directory"
             ) from None
+        self.HELD.add(self.fd)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.fd is not None:
+            self.HELD.discard(self.fd)
             os.close(self.fd)
             self.fd = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_OutputLock.forget_in_child)
 
 
 class _StagingLock:
@@ -1484,10 +1529,12 @@ def _written_here(path: Path) -> bool:
     except lmdb.Error:
         return False
     try:
+        if (env.info()["last_pgno"] + 1) * env.stat()["psize"] > path.stat().st_size:
+            return False  # truncated: reading its pages through the map would fault (SIGBUS)
         with env.begin() as txn:
             meta = json.loads(bytes(txn.get(fmt.META_KEY) or b"{}"))
         return isinstance(meta, dict) and meta.get("format") == fmt.FORMAT_NAME
-    except (lmdb.Error, ValueError):
+    except (lmdb.Error, ValueError, OSError):
         return False
     finally:
         env.close()
