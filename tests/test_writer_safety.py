@@ -383,6 +383,15 @@ def test_a_truncated_jpeg_with_an_embedded_thumbnail_is_refused(photos, tmp_path
             Writer(photos, tmp_path / codec, codec=codec, **options).write()
 
 
+def test_a_jpeg_with_a_large_trailer_is_stored_as_it_is(photos, tmp_path):
+    """A Motion Photo carries a video after the JPEG's end-of-image marker: no truncation."""
+    path, _ = read_list(photos)[0]
+    whole = path.read_bytes() + bytes(range(256)).replace(b"\xff", b"\x00") * 400  # 100 KB
+    path.write_bytes(whole)
+    Writer(photos, tmp_path / "out", codec="jpeg").write()
+    assert image_bytes(tmp_path / "out")[0] == whole
+
+
 def test_options_that_cannot_work_are_refused_before_any_work(photos, tmp_path):
     with pytest.raises(ValueError, match="quality must be between 1 and 100"):
         Writer(photos, tmp_path / "q", codec="jpeg", max_size=64, quality=150)

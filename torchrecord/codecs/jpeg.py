@@ -115,8 +115,10 @@ class JPEGCodec(Codec):
             size, scan = _pillow_size(path, data), 0  # unusual layouts that decoders tolerate
         # The end-of-image marker must follow the image data: an embedded thumbnail (in the
         # EXIF segment, before the scan) ends with one too. Inside the entropy-coded data a
-        # 0xFF byte is always followed by 0x00 or a restart marker, never by 0xD9.
-        if data.rfind(JPEG_EOI, max(scan, len(data) - 65536)) < 0:
+        # 0xFF byte is always followed by 0x00 or a restart marker, never by 0xD9. Anything
+        # may follow the marker (a Motion Photo's video, padding): searched from the end.
+        lowest = scan if scan else max(0, len(data) - 65536)  # (unknown layout: the old rule)
+        if data.rfind(JPEG_EOI, lowest) < 0:
             raise EncodeError(
                 f"{path} is a truncated JPEG (no end-of-image marker): re-export or re-download "
                 "the file, or remove its line from the data list."
