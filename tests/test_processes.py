@@ -324,12 +324,32 @@ def fork_and_read():
         codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
     return codes
 
+def open_and_read():  # new readers meanwhile: each opens the shards (0.1: opens databases)
+    i = 0
+    while not stop:
+        try:
+            assert TRDataset(path, transform=fingerprint)[i % len(reference)] == reference[
+                i % len(reference)
+            ]
+        except Exception as exc:
+            errors.append(repr(exc))
+        i += 1
+
+import _thread, threading
+done = threading.Event()
+def read_on_then_signal():
+    try:
+        read_on()
+    finally:
+        done.set()
+_thread.start_new_thread(read_on_then_signal, ())  # a thread the threading module knows not
 pool = ThreadPoolExecutor(max_workers=1 + forking_threads)
-running = pool.submit(read_on)
+opening = pool.submit(open_and_read)
 forkers = [pool.submit(fork_and_read) for _ in range(forking_threads)]
 codes = [code for forker in forkers for code in forker.result()]
 stop = True
-running.result()
+opening.result()
+done.wait()
 print("REPORT " + json.dumps({"errors": errors[:3], "failed": len(errors), "reads": reads[0],
                               "codes": codes}), flush=True)
 """
@@ -340,10 +360,12 @@ print("REPORT " + json.dumps({"errors": errors[:3], "failed": len(errors), "read
 def test_a_thread_reads_on_while_other_threads_fork(
     records, legacy_fixture, dataset, forking_threads
 ):
-    """Forks (loaders starting their workers, say) while an eval thread reads: the thread's
-    reads never meet a closed environment, forks from two threads take turns, and each child
-    reads through environments of its own. A 0.1 dataset's reads nest (its keys are read
-    through the shard too). In a subprocess: a deadlock fails the test by its timeout."""
+    """Forks (loaders starting their workers, say) while an eval thread reads (one started
+    with ``_thread``, unknown to ``threading``) and another opens new readers: no read meets a
+    closed environment, forks from two threads take turns, and each child reads through
+    environments of its own. A 0.1 dataset's reads nest (its keys are read through the shard
+    too), and its readers open LMDB databases, which LMDB lets one transaction do at a time.
+    In a subprocess: a deadlock fails the test by its timeout."""
     path = records if dataset == "v2" else legacy_fixture / "record"
     report, _, _ = run_script(FORKS_WHILE_READING, str(path), str(forking_threads), timeout=180)
     assert report["failed"] == 0, report["errors"]

@@ -6,8 +6,10 @@ loaders over one dataset, the manifest reader of a 0.1 dataset) goes through :da
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,12 +40,16 @@ class SharedEnvironments:
         self.refs: dict[tuple, int] = {}
 
     def _fresh_locks(self) -> None:
-        self.lock = threading.Lock()
+        # re-entrant: a reader finalised by the garbage collector releases its environments,
+        # and the collector may run in this thread while it holds the lock (opening a shard
+        # runs Python code)
+        self.lock = threading.RLock()
         # held by a fork from before it to after it: no thread registers, no other fork starts
         self._forks = threading.Lock()
-        self._read_locks: dict[int, Any] = {}  # thread id -> that thread's read lock
+        self._fork_owner: int | None = None
+        self._read_locks: dict[int, Any] = {}  # registration number -> a thread's read lock
+        self._numbers = itertools.count()
         self._local = threading.local()
-        self._held: list[Any] = []  # the read locks a fork in progress holds
 
     def _check_pid(self) -> None:
         if self.pid != os.getpid():  # forked without the at-fork hooks: drop, never close
@@ -82,34 +88,40 @@ class SharedEnvironments:
     # -- reads and forks -------------------------------------------------------------------------
     def reading(self) -> Any:
         """This thread's read lock: hold it (``with``) while using an environment (opening a
-        shard, a transaction, the bytes it returns)."""
-        lock = getattr(self._local, "lock", None)
+        shard, a transaction, the bytes it returns). Run no code of the user's under it."""
+        local = self._local
+        lock = getattr(local, "lock", None)
         if lock is None:
-            lock = threading.RLock()
+            lock, token, number = threading.RLock(), _Token(), next(self._numbers)
             with self._forks:  # (not while a fork is taking the read locks)
-                self._read_locks[threading.get_ident()] = lock
-            self._local.lock = lock
+                self._read_locks[number] = lock
+            local.lock, local.token = lock, token
+            # when the thread ends, its thread-local values go, and its lock with them (also
+            # for threads that the threading module does not know of)
+            weakref.finalize(token, self._read_locks.pop, number, None)
         return lock
 
     def _before_fork(self) -> None:
         self._forks.acquire()
-        me = threading.get_ident()
-        alive = {thread.ident for thread in threading.enumerate()}
-        for ident, lock in list(self._read_locks.items()):
-            if ident not in alive:
-                del self._read_locks[ident]  # a thread that ended (its lock is free)
-            elif ident != me:  # (a fork from inside this thread's own read is not waited for)
-                self._held.append(lock)
+        self._fork_owner = threading.get_ident()
+        own = getattr(self._local, "lock", None)  # a fork inside this thread's read: not waited
+        held = self._local.held = []
+        for lock in list(self._read_locks.values()):
+            if lock is not own:
+                held.append(lock)
                 lock.acquire()  # waits for that thread's read in progress, holds back its next
         self.close_all()
 
     def _after_fork_in_parent(self) -> None:
-        held, self._held = self._held, []
+        if self._fork_owner != threading.get_ident():
+            return  # this thread's before-fork hook was interrupted before it took the turn
+        held, self._local.held = getattr(self._local, "held", []), []
         for lock in held:
             try:
                 lock.release()
-            except RuntimeError:  # not acquired: the fork was interrupted before it
+            except RuntimeError:  # not acquired: the hook was interrupted before it
                 pass
+        self._fork_owner = None
         self._forks.release()
 
     def _after_fork_in_child(self) -> None:
@@ -125,6 +137,12 @@ class SharedEnvironments:
                     env.close()
             self.pid, self.envs, self.refs = os.getpid(), {}, {}
             self.generation += 1
+
+
+class _Token:
+    """A thread-local object whose end tells that its thread ended."""
+
+    __slots__ = ("__weakref__",)
 
 
 SHARED = SharedEnvironments()

@@ -254,8 +254,8 @@ def _legacy_manifest(root: Path) -> Manifest:
         shared_key, env = SHARED.acquire(
             root / LEGACY_DATA_FILE, lambda: lmdb.open(str(root), max_dbs=4096, **READ_OPTIONS)
         )
-        try:
-            with env.begin() as txn:
+        try:  # (LMDB: no two transactions open databases at once)
+            with SHARED.lock, env.begin() as txn:
                 for db_key, _ in txn.cursor():
                     name = db_key.decode("ascii", "replace")
                     if name.startswith("db") and name[2:].isdigit():

@@ -129,7 +129,8 @@ class RecordReader:
                     lambda: lmdb.open(str(self.path), max_dbs=4096, **fmt.READ_OPTIONS),
                 )
                 self._check_pages(env, path, label)
-                db = env.open_db(info.legacy_db.encode(), create=False)
+                with SHARED.lock:  # LMDB: no two transactions open databases at once
+                    db = env.open_db(info.legacy_db.encode(), create=False)
                 with env.begin(db=db) as txn:
                     keys = list(txn.cursor().iternext(keys=True, values=False))
                 if len(keys) != info.num_records:

@@ -1423,15 +1423,22 @@ class _OutputLock:
                 raise
             except OSError:  # this file system locks files only
                 os.close(self.fd)
+                self.fd = None
                 self.fd = os.open(self.out / self.LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
             raise DatasetExistsError(
                 f"another write into {self.out} is running; wait for it to finish, or write "
                 "into another directory"
             ) from None
+        except BaseException:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+            raise
         self.HELD.add(self.fd)
         return self
 
