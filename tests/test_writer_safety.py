@@ -311,7 +311,7 @@ def test_append_needs_the_same_image_policy_and_extra_fields(photos, tmp_path):
     out = tmp_path / "records"
     Writer(samples[:12], out, codec="jpeg", max_size=64).write()
     with pytest.raises(ValueError, match="image policy"):
-        Writer(samples[12:], out, codec="jpeg", append=True).write()
+        Writer(samples[12:], out, codec="jpeg", max_size=128, append=True).write()
     Writer(samples[12:], out, codec="jpeg", max_size=64, append=True).write()
     assert len(labels_of(out)) == len(samples)
 
@@ -319,6 +319,31 @@ def test_append_needs_the_same_image_policy_and_extra_fields(photos, tmp_path):
     Writer([{"path": p, "label": y, "box": [1, 2]} for p, y in samples[:12]], boxed).write()
     with pytest.raises(ValueError, match=r"extra fields \[\]"):
         Writer(samples[12:], boxed, append=True).write()
+
+
+def test_append_takes_the_datasets_codec_serializer_and_image_policy(photos, tmp_path):
+    samples = read_list(photos)
+    first, second = photos.parent / "first.txt", photos.parent / "second.txt"
+    first.write_text("".join(f"{p} {y}\n" for p, y in samples[:12]))
+    second.write_text("".join(f"{p} {y}\n" for p, y in samples[12:]))
+    out = tmp_path / "records"
+    Writer(first, out, codec="jpeg", serializer="msgpack", max_size=64, quality=80).write()
+    result = subprocess.run(  # as `torchrecord write --help` shows it: no codec given
+        [sys.executable, "-m", "torchrecord.cli", "write", str(second), str(out), "--append"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["codec"], manifest["serializer"]) == ("jpeg", "msgpack")
+    assert manifest["image_policy"] == {"max_size": 64, "quality": 80}
+    from PIL import Image
+
+    sizes = [Image.open(io.BytesIO(data)).size for data in image_bytes(out)]
+    assert len(sizes) == 24 and max(max(size) for size in sizes) == 64  # all scaled down
+    with pytest.raises(ValueError, match="append with the same ones"):
+        Writer(second, out, codec="raw_rgb", append=True).write()
 
 
 def test_every_sample_needs_the_same_extra_fields(photos, tmp_path):

@@ -239,13 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--codec",
         default=None,
         metavar="NAME",
-        help="how images are stored: raw_rgb (default), jpeg, or a plugin's codec",
+        help="how images are stored: raw_rgb (default; with --append, the dataset's), jpeg, "
+        "or a plugin's codec",
     )
     write.add_argument(
         "--serializer",
-        default="tensorprotos",
+        default=None,
         metavar="NAME",
-        help="how records become bytes: tensorprotos (default) or msgpack",
+        help="how records become bytes: tensorprotos (default; with --append, the dataset's) "
+        "or msgpack",
     )
     write.add_argument(
         "--num-workers",
@@ -388,10 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--transform",
-        default="pil",
-        choices=["pil", "fast", "uint8"],
-        help="pil: 0.1's PIL pipeline (default); fast: tensor decode and resize; "
-        "uint8: 3x224x224 uint8 images",
+        default="auto",
+        choices=["auto", "pil", "fast", "uint8"],
+        help="auto: what TorchRecord(path) does (default: the fast path the codec has); pil: "
+        "0.1's PIL pipeline; fast: tensor decode and resize; uint8: 3x224x224 uint8 images",
     )
     bench.add_argument("--batch-size", type=int, default=32)
     bench.add_argument(

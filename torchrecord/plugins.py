@@ -114,15 +114,18 @@ class _Registry:
                 plugin = ep.load()
                 self.pm.register(plugin, name=plugin_name)
             except Exception as exc:  # one broken plugin must not break every program
-                message = (
-                    f"TorchRecord plugin {ep.name!r} from distribution {dist_name} {dist_version} "
-                    f"failed to load and is ignored: {type(exc).__name__}: {exc}. "
-                    "Reinstall or uninstall it; set TORCHRECORD_STRICT_PLUGINS=1 to make this "
-                    "an error."
-                )
+                what = f"TorchRecord plugin {ep.name!r} from {dist_name} {dist_version}"
+                why = f"{type(exc).__name__}: {exc}. Reinstall or uninstall it"
                 if strict:
-                    raise PluginError(message) from exc
-                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                    raise PluginError(
+                        f"{what} failed to load (TORCHRECORD_STRICT_PLUGINS is set): {why}."
+                    ) from exc
+                warnings.warn(
+                    f"{what} failed to load and is ignored: {why}; set "
+                    "TORCHRECORD_STRICT_PLUGINS=1 to make this an error.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 continue
             self._owners[plugin_name] = (dist_name, dist_version)
 

@@ -82,7 +82,7 @@ class Writer:
         data_process_func: Callable[[str], Any] | None = None,
         *,
         codec: str | None = None,
-        serializer: str = "tensorprotos",
+        serializer: str | None = None,
         num_workers: int = 0,
         seed: int = 0,
         root: str | os.PathLike | None = None,
@@ -118,6 +118,14 @@ class Writer:
                 "give either a codec or a custom data_process_func, not both: the function "
                 "replaces the codec"
             )
+        # appending: what is not given is the dataset's (codec, serializer, image policy)
+        base = _base_settings(Path(output_dir)) if append and not custom else {}
+        if base and max_size is None and raw_below is None:
+            policy = base.get("image_policy") or {}
+            max_size, raw_below = policy.get("max_size"), policy.get("raw_below")
+            quality = policy.get("quality", quality)
+        codec = codec or (base.get("codec") if not custom else None)
+        serializer = serializer or base.get("serializer") or "tensorprotos"
         self.data_list = data_list
         self.output_dir = Path(output_dir)
         self.db_num = int(db_num)
@@ -1503,6 +1511,18 @@ def _remove_stale_staging(out: Path, keep: Path | None) -> None:
         finally:
             if fd is not None:
                 os.close(fd)
+
+
+def _base_settings(out: Path) -> dict[str, Any]:
+    """The codec, serializer and image policy of the dataset in ``out`` (empty if none can be
+    read: the append's own checks then say what is wrong)."""
+    try:
+        doc = json.loads((out / fmt.MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    return {k: doc[k] for k in ("codec", "serializer", "image_policy") if doc.get(k)}
 
 
 def _listed_files(manifest_path: Path) -> set[str]:
