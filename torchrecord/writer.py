@@ -124,7 +124,8 @@ class Writer:
             policy = base.get("image_policy") or {}
             max_size, raw_below = policy.get("max_size"), policy.get("raw_below")
             quality = policy.get("quality", quality)
-        codec = codec or (base.get("codec") if not custom else None)
+        if base.get("codec") != fmt.CUSTOM_CODEC:  # (a function's records: give the function)
+            codec = codec or base.get("codec")
         serializer = serializer or base.get("serializer") or "tensorprotos"
         self.data_list = data_list
         self.output_dir = Path(output_dir)
@@ -456,6 +457,12 @@ class Writer:
             if not (out / fmt.MANIFEST_NAME).exists():
                 raise DatasetExistsError(f"append=True but {out} holds no dataset to append to")
             base = fmt.read_manifest(out)
+            if base.codec == fmt.CUSTOM_CODEC and self.codec_name != fmt.CUSTOM_CODEC:
+                func = base.extra.get("data_process_func")
+                raise ValueError(
+                    f"{out} was written with a data_process_func ({func}); append with a "
+                    "data_process_func too"
+                )
             if (base.codec, base.serializer) != (self.codec_name, self.serializer_name):
                 raise ValueError(
                     f"{out} was written with codec {base.codec!r} and serializer "
