@@ -46,6 +46,17 @@ def test_fast_and_uint8_match_the_pil_path(photo_dir, datasets, codec):
         assert torch.equal(c.float().div(255), b)
 
 
+@pytest.mark.parametrize("codec", ["raw_rgb", "jpeg"])
+@pytest.mark.parametrize("transform", ["fast", "uint8"])
+def test_batches_built_in_place_equal_the_samples_bit_for_bit(datasets, codec, transform):
+    dataset = TRDataset(datasets[codec], transform=transform)
+    samples = [dataset[i] for i in range(8)]
+    dataset.prebatch = True  # as TorchRecord sets it
+    batch = dataset.__getitems__(list(range(8)))
+    assert torch.equal(batch.images, torch.stack([image for image, _ in samples]))
+    assert batch.labels.tolist() == [label for _, label in samples]
+
+
 def test_named_transforms_through_the_loader(datasets):
     loader = TorchRecord(datasets["jpeg"], batch_size=8, num_workers=2, transform="uint8")
     batches = list(loader)
