@@ -14,7 +14,8 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,52 @@ def missing_file(path: str) -> str | None:
     return f"file {path} {what}; fix the path or remove the line"
 
 
+def mark_bad(
+    entries: list[Entry], source: str, skip: bool, why: Callable[[Entry], str | None]
+) -> list[Entry]:
+    """Check each writable entry with ``why`` (its problem, or None): the first problem is
+    raised naming its line, or with ``skip`` every problem is kept in its entry's ``error``
+    (the writer then skips and reports it)."""
+    marked = []
+    for e in entries:
+        error = why(e) if e.error is None else None
+        if error is not None:
+            if not skip:
+                raise DataListError(source, e.line_no, error)
+            e = replace(e, error=error)
+        marked.append(e)
+    return marked
+
+
+def same_extra_fields(entries: list[Entry], source: str, skip: bool) -> list[Entry]:
+    """Every sample must carry the same extra fields (the loader batches them field by field):
+    the most common set of names is the dataset's, a sample with another set is a bad line."""
+
+    def names(e: Entry) -> tuple[str, ...]:
+        return tuple(sorted(e.extras or ()))
+
+    if not any(e.extras for e in entries):  # (the common case, at a glance)
+        return entries
+    counts = Counter(names(e) for e in entries if e.error is None)
+    if len(counts) <= 1:
+        return entries
+    expected = counts.most_common(1)[0][0]
+    return mark_bad(
+        entries,
+        source,
+        skip,
+        lambda e: (
+            None
+            if names(e) == expected
+            else (
+                f"its extra fields {list(names(e))} differ from the other samples' "
+                f"{list(expected)}: every sample needs the same fields (the loader batches them); "
+                "add the missing ones or remove the line"
+            )
+        ),
+    )
+
+
 STRAY_SHARE = 100  # at most 1 label in 100 that is not an integer is a stray, not a name
 
 
@@ -249,23 +296,18 @@ def index_labels(
         return entries, None
     if ints and len(valid) - len(ints) <= max(1, len(valid) // STRAY_SHARE):
         example = ints[0]
-        marked = []
-        for e in entries:
-            if e.error is None and not _is_int(e.label):
-                error = (
-                    f"label {e.label!r} is not an integer, unlike the other labels (line "
-                    f"{example.line_no}: {example.label!r}); fix the label or remove the line"
-                )
-                if not skip:
-                    raise DataListError(source, e.line_no, error)
-                e = replace(e, error=error)
-            marked.append(e)
-        return marked, None
+        stray = (
+            f"is not an integer, unlike the other labels (line {example.line_no}: "
+            f"{example.label!r}); fix the label or remove the line"
+        )
+        return mark_bad(
+            entries,
+            source,
+            skip,
+            lambda e: None if _is_int(e.label) else f"label {e.label!r} {stray}",
+        ), None
     if skip:
-        entries = [
-            replace(e, error=why) if e.error is None and (why := missing_file(e.path)) else e
-            for e in entries
-        ]
+        entries = mark_bad(entries, source, skip, lambda e: missing_file(e.path))
     names = sorted({e.label for e in entries if e.error is None})
     if not names:
         return entries, None

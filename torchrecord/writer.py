@@ -33,6 +33,7 @@ from .datalist import (
     read_data_list,
     read_image_folder,
     read_iterable,
+    same_extra_fields,
 )
 from .errors import DataListError, DatasetExistsError, DiskFullError, TorchRecordError
 from .plugins import fast_method, get_codec, get_serializer
@@ -226,7 +227,7 @@ class Writer:
             raise ValueError(
                 "extra fields need a codec; a custom data_process_func stores its own records"
             )
-        entries = _same_extra_fields(entries, source, self.on_error == "skip")
+        entries = same_extra_fields(entries, source, self.on_error == "skip")
         order = list(range(len(entries)))
         if self.shuffle:
             random.Random(self.seed).shuffle(order)
@@ -1605,37 +1606,6 @@ def _merge_label_names(
 
     index = {str(i): str(merged.index(name)) for i, name in enumerate(names)}
     return [replace(e, label=index[e.label]) for e in entries], merged
-
-
-def _same_extra_fields(entries: list[Entry], source: str, skip: bool) -> list[Entry]:
-    """Every sample must carry the same extra fields (the loader batches them field by field):
-    the most common set of names is the dataset's, a sample with another set is refused (with
-    ``skip``, marked to be skipped)."""
-    from collections import Counter
-    from dataclasses import replace
-
-    def names(e: Entry) -> tuple[str, ...]:
-        return tuple(sorted(e.extras or ()))
-
-    if not any(e.extras for e in entries):  # (the common case, at a glance)
-        return entries
-    counts = Counter(names(e) for e in entries if e.error is None)
-    if len(counts) <= 1:
-        return entries
-    expected = counts.most_common(1)[0][0]
-    marked = []
-    for e in entries:
-        if e.error is None and names(e) != expected:
-            error = (
-                f"its extra fields {list(names(e))} differ from the other samples' "
-                f"{list(expected)}: every sample needs the same fields (the loader batches "
-                "them); add the missing ones or remove the line"
-            )
-            if not skip:
-                raise DataListError(source, e.line_no, error)
-            e = replace(e, error=error)
-        marked.append(e)
-    return marked
 
 
 def _check_options(codec: Any, options: dict[str, Any]) -> None:
