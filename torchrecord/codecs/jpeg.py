@@ -101,7 +101,7 @@ class JPEGCodec(Codec):
         """The file's bytes, unchanged; or, when ``max_size`` is set and the image is larger,
         the image scaled down and re-encoded at ``quality``."""
         label = parse_label(label)
-        with open(path, "rb") as f:
+        with open(path, "rb", buffering=0) as f:  # unbuffered: one read of the whole file
             data = f.read()
         if not data.startswith(JPEG_SOI):
             raise EncodeError(

@@ -136,6 +136,7 @@ VIEW_MIN_BYTES = 64 * 1024
 # the values of TensorProto.DataType: another value is not a field protobuf would set
 _DATA_TYPES = frozenset(TensorProto.DataType.values())
 _INT64 = 1 << 64
+_INT63 = 1 << 63
 
 
 def _read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
@@ -195,6 +196,8 @@ def _proto_view(data: bytes, view: memoryview, pos: int, end: int, first: bool) 
 
 def _varint(value: int) -> bytes:
     """A non-negative integer as a protobuf varint."""
+    if value < 0x4000:  # one or two bytes: every field of a record but the image's length
+        return bytes((value,)) if value < 0x80 else bytes((value & 0x7F | 0x80, value >> 7))
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)
@@ -205,11 +208,10 @@ def _varint(value: int) -> bytes:
 
 def _plain_size(size: Any) -> bool:
     """Whether ``size`` is two ints that are int64 dims without sign (what images have)."""
-    return (
-        isinstance(size, tuple | list)
-        and len(size) == 2
-        and all(type(n) is int and 0 <= n < 1 << 63 for n in size)
-    )
+    if not isinstance(size, tuple | list) or len(size) != 2:
+        return False
+    width, height = size
+    return type(width) is type(height) is int and 0 <= width < _INT63 and 0 <= height < _INT63
 
 
 def _with(record: TensorProtos, more: TensorProtos | None) -> TensorProtos:
