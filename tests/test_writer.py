@@ -132,8 +132,8 @@ def _text_file_as_image(photos, line_no):
         ),
         (
             lambda p: _text_file_as_image(p, 5),
-            r"data_list\.txt:5: cannot encode .*notes\.jpg "
-            r"\(not an image Pillow can read\)",
+            r"data_list\.txt:5: (cannot encode .*notes\.jpg \(not an image Pillow can read\)"
+            r"|.*notes\.jpg is not a JPEG file)",  # (raw_rgb | jpeg)
         ),
         (
             lambda p: _break_line(p, 4, "000.class_000 1"),
@@ -143,12 +143,12 @@ def _text_file_as_image(photos, line_no):
     ],
     ids=["missing-file", "missing-label", "not-an-image", "directory"],
 )
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_bad_line_names_list_and_line(photos, tmp_path, make_bad, expected, num_workers):
+@pytest.mark.parametrize(("codec", "num_workers"), [("raw_rgb", 0), ("raw_rgb", 2), ("jpeg", 0)])
+def test_bad_line_names_list_and_line(photos, tmp_path, make_bad, expected, codec, num_workers):
     make_bad(photos)
     out = tmp_path / "out"
     with pytest.raises(DataListError, match=expected) as info:
-        Writer(photos, out, db_num=2, num_workers=num_workers).write()
+        Writer(photos, out, db_num=2, codec=codec, num_workers=num_workers).write()
     assert info.value.data_list == str(photos)
     # nothing published, no staging left behind
     assert not out.exists() or list(out.iterdir()) == []
