@@ -77,6 +77,8 @@ def read(loader, batches=None):
 
 
 def main(rank, world, config):
+    # a loader made before the group exists takes rank 0 of 1: it must refuse to read
+    early = TorchRecord(config["early"], batch_size=2) if config.get("early") else None
     dist.init_process_group(
         "gloo", init_method="file://" + config["store"], rank=rank, world_size=world
     )
@@ -86,7 +88,14 @@ def main(rank, world, config):
         dist.all_gather_object(out, obj)
         return out
 
-    results = {"shares": [], "phase1": [], "phase2": []}
+    results = {"shares": [], "phase1": [], "phase2": [], "early": []}
+    if early is not None:
+        try:
+            next(iter(early))
+            outcome = "read a batch"
+        except RuntimeError as exc:
+            outcome = str(exc)
+        results["early"] = gather(outcome)
     for run in config["shares"]:
         loader = make(run, rank, world)
         loader.set_epoch(run["epoch"])
@@ -241,7 +250,11 @@ def gloo(datasets, tmp_path_factory):
         {**common, "mode": m, "num_workers": 1, "epoch": RESUME_EPOCH, "batches": PHASE1_BATCHES}
         for m in MODES
     ]
-    two = launch(2, {"shares": share_runs(datasets), "phase1": phase1, "phase2": []}, folder / "2")
+    two = launch(
+        2,
+        {"shares": share_runs(datasets), "phase1": phase1, "phase2": [], "early": records},
+        folder / "2",
+    )
     phase2 = [
         {**common, "mode": m, "num_workers": 0, "batch_size": 2, "state": gathered[0]["state"]}
         for m, gathered in zip(MODES, two["phase1"])
@@ -371,3 +384,12 @@ def test_explicit_rank_and_world_size_match_gloo(gloo, datasets, world):
                 "state": gloo[2]["phase1"][m][0]["state"],
             }
             assert explicit_shares(run, 3) == [rank["ids"] for rank in gathered], run
+
+
+def test_a_loader_made_before_the_process_group_refuses_to_read(gloo):
+    """It took rank 0 of a world of 1: every rank would read every record."""
+    outcomes = gloo[2]["early"]
+    assert len(outcomes) == 2
+    for rank, outcome in enumerate(outcomes):
+        assert "created before torch.distributed.init_process_group()" in outcome
+        assert f"this process is rank {rank} of 2" in outcome

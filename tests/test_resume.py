@@ -223,3 +223,103 @@ def test_set_epoch_after_load_keeps_the_resumed_position_only_for_its_epoch(reco
     other.load_state_dict(state)
     other.set_epoch(4)  # another epoch: from its start
     assert sum(len(labels) for _, labels in other) == 26
+
+
+def test_load_state_dict_refuses_a_state_from_another_dataset(records, index_of, tmp_path):
+    """The same 26 images in 5 shards instead of 4 (block mode orders by shard), or other
+    images: a position in either would repeat some records and skip others."""
+    entries = [line for line in (records.parent / "data_list.txt").read_text().splitlines()]
+    data_list = tmp_path / "list.txt"
+    data_list.write_text("\n".join(entries) + "\n")
+    Writer(data_list, tmp_path / "five", db_num=5, codec="jpeg").write()
+    swapped = tmp_path / "swapped.txt"  # the same count, two labels swapped
+    first, last = entries[0].rsplit(" ", 1), entries[-1].rsplit(" ", 1)
+    assert first[1] != last[1]
+    entries[0], entries[-1] = f"{first[0]} {last[1]}", f"{last[0]} {first[1]}"
+    swapped.write_text("\n".join(entries) + "\n")
+    Writer(swapped, tmp_path / "other", db_num=4, codec="jpeg").write()
+
+    for mode in ("block", "global"):
+        source = make(records, mode)
+        read(source, index_of, batches=2)
+        state = source.state_dict()
+        for other in (tmp_path / "five", tmp_path / "other"):
+            loader = make(other, mode)
+            with pytest.raises(ValueError, match="comes from another dataset"):
+                loader.load_state_dict(state)
+            assert sum(len(labels) for _, labels in loader) == N  # unchanged: a whole epoch
+
+    # a copy of the dataset is the same dataset
+    import shutil
+
+    shutil.copytree(records, tmp_path / "copy")
+    source = make(records, "block")
+    head = flat(read(source, index_of, batches=2))
+    copy = make(tmp_path / "copy", "block")
+    copy.load_state_dict(source.state_dict())
+    assert head + flat(read(copy, index_of)) == epoch_order(records, index_of, "block", 0)
+
+
+def test_load_state_dict_refuses_what_is_not_a_state(records):
+    loader = make(records, "global")
+    state = loader.state_dict()
+    for bad, message in [
+        ({k: v for k, v in state.items() if k != "seed"}, "lacks seed"),
+        ([1, 2], "not a TorchRecord loader state"),
+        (dict(state, version=99), "version 99"),
+        (dict(state, epoch=-1), "epoch must be a non-negative integer"),
+        (dict(state, epoch=1.5), "epoch must be an integer"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=message):
+            loader.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_len_in_a_resumed_epoch_counts_its_remaining_batches(records, index_of, num_workers):
+    first = make(records, "global", batch_size=5)
+    read(first, index_of, batches=2)
+    resumed = make(records, "global", batch_size=5, num_workers=num_workers)
+    resumed.load_state_dict(first.state_dict())
+    expected = math.ceil((N - 10) / 5)
+    assert len(resumed) == expected
+    lengths, batches = set(), 0
+    for _ in resumed:
+        lengths.add(len(resumed))  # (a scheduler or a progress bar asks inside the loop)
+        batches += 1
+    assert batches == expected and lengths == {expected}
+    assert len(resumed) == math.ceil(N / 5)  # after it: the next epoch, whole
+
+
+def test_seeds_of_64_bits_do_not_meet_other_seeds_epochs(records):
+    def order(seed, epoch):
+        sampler = TRSampler(records, shuffle="global", seed=seed)
+        return sampler.order(epoch).tolist()
+
+    assert order(2**32, 0) != order(0, 1)
+    assert order(3 + 9 * 2**32, 0) != order(3, 9)
+    assert order(2**32, 0) != order(2**33, 0) != order(2**64 + 5, 0)
+    assert order(2**40 + 7, 2) == order(2**40 + 7, 2)  # still a function of (seed, epoch)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"seed": -1}, ValueError, "seed must be a non-negative integer"),
+        ({"seed": 1.5}, TypeError, "seed must be an integer"),
+        ({"world_size": 2}, ValueError, "world_size=2 without rank"),
+        ({"rank": 1}, ValueError, "rank=1 without world_size"),
+        ({"rank": 0, "world_size": 0}, ValueError, "not in a world of size 0"),
+        ({"batch_size": None}, ValueError, "batch_size=None"),
+        ({"batch_size": 0}, ValueError, "batch_size=0"),
+    ],
+)
+def test_bad_order_arguments_are_refused_when_the_loader_is_made(records, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        make(records, "global", **kwargs)
+
+
+def test_bad_epochs_are_refused(records):
+    loader = make(records, "global")
+    for bad, error in [(-1, ValueError), (1.5, TypeError), ("3", TypeError)]:
+        with pytest.raises(error, match="epoch must be"):
+            loader.set_epoch(bad)

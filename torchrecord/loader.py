@@ -14,6 +14,8 @@ from .dataset import TRDataset, collate
 from .sampler import TRSampler
 
 STATE_VERSION = 1
+# what must match for a saved position to mean the same records in the same order
+_SETTINGS = ("seed", "mode", "pool_size", "block_shards", "num_records")
 
 
 class TorchRecord(DataLoader):
@@ -56,6 +58,11 @@ class TorchRecord(DataLoader):
         recycle_batches: bool = True,
         **loader_kwargs: Any,
     ):
+        if batch_size is None or isinstance(batch_size, bool) or not int(batch_size) >= 1:
+            raise ValueError(
+                f"batch_size={batch_size!r}: TorchRecord yields batches (its resume counts "
+                "them); pass a batch size of 1 or more (1 for one sample at a time)"
+            )
         if not loader_kwargs.get("in_order", True):
             raise ValueError(
                 "in_order=False hands batches over as workers finish them, out of order; "
@@ -123,11 +130,13 @@ class TorchRecord(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         sampler: TRSampler = self.sampler
+        sampler.check_world()
         progress = {
             "epoch": sampler.epoch,
             "start": sampler.start,
             "samples": 0,
             "share": len(sampler),
+            "running": True,
         }
         self._progress = progress
         iterator = super().__iter__()
@@ -139,6 +148,8 @@ class TorchRecord(DataLoader):
         except (OSError, EOFError) as exc:  # EOFError is not an OSError
             _raise_if_a_worker_died(iterator, exc)
             raise
+        finally:
+            progress["running"] = False
         self._progress = None  # the epoch is complete: the sampler has moved to the next one
 
     def state_dict(self) -> dict[str, Any]:
@@ -161,14 +172,37 @@ class TorchRecord(DataLoader):
             "pool_size": sampler.pool_size,
             "block_shards": sampler.block_shards,
             "num_records": sampler.num_records,
+            "dataset": self.dataset.reader.fingerprint,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from :meth:`state_dict`: the next iteration yields the rest of that epoch."""
+        """Continue from :meth:`state_dict`: the next iteration yields the rest of that epoch.
+
+        Refused when the state comes from another dataset (another fingerprint: other shard
+        contents, or the same images written into other shards) or other order settings."""
         sampler: TRSampler = self.sampler
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"unsupported TorchRecord state version {state.get('version')!r}")
-        for key in ("seed", "mode", "pool_size", "block_shards", "num_records"):
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            version = state.get("version") if isinstance(state, dict) else None
+            raise ValueError(
+                f"not a TorchRecord loader state (version {version!r}; expected a dict from "
+                f"TorchRecord.state_dict() with version {STATE_VERSION})"
+            )
+        missing = [k for k in ("epoch", "consumed", *_SETTINGS) if k not in state]
+        if missing:
+            raise ValueError(
+                f"the saved TorchRecord state lacks {', '.join(missing)}: pass the dict "
+                "TorchRecord.state_dict() returned, unchanged"
+            )
+        mine = self.dataset.reader.fingerprint
+        if "dataset" in state and state["dataset"] != mine:  # (states saved before it: unchecked)
+            raise ValueError(
+                f"cannot resume: the saved state comes from another dataset than "
+                f"{self.dataset.record_path} (dataset fingerprint {state['dataset']!r}, this "
+                f"one's {mine!r}: other records, or the same images written into other "
+                "shards), so its position would repeat some records and skip others; resume "
+                "with the dataset the state was saved from"
+            )
+        for key in _SETTINGS:
             if state[key] != getattr(sampler, key):
                 raise ValueError(
                     f"cannot resume: the saved state has {key}={state[key]!r} but this loader "
@@ -178,6 +212,15 @@ class TorchRecord(DataLoader):
         sampler.set_epoch(state["epoch"])
         sampler.set_start(state["consumed"])
         self._progress = None
+
+    def __len__(self) -> int:
+        """Batches of the epoch being iterated, or else of the next one (its rest, after
+        :meth:`load_state_dict`)."""
+        progress = self._progress
+        if progress is None or not progress["running"]:
+            return super().__len__()
+        share = progress["share"]
+        return share // self.batch_size if self.drop_last else -(-share // self.batch_size)
 
 
 def block_mode_open_shards(reader: Any, sampler: TRSampler) -> int:

@@ -83,6 +83,20 @@ class RecordReader:
             self._serializer = get_serializer(self.serializer_name)
         return self._serializer
 
+    @property
+    def fingerprint(self) -> str:
+        """What identifies the dataset's records and their order: its shards in order, each
+        with its record count and SHA-256 (size for 0.1 datasets, which record no hash). The
+        same for copies of a dataset and for an identical rewrite; another for anything else,
+        also for the same images written into other shards."""
+        import hashlib
+        import json
+
+        shards = [
+            [s.file, s.legacy_db, s.num_records, s.sha256 or s.bytes] for s in self.manifest.shards
+        ]
+        return hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
+
     def shard_path(self, shard: int) -> Path:
         return self.path / self.manifest.shards[shard].file
 

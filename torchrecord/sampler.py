@@ -12,14 +12,15 @@ Shuffle modes:
 The order never depends on ``num_workers`` or ``batch_size``: it is computed in the main process
 from ``(seed, epoch)``, and DataLoader workers only fetch what it says. Under ``torch.distributed``
 (or given ``rank`` and ``world_size``) each rank takes every ``world_size``-th record of the
-epoch's order: disjoint shares of equal length (the order is padded by repeating its first
-records, or its tail dropped with ``drop_last``) that cover the whole dataset. ``start`` skips
-the first records of the epoch's order (counted over all ranks), which is how a resumed job, of
-any world size, sees every remaining record exactly once.
+epoch's order: disjoint shares of equal length (the order is padded by repeating its first records,
+of what remains of it in a resumed epoch, or its tail dropped with ``drop_last``) that cover the
+whole dataset. ``start`` skips the first records of the epoch's order (counted over all ranks),
+which is how a resumed job, of any world size, sees every remaining record exactly once.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from typing import Any
 
@@ -66,18 +67,61 @@ def resolve_mode(shuffle: bool | str, full_shuffle: bool) -> str:
     return "block" if shuffle else "none"
 
 
+def _process_group() -> tuple[int, int] | None:
+    """``(rank, world_size)`` of an initialised ``torch.distributed`` group, or None."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
 def distributed_rank_and_size(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """``rank``/``world_size`` as given, else from an initialised ``torch.distributed``."""
     if rank is None or world_size is None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            rank = dist.get_rank() if rank is None else rank
-            world_size = dist.get_world_size() if world_size is None else world_size
-    rank, world_size = int(rank or 0), int(world_size or 1)
+        group = _process_group()
+        if group is not None:
+            rank = group[0] if rank is None else rank
+            world_size = group[1] if world_size is None else world_size
+        elif (rank is None) != (world_size is None):
+            given = f"rank={rank}" if rank is not None else f"world_size={world_size}"
+            raise ValueError(
+                f"{given} without {'world_size' if rank is not None else 'rank'} and no "
+                "torch.distributed process group: pass both, or create the loader after "
+                "torch.distributed.init_process_group()"
+            )
+    rank, world_size = _count(rank, "rank", 0), _count(world_size, "world_size", 1)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a world of size {world_size}")
     return rank, world_size
+
+
+def _count(value: Any, what: str, default: int | None = None) -> int:
+    """``value`` as a non-negative int (``default`` for None); bools, floats and strings are
+    refused, not rounded."""
+    if value is None and default is not None:
+        return default
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, got {value!r}") from None
+    if number < 0 or isinstance(value, bool):
+        raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+    return number
+
+
+def _entropy(seed: int, epoch: int) -> list[int]:
+    """The seed material of ``(seed, epoch)``'s generator. numpy cuts integers into 32-bit
+    words and pads with zero words, so ``[seed, epoch]`` would give seed ``2**32`` at epoch 0
+    the order of seed 0 at epoch 1; larger seeds (rare) take a form that cannot meet another:
+    their words, the epoch, then the count of words (never 0, where a short form has padding)."""
+    if seed < 1 << 32:
+        return [seed, epoch]  # (the orders of every seed and epoch under 2**32 stay as they were)
+    words = []
+    while seed:
+        words.append(seed & 0xFFFFFFFF)
+        seed >>= 32
+    return [*words, epoch, len(words)]
 
 
 def _offsets_of(source: Any) -> np.ndarray:
@@ -122,7 +166,7 @@ class TRSampler(data.Sampler[int]):
         self.mode = resolve_mode(shuffle, full_shuffle)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
-        self.seed = int(seed)
+        self.seed = _count(seed, "seed")
         if pool_size is None:
             pool_size = DEFAULT_POOL_SIZE if self.mode == "block" else 0
         self.pool_size = int(pool_size)
@@ -130,6 +174,8 @@ class TRSampler(data.Sampler[int]):
             raise ValueError(f"block_shards must be at least 1, got {block_shards}")
         self.block_shards = int(block_shards)
         self.rank, self.world_size = distributed_rank_and_size(rank, world_size)
+        self._from_group = rank is None and world_size is None and _process_group() is not None
+        self._given = (rank, world_size)
         self.drop_last = bool(drop_last)
         self.epoch = 0
         self.start = 0  # records of this epoch's order already consumed, over all ranks
@@ -152,22 +198,38 @@ class TRSampler(data.Sampler[int]):
 
         A resumed position (:meth:`set_start`) is kept when ``epoch`` is the epoch it belongs
         to, so a training loop that calls ``set_epoch`` after ``load_state_dict`` resumes."""
-        if int(epoch) != self.epoch:
+        epoch = _count(epoch, "epoch")
+        if epoch != self.epoch:
             self.start = 0
-        self.epoch = int(epoch)
+        self.epoch = epoch
 
     def set_start(self, start: int) -> None:
         """Skip the first ``start`` records of the next epoch's order (counted over all ranks)."""
-        if not 0 <= int(start) <= self.num_records:
+        start = _count(start, "start")
+        if start > self.num_records:
             raise ValueError(f"start {start} is outside an epoch of {self.num_records} records")
-        self.start = int(start)
+        self.start = start
+
+    def check_world(self) -> None:
+        """Refuse to read when a process group has started since this sampler took its rank
+        and world size from having none: every rank would read the whole dataset."""
+        if self._given != (None, None) or self._from_group:
+            return
+        group = _process_group()
+        if group is not None and group[1] > 1:
+            raise RuntimeError(
+                f"this loader was created before torch.distributed.init_process_group(), so it "
+                f"reads as rank 0 of 1 while this process is rank {group[0]} of {group[1]}: "
+                "every rank would read every record. Create the loader after "
+                "init_process_group(), or pass rank= and world_size="
+            )
 
     def order(self, epoch: int) -> np.ndarray:
         """The whole order of one epoch over all ranks, as an int64 array."""
         n = self.num_records
         if self.mode == "none":
             return np.arange(n, dtype=np.int64)
-        rng = np.random.default_rng([self.seed, epoch])
+        rng = np.random.default_rng(_entropy(self.seed, epoch))
         if self.mode == "global":
             order = rng.permutation(n).astype(np.int64)
         else:
