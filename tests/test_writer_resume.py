@@ -240,7 +240,7 @@ def test_join_refuses_gaps_and_foreign_parts(photos, tmp_path):
     with pytest.raises(
         ValueError,
         match=r"shards 2..3 are missing: write them with "
-        r"shard_range=\(2, 4\)",
+        r"--shard-range 2:4 \(shard_range=\(2, 4\)\)",
     ):
         join_parts(tmp_path / "out", [a])
     Writer(photos, b, codec="jpeg", db_num=4, seed=9, shuffle=True, shard_range=(2, 4)).write()
@@ -282,3 +282,71 @@ def test_join_over_an_existing_dataset_replaces_it_whole(photos, tmp_path):
     ]
     dataset = TRDataset(old, transform=None)
     assert dataset.codec == "jpeg" and len(dataset) == 24
+
+
+def test_join_takes_parts_from_machines_that_keep_the_images_elsewhere(photos, tmp_path):
+    """Each machine has its copy of the images (and of the data list, with relative paths) at
+    its own place: the parts are still one write."""
+    import shutil
+
+    from torchrecord.writer import join_parts
+
+    elsewhere = tmp_path / "mnt" / "other_machine" / "photos"
+    shutil.copytree(photos.parent, elsewhere)
+    whole = tmp_path / "whole"
+    Writer(photos, whole, codec="jpeg", db_num=4).write()
+    a, b = tmp_path / "a", tmp_path / "b"
+    Writer(photos, a, codec="jpeg", db_num=4, shard_range=(0, 2)).write()
+    Writer(elsewhere / "data_list.txt", b, codec="jpeg", db_num=4, shard_range=(2, 4)).write()
+    join_parts(tmp_path / "joined", [a, b])
+    assert dataset_state(tmp_path / "joined") == dataset_state(whole)
+
+
+def test_join_says_what_makes_parts_different_writes(photos, tmp_path):
+    from torchrecord.writer import join_parts
+
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    Writer(photos, a, codec="jpeg", db_num=4, shard_range=(0, 2)).write()
+    Writer(photos, b, codec="jpeg", db_num=4, shuffle=True, shard_range=(2, 4)).write()
+    with pytest.raises(ValueError, match=r"a was written with shuffle=False and .*b with shuf"):
+        join_parts(tmp_path / "out", [a, b])
+    shorter = photos.parent / "shorter.txt"
+    shorter.write_text("".join(photos.read_text().splitlines(keepends=True)[:-1]))
+    Writer(shorter, c, codec="jpeg", db_num=4, shard_range=(2, 4)).write()
+    with pytest.raises(ValueError, match=r"a was written from 24 samples and .*c from 23"):
+        join_parts(tmp_path / "out", [a, c])
+    assert (a / "manifest.json").exists()  # refused parts are left as they were
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "missing"])
+def test_join_checks_every_part_shard_before_moving_anything(photos, tmp_path, damage):
+    from torchrecord.errors import DatasetError
+    from torchrecord.writer import join_parts
+
+    whole = tmp_path / "whole"
+    Writer(photos, whole, codec="jpeg", db_num=4).write()
+    a, b = tmp_path / "a", tmp_path / "b"
+    Writer(photos, a, codec="jpeg", db_num=4, shard_range=(0, 2)).write()
+    Writer(photos, b, codec="jpeg", db_num=4, shard_range=(2, 4)).write()
+    shard = b / "shard-00003.lmdb"
+    good = shard.read_bytes()
+    if damage == "truncated":
+        shard.write_bytes(good[: len(good) // 2])
+        expected = r"shard-00003\.lmdb is \d+ bytes but the part's manifest recorded"
+    elif damage == "flipped byte":
+        middle = len(good) // 2
+        shard.write_bytes(good[:middle] + bytes([good[middle] ^ 0xFF]) + good[middle + 1 :])
+        expected = r"shard-00003\.lmdb does not match the SHA-256"
+    else:
+        shard.unlink()
+        expected = r"shard-00003\.lmdb is missing"
+    before = {p: sorted(x.name for x in p.iterdir()) for p in (a, b)}
+    with pytest.raises(DatasetError, match=expected):
+        join_parts(tmp_path / "joined", [a, b])
+    assert {p: sorted(x.name for x in p.iterdir()) for p in (a, b)} == before  # nothing moved
+    assert not (tmp_path / "joined" / "manifest.json").exists()
+    if damage == "flipped byte":  # --quick checks sizes only: it would join this one
+        assert "sha256" in json.loads((b / "manifest.json").read_text())["shards"][1]
+    shard.write_bytes(good)  # copied again from where it was written: now it joins
+    join_parts(tmp_path / "joined", [a, b])
+    assert dataset_state(tmp_path / "joined") == dataset_state(whole)

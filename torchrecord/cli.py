@@ -114,7 +114,9 @@ def _range(text: str) -> tuple[int, int]:
 def _cmd_join(args: argparse.Namespace) -> int:
     from .writer import join_parts
 
-    manifest = join_parts(args.output_dir, args.parts, overwrite=args.overwrite)
+    manifest = join_parts(
+        args.output_dir, args.parts, overwrite=args.overwrite, check_hashes=not args.quick
+    )
     print(
         f"joined {len(args.parts)} parts into {args.output_dir}: {manifest.num_records} records "
         f"in {len(manifest.shards)} shards"
@@ -345,12 +347,19 @@ def build_parser() -> argparse.ArgumentParser:
         "join",
         help="join the parts written with --shard-range into one dataset",
         description="Join the parts of one write, made with --shard-range (possibly on several "
-        "machines), into OUTPUT_DIR. The parts must cover every shard exactly once; their shard "
-        "files are moved (or copied across file systems) and the manifest is written last.",
+        "machines, wherever each keeps the images), into OUTPUT_DIR. The parts must cover "
+        "every shard exactly once. Every part's shards are checked first (size and SHA-256), and "
+        "nothing moves if one is damaged; then their shard files are moved (or copied across "
+        "file systems) and the manifest is written last.",
     )
     join.add_argument("output_dir", metavar="OUTPUT_DIR")
     join.add_argument("parts", metavar="PART", nargs="+")
     join.add_argument("--overwrite", action="store_true")
+    join.add_argument(
+        "--quick",
+        action="store_true",
+        help="check the parts' shard sizes only, not their SHA-256 (which reads every shard)",
+    )
     join.set_defaults(func=_cmd_join)
 
     info = sub.add_parser("info", help="describe a dataset: shards, records, codec, bytes")

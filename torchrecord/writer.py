@@ -19,6 +19,7 @@ import sys
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,13 @@ from .datalist import (
     read_iterable,
     same_extra_fields,
 )
-from .errors import DataListError, DatasetExistsError, DiskFullError, TorchRecordError
+from .errors import (
+    DataListError,
+    DatasetError,
+    DatasetExistsError,
+    DiskFullError,
+    TorchRecordError,
+)
 from .plugins import fast_method, get_codec, get_serializer
 from .readahead import SourceReadahead
 
@@ -244,7 +251,11 @@ class Writer:
                 "first_shard": first,
                 "stop_shard": stop,
                 "total_shards": len(plan),
-                "plan": self._job_id(ordered, 0),
+                # the same on every machine, wherever it keeps the images (paths are taken
+                # relative to the folder they all share)
+                "plan": self._job_id(_relative_to_common_folder(ordered), 0),
+                "inputs": len(ordered),
+                "settings": dict(zip(_JOB_PARAM_NAMES, self._job_params(0))),
             }
             offset = plan[first][0]
             ordered = ordered[offset : plan[stop - 1][1]]
@@ -409,7 +420,7 @@ class Writer:
         digest.update("".join(chunk).encode())
         return digest.hexdigest()
 
-    def _job_params(self, first_index: int) -> list[Any]:
+    def _job_params(self, first_index: int) -> list[Any]:  # (named in _JOB_PARAM_NAMES)
         """The settings that make two runs the same write (with the entries: :meth:`_job_id`)."""
         return [
             self.format_version,
@@ -887,14 +898,70 @@ class Writer:
         _fsync(out)
 
 
+_JOB_PARAM_NAMES = (
+    "format_version",
+    "codec",
+    "serializer",
+    "db_num",
+    "records_per_shard",
+    "bytes_per_shard",
+    "shuffle",
+    "seed",
+    "on_error",
+    "first_index",
+    "data_process_func",
+    "image_policy",
+    "label_names",
+)
+
+
+def _relative_to_common_folder(entries: list[Entry]) -> list[Entry]:
+    """``entries`` with paths relative to the deepest folder all of them are in."""
+    if not entries:
+        return entries
+    paths = [e.path for e in entries]
+    common = os.path.commonprefix([min(paths), max(paths)])  # (every path's common prefix)
+    cut = common.rfind(os.sep) + 1
+    return [replace(e, path=e.path[cut:]) for e in entries]
+
+
+def _plan_difference(docs: list[tuple[Path, dict[str, Any]]]) -> str:
+    """What makes two parts come from different writes, as far as their manifests say."""
+    path_a, part_a = docs[0][0], docs[0][1]["part"]
+    path_b, part_b = next((p, d["part"]) for p, d in docs if d["part"]["plan"] != part_a["plan"])
+    if part_a.get("inputs") != part_b.get("inputs"):
+        return (
+            f"{path_a} was written from {part_a.get('inputs')} samples and {path_b} from "
+            f"{part_b.get('inputs')}: give every machine the same data list"
+        )
+    settings_a, settings_b = part_a.get("settings", {}), part_b.get("settings", {})
+    for key in _JOB_PARAM_NAMES:
+        if settings_a.get(key) != settings_b.get(key):
+            return (
+                f"{path_a} was written with {key}={settings_a.get(key)!r} and {path_b} with "
+                f"{key}={settings_b.get(key)!r}: write every part with the same settings"
+            )
+    return (
+        f"{path_a} and {path_b} were written from other samples (the same number of them, but "
+        "other file names below their common folder, labels or order): give every machine the "
+        "same data list"
+    )
+
+
 def join_parts(
-    output_dir: str | os.PathLike, parts: list[str | os.PathLike], overwrite: bool = False
+    output_dir: str | os.PathLike,
+    parts: list[str | os.PathLike],
+    overwrite: bool = False,
+    check_hashes: bool = True,
 ) -> fmt.Manifest:
     """Join the parts written with ``shard_range`` (on one machine or many) into one dataset.
 
-    The parts must come from the same write (the same input and settings) and together cover
-    every shard once. Their shard files are moved into ``output_dir`` (copied when on another
-    file system) and the manifest is written last.
+    The parts must come from the same write (the same input and settings, wherever each
+    machine keeps the images) and together cover every shard once. Every part's shards are
+    checked first (size, and with ``check_hashes`` the SHA-256 its manifest recorded: parts
+    copied between machines are where damage happens), and nothing is moved if one is
+    damaged. Their shard files are then moved into ``output_dir`` (copied when on another file
+    system) and the manifest is written last.
     """
     out = Path(output_dir)
     docs = []
@@ -910,7 +977,7 @@ def join_parts(
     docs.sort(key=lambda item: item[1]["part"]["first_shard"])
     plans = {doc["part"]["plan"] for _, doc in docs}
     if len(plans) != 1:
-        raise ValueError("the parts come from different writes (input or settings differ)")
+        raise ValueError(f"the parts come from different writes: {_plan_difference(docs)}")
     expected, previous = 0, None
     for part, doc in docs:
         first, stop = doc["part"]["first_shard"], doc["part"]["stop_shard"]
@@ -923,20 +990,53 @@ def join_parts(
         if first > expected:
             raise ValueError(
                 f"shards {expected}..{first - 1} are missing before {part}: write them with "
-                f"shard_range=({expected}, {first})"
+                f"--shard-range {expected}:{first} (shard_range=({expected}, {first}))"
             )
         expected, previous = stop, part
     total = docs[0][1]["part"]["total_shards"]
     if expected != total:
         raise ValueError(
             f"shards {expected}..{total - 1} are missing: write them with "
-            f"shard_range=({expected}, {total})"
+            f"--shard-range {expected}:{total} (shard_range=({expected}, {total}))"
         )
     if (out / fmt.MANIFEST_NAME).exists() and not overwrite:
-        raise DatasetExistsError(f"{out} already holds a dataset; pass overwrite=True")
+        raise DatasetExistsError(
+            f"{out} already holds a dataset; pass --overwrite (overwrite=True) to replace it"
+        )
     out.mkdir(parents=True, exist_ok=True)
     with _OutputLock(out):
+        _check_part_shards(out, docs, check_hashes)
         return _join_locked(out, docs)
+
+
+def _check_part_shards(
+    out: Path, docs: list[tuple[Path, dict[str, Any]]], check_hashes: bool
+) -> None:
+    """Refuse to join (before anything moves) when a part's shard is missing, or its size or
+    SHA-256 is not what the part's manifest recorded. A shard an interrupted join moved
+    already is checked where it is now."""
+    for part, doc in docs:
+        for item in doc["shards"]:
+            path = part / item["file"]
+            if not path.exists() and (out / item["file"]).exists():
+                path = out / item["file"]
+            if not path.is_file():
+                raise DatasetError(
+                    f"{part / item['file']} is missing; write the part again with the same "
+                    "command (its shard_range), or copy the shard from where it was written"
+                )
+            size = path.stat().st_size
+            problem = None
+            if size != item["bytes"]:
+                problem = f"is {size} bytes but the part's manifest recorded {item['bytes']}"
+            elif check_hashes and item.get("sha256") and file_sha256(path) != item["sha256"]:
+                problem = "does not match the SHA-256 the part's manifest recorded"
+            if problem is not None:
+                raise DatasetError(
+                    f"{path} {problem}: it was damaged (or cut short) after it was written, "
+                    "so nothing was joined; copy it again from where it was written, or write "
+                    "the part again with the same command"
+                )
 
 
 def _join_locked(out: Path, docs: list[tuple[Path, dict[str, Any]]]) -> fmt.Manifest:
