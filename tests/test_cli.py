@@ -91,6 +91,13 @@ def test_existing_dataset_needs_overwrite(photos, tmp_path):
     assert again.stderr.startswith("torchrecord write: error:")
     assert (out / "manifest.json").read_text() == manifest  # untouched
 
+    # the same write again: nothing to do, and it says so (images may have changed meanwhile)
+    same = run_cli("write", photos, out, "--codec", "jpeg", "-q")
+    assert same.returncode == 0, same.stderr
+    assert same.stdout.startswith(f"nothing to do: {out} holds this write already")
+    assert "--overwrite" in same.stdout and "wrote" not in same.stdout
+    assert (out / "manifest.json").read_text() == manifest
+
     replaced = run_cli("write", photos, out, "--codec", "raw_rgb", "--overwrite", "-q")
     assert replaced.returncode == 0, replaced.stderr
     doc = json.loads(run_cli("info", out, "--json").stdout)

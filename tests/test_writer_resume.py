@@ -256,7 +256,9 @@ def test_an_append_run_again_is_a_no_op(photos, tmp_path):
     Writer([(p, label) for p, label in samples[:12]], out, codec="jpeg").write()
     more = [(p, label) for p, label in samples[12:]]
     Writer(more, out, codec="jpeg", append=True).write()
-    manifest = Writer(more, out, codec="jpeg", append=True).write()  # e.g. a retried job
+    again = Writer(more, out, codec="jpeg", append=True)  # e.g. a retried job
+    manifest = again.write()
+    assert again.already_written
     assert manifest.num_records == 24 and len(TRDataset(out)) == 24
     assert json.loads((out / "manifest.json").read_text())["appended"] == 1
 

@@ -92,6 +92,15 @@ def _cmd_write(args: argparse.Namespace) -> int:
     )
     manifest = writer.write()
     seconds = time.perf_counter() - started
+    if writer.already_written:
+        what = "this append" if args.append else "this write"
+        print(
+            f"nothing to do: {args.output_dir} holds {what} already (the same samples, labels "
+            f"and settings; {manifest.num_records} records in {len(manifest.shards)} shards). "
+            "Nothing was read: if images changed under the same file names, write again with "
+            "--overwrite"
+        )
+        return 0
     total = sum(s.bytes for s in manifest.shards)
     skipped = manifest.extra.get("skipped", 0)
     print(

@@ -182,6 +182,7 @@ class Writer:
         self._lock_fd: int | None = None  # the staging lock's descriptor, while write() runs
         self.progress = sys.stderr.isatty() if progress is None else bool(progress)
         self.skipped: list[tuple[Entry, str]] = []
+        self.already_written = False  # set by write(): this very write had completed here
         self._label_names: list[str] | None = None
         # Resolve names now: an unknown codec or serializer fails before any work is done.
         get_serializer(self.serializer_name)
@@ -223,6 +224,7 @@ class Writer:
         """Write the dataset and return its manifest."""
         started = time.perf_counter()
         self.skipped = []
+        self.already_written = False
         entries, source, label_names = self._entries()
         self._label_names = label_names
         if self.db_num > len(entries):
@@ -263,6 +265,7 @@ class Writer:
 
         finished = self._already_written(ordered, part["first_shard"] if part else 0)
         if finished is not None:
+            self.already_written = True
             return finished
         self._check_output_dir()  # refused before anything is created
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -270,6 +273,7 @@ class Writer:
             # again, now that no other write can publish here meanwhile
             finished = self._already_written(ordered, part["first_shard"] if part else 0)
             if finished is not None:
+                self.already_written = True
                 return finished
             return self._write_locked(started, entries, ordered, source, label_names, part)
 
@@ -289,6 +293,7 @@ class Writer:
             append_id = self._job_id(ordered, -1)
             if append_id in base.extra.get("appended_jobs", []):
                 _remove_stale_staging(self.output_dir, keep=None)
+                self.already_written = True
                 return base  # this very append completed already (killed before it exited)
             ordered, label_names = _merge_label_names(base, ordered, label_names, source)
             fields = sorted({k for e in ordered if e.extras and e.error is None for k in e.extras})
