@@ -254,3 +254,34 @@ def test_write_without_readahead(photo_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     assert TRDataset(out, transform=None).reader.num_shards == 1
     assert len(TRDataset(out)) == 24
+
+
+def test_verify_decode_finds_an_image_that_was_bad_when_written(photos, tmp_path):
+    """A JPEG whose Huffman table is damaged has a sound frame header, so the writer stores it
+    and its CRC-32 matches: only decoding tells. `verify --decode` names it, and the loader's
+    error points there."""
+    from torchrecord.errors import RecordCorruptedError
+
+    samples = read_list(photos)
+    path = samples[5][0]
+    data = bytearray(path.read_bytes())
+    table = data.find(b"\xff\xc4")  # DHT: marker, length, class, then 16 code counts
+    data[table + 5 : table + 21] = b"\xff" * 16  # more codes than a table can hold
+    path.write_bytes(bytes(data))
+    out = tmp_path / "records"
+    assert run_cli("write", photos, out, "--codec", "jpeg", "-q").returncode == 0
+
+    plain = run_cli("verify", out)
+    assert plain.returncode == 0 and plain.stdout.startswith("OK")
+    decoded = run_cli("verify", out, "--decode")
+    assert decoded.returncode == 1, decoded.stdout + decoded.stderr
+    bad = [line for line in decoded.stdout.splitlines() if line.startswith("BAD")]
+    assert len(bad) == 1
+    assert "shard-00000.lmdb, record key" in bad[0] and "(record 5 of the shard)" in bad[0]
+    assert "does not decode" in bad[0] and "fix or remove its source image" in bad[0]
+    assert "1 problem(s): checked 24 records (decoded) in 1 shards" in decoded.stdout
+
+    dataset = TRDataset(out)
+    assert dataset[4][0].shape == (3, 224, 224)
+    with pytest.raises(RecordCorruptedError, match=r"verify --decode"):
+        dataset[5]

@@ -509,7 +509,19 @@ class Dashed(GreyCodec):
     name = "grey-dash"
 
 
-INVALID = [(NoEncode, "without encode"), (Reserved, "reserved"), (Dashed, "invalid name")]
+class InheritsDecode(torchrecord.Codec):  # a subclass that forgot decode_image
+    name = "no_decode"
+
+    def encode(self, path, label):
+        return GreyCodec().encode(path, label)
+
+
+INVALID = [
+    (NoEncode, "without encode"),
+    (InheritsDecode, "without decode_image"),
+    (Reserved, "reserved"),
+    (Dashed, "invalid name"),
+]
 
 
 def _plugin_registering(codec_class):

@@ -163,11 +163,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     reader = RecordReader(args.path)
     problems = 0
-    for problem in verify(reader, quick=args.quick):
+    for problem in verify(reader, quick=args.quick, decode=args.decode):
         problems += 1
         print(f"BAD  {problem}")
     status = "OK" if problems == 0 else f"{problems} problem(s)"
     what = "sizes, pages, keys and metadata of" if args.quick else f"{len(reader)} records in"
+    if args.decode and not args.quick:
+        what = f"{len(reader)} records (decoded) in"
     print(f"{status}: checked {what} {reader.num_shards} shards of {args.path}")
     return 0 if problems == 0 else 1
 
@@ -390,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="check sizes, page counts, key counts and metadata only",
+    )
+    verify.add_argument(
+        "--decode",
+        action="store_true",
+        help="also decode every record's image as the loader does (finds images that were bad "
+        "when written, such as a JPEG with damaged tables; needs the dataset's codec)",
     )
     verify.set_defaults(func=_cmd_verify)
 

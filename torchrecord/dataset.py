@@ -20,7 +20,7 @@ from .codecs.base import record_label
 from .codecs.jpeg import JPEGCodec
 from .codecs.raw_rgb import RawRGBCodec
 from .codecs.smart import SmartCodec
-from .errors import DatasetError, RecordCorruptedError, ShardCorruptedError
+from .errors import DatasetError, RecordCorruptedError, ShardCorruptedError, TorchRecordError
 from .format import CUSTOM_CODEC
 from .reader import RecordReader
 from .serializers.tensorprotos import TensorProtos
@@ -299,6 +299,14 @@ class TRDataset(data.Dataset):
             return transform(record)  # the user's own transform: its errors are its own
         try:
             return transform(record)
+        except NotImplementedError as exc:  # a codec plugin without a decode: not the data
+            codec = self.reader.codec_name
+            raise TorchRecordError(
+                f"{self.record_path}: the codec {codec!r} cannot decode its records "
+                f"(NotImplementedError{': ' + str(exc) if str(exc) else ''}): the plugin that "
+                "provides it does not implement decode_image (see `torchrecord plugins`); the "
+                "dataset itself may be sound"
+            ) from exc
         except Exception as exc:  # the stored image does not decode: name the record
             shard, local = self.reader.locate(index)
             raise RecordCorruptedError(
@@ -306,6 +314,9 @@ class TRDataset(data.Dataset):
                 self.reader.key_of(shard, local),
                 local,
                 f"its image does not decode ({type(exc).__name__}: {exc})",
+                hint="Run `torchrecord verify --decode` on the dataset to list every record "
+                "that does not decode (an image that was bad when written is stored as it "
+                "was), then fix or remove their source images and write the dataset again.",
             ) from exc
 
     def _log_corrupt(self, index: int, exc: DatasetError) -> None:

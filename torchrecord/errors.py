@@ -144,19 +144,27 @@ class ShardCorruptedError(DatasetError):
 class RecordCorruptedError(DatasetError):
     """One record's bytes do not match its checksum or do not decode."""
 
-    def __init__(self, shard: str, key: bytes = b"", index: int = -1, message: str | None = None):
+    def __init__(
+        self,
+        shard: str,
+        key: bytes = b"",
+        index: int = -1,
+        message: str | None = None,
+        hint: str | None = None,
+    ):
         if message is None:  # rebuilt from its message (see TorchRecordError)
-            self.shard, self.key, self.index, self.message = "", key, index, shard
+            self.shard, self.key, self.index, self.message, self.hint = "", key, index, shard, None
             super().__init__(shard)
             return
-        self.shard, self.key, self.index, self.message = shard, key, index, message
+        self.shard, self.key, self.index, self.message, self.hint = shard, key, index, message, hint
+        hint = hint or "Run `torchrecord verify` on the dataset and re-write it from its source."
         super().__init__(
             f"shard {shard}, record key {key.hex()} (record {index} of the shard): {message}. "
-            "Run `torchrecord verify` on the dataset and re-write it from its source."
+            + hint
         )
 
     def __reduce__(self):
-        return (type(self), (self.shard, self.key, self.index, self.message))
+        return (type(self), (self.shard, self.key, self.index, self.message, self.hint))
 
 
 class SerializationError(TorchRecordError, ValueError):

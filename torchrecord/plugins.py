@@ -215,6 +215,14 @@ class _Registry:
 def _validate(kind: str, obj: Any, plugin_name: str) -> None:
     required = ("name", "encode", "decode_image") if kind == "codec" else ("name", "dumps", "loads")
     missing = [attr for attr in required if not hasattr(obj, attr)]
+    if kind == "codec":  # a Codec subclass inherits the base's, which only raise
+        from .codecs.base import Codec
+
+        missing += [
+            attr
+            for attr in ("encode", "decode_image")
+            if attr not in missing and getattr(type(obj), attr, None) is getattr(Codec, attr)
+        ]
     if missing:
         raise PluginError(
             f"plugin {plugin_name} registered a {kind} {obj!r} without {', '.join(missing)}"

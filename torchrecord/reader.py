@@ -19,7 +19,13 @@ import numpy as np
 
 from . import format as fmt
 from .environments import SHARED
-from .errors import DatasetError, RecordCorruptedError, SerializationError, ShardCorruptedError
+from .errors import (
+    DatasetError,
+    RecordCorruptedError,
+    SerializationError,
+    ShardCorruptedError,
+    TorchRecordError,
+)
 from .plugins import fast_method, get_codec, get_serializer
 
 
@@ -380,13 +386,18 @@ def check_structure(path: Path, label: str, layout: int = fmt.FORMAT_VERSION) ->
         )
 
 
-def verify(reader: RecordReader, quick: bool = False) -> Iterator[DatasetError]:
+def verify(
+    reader: RecordReader, quick: bool = False, decode: bool = False
+) -> Iterator[DatasetError]:
     """Check a dataset; yield one error per bad shard or record, naming it.
 
     ``quick``: every shard's size, LMDB page count, key count and metadata against the manifest.
     Otherwise also each shard file's SHA-256 (when the manifest has it) and every record's
-    CRC-32 and deserialization.
+    CRC-32 and deserialization; with ``decode``, also that every record's image decodes, as
+    the loader's default transform decodes it (a JPEG whose tables are damaged passes the
+    other checks: it was stored that way). ``decode`` needs the dataset's codec installed.
     """
+    decoder = _decoder(reader) if decode and not quick else None
     try:
         for shard in range(reader.num_shards):
             try:
@@ -410,14 +421,45 @@ def verify(reader: RecordReader, quick: bool = False) -> Iterator[DatasetError]:
                     )
             for index in range(int(reader.offsets[shard]), int(reader.offsets[shard + 1])):
                 try:
-                    reader.read_record(index)
+                    record = reader.read_record(index)
                 except ShardCorruptedError as exc:
                     yield exc
                     break  # the rest of this shard cannot be read either
                 except DatasetError as exc:
                     yield exc
+                    continue
+                if decoder is None:
+                    continue
+                try:
+                    decoder(record)
+                except NotImplementedError:
+                    raise TorchRecordError(
+                        f"{reader.path}: the codec {reader.codec_name!r} cannot decode its "
+                        "records: the plugin that provides it does not implement decode_image "
+                        "(see `torchrecord plugins`); the dataset itself may be sound"
+                    ) from None
+                except Exception as exc:
+                    local = index - int(reader.offsets[shard])
+                    yield RecordCorruptedError(
+                        reader.shard_label(shard),
+                        reader.key_of(shard, local),
+                        local,
+                        f"its image does not decode ({type(exc).__name__}: {exc})",
+                        hint="It was stored as it was written: fix or remove its source image "
+                        "and write the dataset again.",
+                    )
     finally:
         reader.close()
+
+
+def _decoder(reader: RecordReader) -> Callable[[Any], Any]:
+    """What the loader's default transform decodes a record with: the codec's tensor decode,
+    or 0.1's PIL decode for records of a custom ``data_process_func``."""
+    if reader.codec_name == fmt.CUSTOM_CODEC:
+        from .transforms import decode_image
+
+        return decode_image
+    return reader.codec.decode_tensor
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
