@@ -285,3 +285,45 @@ def test_verify_decode_finds_an_image_that_was_bad_when_written(photos, tmp_path
     assert dataset[4][0].shape == (3, 224, 224)
     with pytest.raises(RecordCorruptedError, match=r"verify --decode"):
         dataset[5]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("write", "list.txt", ""), "argument OUTPUT_DIR: an empty path"),
+        (("write", "", "out"), "argument DATA_LIST: an empty path"),
+        (("verify", ""), "argument PATH: an empty path"),
+        (("join", "out", ""), "argument PART: an empty path"),
+        (("write", "list.txt", "out", "--bytes-per-shard", "inf"), "not a size: 'inf'"),
+        (("write", "list.txt", "out", "--bytes-per-shard", "1e400"), "not a size: '1e400'"),
+        (("bench", "x", "--workers", "a,b"), "not a list of worker counts"),
+        (("bench", "x", "--workers", "-1"), "worker counts must be 0 or more"),
+        (("bench", "x", "--epochs", "0"), "--epochs: must be 1 or more"),
+        (("bench", "x", "--limit", "0"), "--limit: must be 1 or more"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
+    """An unset shell variable must not make the current directory the dataset."""
+    proc = subprocess.run(
+        [str(TORCHRECORD), *args], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written anywhere
+
+
+def test_a_label_beyond_64_bits_is_refused_at_write_time(photos, tmp_path):
+    lines = photos.read_text().splitlines()
+    lines[2] = lines[2].rsplit(" ", 1)[0] + " 99999999999999999999999"
+    photos.write_text("\n".join(lines) + "\n")
+    proc = run_cli("write", photos, tmp_path / "out", "--codec", "jpeg", "-q")
+    assert proc.returncode == 2
+    assert "data_list.txt:3:" in proc.stderr and "does not fit in 64 bits" in proc.stderr
+
+
+def test_a_manifest_nested_thousands_deep_is_a_clear_error(tmp_path):
+    (tmp_path / "manifest.json").write_text("[" * 100_000)
+    for command in ("info", "verify"):
+        proc = run_cli(command, tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert "manifest.json is damaged" in proc.stderr and "Traceback" not in proc.stderr

@@ -363,3 +363,10 @@ def test_a_sealed_shard_starts_going_to_disk_before_its_fsync(photos, tmp_path, 
     monkeypatch.setattr(writer, "_start_writeback", noting)
     Writer(photos, tmp_path / "records", db_num=3, num_workers=2).write()
     assert sorted(calls.read_text().split()) == [f"shard-0000{k}.lmdb" for k in range(3)]
+
+
+def test_an_empty_output_dir_is_refused(photos, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="output_dir is empty"):
+        Writer(photos, "")
+    assert list(tmp_path.iterdir()) == [photos.parent]  # nothing written here

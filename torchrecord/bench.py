@@ -97,9 +97,10 @@ def run_bench(
     for n in workers:
         ips = _images_per_second(path, n, transform, batch_size, limit, epochs)
         result["images_per_s"][n] = ips
+        passes = f"{epochs} pass{'es' if epochs != 1 else ''}"
         echo(
             f"load      {ips:9.0f} images/s with {n} worker{'s' if n != 1 else ''}, transform "
-            f"{transform!r}, batch {batch_size} (median of {epochs} passes over {limit})"
+            f"{transform!r}, batch {batch_size} (median of {passes} over {limit} records)"
         )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     echo(f"machine   {cores} cores available; warm page cache after the first pass")

@@ -39,6 +39,36 @@ examples:
 """
 
 
+def _path(text: str) -> str:
+    """A path argument; an empty one (an unset shell variable, say) is refused rather than
+    taken for the current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (is a shell variable unset?)")
+    return text
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _worker_counts(text: str) -> list[int]:
+    try:
+        counts = [int(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a list of worker counts: {text!r} (try 0,1,2)"
+        ) from None
+    if any(c < 0 for c in counts):
+        raise argparse.ArgumentTypeError(f"worker counts must be 0 or more, got {text!r}")
+    return counts
+
+
 def _size(text: str) -> int:
     """``64MB``, ``1.5GiB``, ``500000`` -> bytes."""
     units = {
@@ -59,7 +89,7 @@ def _size(text: str) -> int:
             if suffix and digits.endswith(suffix):
                 return int(float(digits[: -len(suffix)]) * units[suffix])
         return int(float(digits))
-    except ValueError:
+    except (ValueError, OverflowError):  # (OverflowError: "inf", "1e400")
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64MB or 1GiB)") from None
 
 
@@ -177,10 +207,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
-    workers = [int(w) for w in args.workers.split(",")]
     run_bench(
         args.path,
-        workers,
+        args.workers,
         transform=args.transform,
         batch_size=args.batch_size,
         limit=args.limit,
@@ -233,9 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument(
         "data_list",
         metavar="DATA_LIST",
+        type=_path,
         help="the .txt or .csv data list, or an ImageFolder-style directory",
     )
-    write.add_argument("output_dir", metavar="OUTPUT_DIR", help="directory to write the dataset to")
+    write.add_argument(
+        "output_dir", metavar="OUTPUT_DIR", type=_path, help="directory to write the dataset to"
+    )
     write.add_argument(
         "--db-num",
         type=int,
@@ -274,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument(
         "--root",
         default=None,
+        type=_path,
         metavar="DIR",
         help="resolve relative paths against DIR instead of the data list's folder",
     )
@@ -363,8 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
         "nothing moves if one is damaged; then their shard files are moved (or copied across "
         "file systems) and the manifest is written last.",
     )
-    join.add_argument("output_dir", metavar="OUTPUT_DIR")
-    join.add_argument("parts", metavar="PART", nargs="+")
+    join.add_argument("output_dir", metavar="OUTPUT_DIR", type=_path)
+    join.add_argument("parts", metavar="PART", nargs="+", type=_path)
     join.add_argument("--overwrite", action="store_true")
     join.add_argument(
         "--quick",
@@ -374,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     join.set_defaults(func=_cmd_join)
 
     info = sub.add_parser("info", help="describe a dataset: shards, records, codec, bytes")
-    info.add_argument("path", metavar="PATH")
+    info.add_argument("path", metavar="PATH", type=_path)
     info.add_argument("--shards", action="store_true", help="list every shard")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_cmd_info)
@@ -387,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Every problem is reported with its shard file and record key. Safe on datasets from "
         "strangers: nothing in a dataset is executed or unpickled.",
     )
-    verify.add_argument("path", metavar="PATH")
+    verify.add_argument("path", metavar="PATH", type=_path)
     verify.add_argument(
         "--quick",
         action="store_true",
@@ -407,10 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure records/s without decoding, then images/s through TorchRecord for "
         "each number of DataLoader workers.",
     )
-    bench.add_argument("path", metavar="PATH")
+    bench.add_argument("path", metavar="PATH", type=_path)
     bench.add_argument(
         "--workers",
-        default="0,1,2",
+        default=[0, 1, 2],
+        type=_worker_counts,
         metavar="N,N,...",
         help="DataLoader worker counts to measure (default 0,1,2)",
     )
@@ -421,11 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: what TorchRecord(path) does (default: the fast path the codec has); pil: "
         "0.1's PIL pipeline; fast: tensor decode and resize; uint8: 3x224x224 uint8 images",
     )
-    bench.add_argument("--batch-size", type=int, default=32)
+    bench.add_argument("--batch-size", type=_positive, default=32)
     bench.add_argument(
-        "--limit", type=int, default=2000, metavar="N", help="records per pass (default 2000)"
+        "--limit", type=_positive, default=2000, metavar="N", help="records per pass (default 2000)"
     )
-    bench.add_argument("--epochs", type=int, default=3, help="timed passes (default 3)")
+    bench.add_argument("--epochs", type=_positive, default=3, help="timed passes (default 3)")
     bench.set_defaults(func=_cmd_bench)
 
     plugins = sub.add_parser("plugins", help="list codecs and serializers and who provides them")

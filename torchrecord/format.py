@@ -183,7 +183,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         )
     try:
         doc = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # (JSON nested thousands deep: a hostile file)
         raise DatasetError(f"{manifest_path} is damaged ({exc}); re-write the dataset") from exc
     where = str(manifest_path)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
@@ -281,7 +281,7 @@ def read_shard_meta(txn: Any, shard: str) -> dict[str, Any]:
         raise ShardCorruptedError(shard, "has no TorchRecord metadata key")
     try:
         meta = json.loads(bytes(raw))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ShardCorruptedError(shard, f"metadata is not valid JSON ({exc})") from exc
     if not isinstance(meta, dict):
         raise ShardCorruptedError(shard, "metadata is not a JSON object")

@@ -136,6 +136,11 @@ class Writer:
             codec = codec or base.get("codec")
         serializer = serializer or base.get("serializer") or "tensorprotos"
         self.data_list = data_list
+        if isinstance(output_dir, str | bytes) and not output_dir.strip():
+            raise ValueError(
+                "output_dir is empty (an unset variable?); name the dataset's directory, "
+                '"." for the current one'
+            )
         self.output_dir = Path(output_dir)
         self.db_num = int(db_num)
         self.records_per_shard = None if records_per_shard is None else int(records_per_shard)

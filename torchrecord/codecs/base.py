@@ -94,6 +94,10 @@ def parse_label(label: Any) -> int:
         raise EncodeError(f"label {label!r} is not an integer") from None
     if isinstance(label, float) and not float(label).is_integer():
         raise EncodeError(f"label {label!r} is not an integer")
+    if not -(1 << 63) <= value < 1 << 63:
+        raise EncodeError(
+            f"label {label!r} does not fit in 64 bits (the loader's label tensors are int64)"
+        )
     return value
 
 
