@@ -309,28 +309,105 @@ def torchrecord_register_codecs(register):
 
 
 def test_duplicate_name_from_an_entry_point_names_both_owners(tmp_path):
+    """Two installed packages registering one name: that name cannot be used (its lookup names
+    both owners), every other name still works, and `torchrecord plugins` shows the clash."""
     site = tmp_path / "site"
     make_distribution(site, "dupplug", "dupplug_mod", DUP_SOURCE, "dup")
     result = run_json(
         """
-        import json
+        import json, warnings
         import torchrecord, torchrecord.plugins as plugins
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            raw = plugins.get_codec("raw_rgb").name
         try:
-            plugins.get_codec("raw_rgb")
-            print(json.dumps({"error": None}))
+            plugins.get_codec("jpeg")
+            error = None
         except torchrecord.DuplicatePluginError as exc:
-            print(json.dumps({
-                "error": str(exc),
-                "is_plugin_error": isinstance(exc, torchrecord.PluginError),
-            }))
+            error = str(exc)
+        print(json.dumps({
+            "raw": raw,
+            "error": error,
+            "warnings": [str(w.message) for w in caught],
+            "listed": [info.name for info in plugins.list_codecs()],
+        }))
         """,
         site_env(site),
     )
-    assert result["error"] is not None
-    assert result["is_plugin_error"] is True
-    assert BUILTIN in result["error"]
-    assert "dupplug" in result["error"]
-    assert "'jpeg'" in result["error"]
+    assert result["raw"] == "raw_rgb"
+    assert result["error"] is not None and "'jpeg'" in result["error"]
+    assert BUILTIN in result["error"] and "dupplug" in result["error"]
+    assert any("'jpeg' is registered twice" in w for w in result["warnings"])
+    assert "jpeg" not in result["listed"] and "raw_rgb" in result["listed"]
+
+    env = {**os.environ, **site_env(site)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torchrecord.cli", "plugins"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "unusable: codec name 'jpeg' is registered twice" in proc.stdout
+    assert any(line.split()[:2] == ["codec", "raw_rgb"] for line in proc.stdout.splitlines())
+
+    strict = run_python(
+        "import torchrecord.plugins as p; p.get_codec('raw_rgb')",
+        env=site_env(site, TORCHRECORD_STRICT_PLUGINS="1"),
+    )
+    assert strict.returncode != 0 and "DuplicatePluginError" in strict.stderr
+
+
+HALF_SOURCE = """
+import torchrecord
+
+
+class Half(torchrecord.Codec):
+    name = "half"
+
+    def encode(self, path, label):
+        raise NotImplementedError("not needed here")
+
+    def decode_image(self, record):
+        raise NotImplementedError("not needed here")
+
+
+@torchrecord.hookimpl
+def torchrecord_register_codecs(register):
+    register(Half())
+    raise RuntimeError("broken after the first registration")
+
+
+@torchrecord.hookimpl
+def torchrecord_register_codec(register):  # misspelled: no such hook
+    pass
+"""
+
+
+def test_a_plugin_that_fails_half_way_registers_nothing_and_a_misspelled_hook_warns(tmp_path):
+    site = tmp_path / "site"
+    make_distribution(site, "halfplug", "halfplug_mod", HALF_SOURCE, "half")
+    result = run_json(
+        """
+        import json, warnings
+        import torchrecord.plugins as plugins
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            names = [info.name for info in plugins.list_codecs()]
+        print(json.dumps({"names": names, "warnings": [str(w.message) for w in caught]}))
+        """,
+        site_env(site),
+    )
+    assert "half" not in result["names"] and "jpeg" in result["names"]
+    assert any(
+        "failed while registering codecs, and none of them is registered" in w
+        for w in result["warnings"]
+    )
+    assert any(
+        "torchrecord_register_codec" in w and "hook that does not exist" in w
+        for w in result["warnings"]
+    )
 
 
 class DupSerializer:

@@ -219,19 +219,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from .plugins import list_codecs, list_serializers
+    from .plugins import list_clashes, list_codecs, list_serializers
 
     rows = [
         (i.kind, i.name, i.distribution, i.version, getattr(i.obj, "description", ""))
         for i in [*list_codecs(), *list_serializers()]
     ]
+    clashes = list_clashes()
     if args.json:
         print(
             json.dumps(
                 [
                     dict(zip(("kind", "name", "distribution", "version", "description"), row))
                     for row in rows
-                ],
+                ]
+                + [{"clash": message} for message in clashes],
                 indent=2,
             )
         )
@@ -239,6 +241,8 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     print(f"{'kind':<11}{'name':<14}{'provided by':<34}description")
     for kind, name, dist, version, description in rows:
         print(f"{kind:<11}{name:<14}{dist + ' ' + version:<34}{description}")
+    for message in clashes:
+        print(f"unusable: {message}")
     return 0
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "get_serializer",
     "list_codecs",
     "list_serializers",
+    "list_clashes",
     "get_plugin_manager",
     "register_plugin",
     "unregister_plugin",
@@ -82,6 +83,8 @@ class _Registry:
         self._owners: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
         self._codecs: dict[str, PluginInfo] = {}
         self._serializers: dict[str, PluginInfo] = {}
+        # (kind, name) -> why that name cannot be used: two installed plugins register it
+        self._clashes: dict[tuple[str, str], str] = {}
 
     # -- loading ---------------------------------------------------------------------------
     def ensure_loaded(self) -> None:
@@ -98,7 +101,8 @@ class _Registry:
                     continue
                 self.pm.register(importlib.import_module(module_name), name=module_name)
                 self._owners[module_name] = (_BUILTIN_OWNER, version)
-            self._collect()
+            self._check_hook_names()
+            self._collect(raise_clashes=_env_flag("TORCHRECORD_STRICT_PLUGINS"))
             self._loaded = True  # only once the registries are consistent
 
     def _load_entry_points(self) -> None:
@@ -129,14 +133,38 @@ class _Registry:
                 continue
             self._owners[plugin_name] = (dist_name, dist_version)
 
-    def _collect(self) -> None:
+    def _check_hook_names(self) -> None:
+        """A plugin's hook function whose name is no hook (``torchrecord_register_codec``,
+        say) would register nothing, silently: say so (an error in strict mode)."""
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            name = self.pm.get_name(getattr(exc, "plugin", None)) or ""
+            owner = self._owners.get(name)
+            who = f" ({owner[0]} {owner[1]}, plugin {name})" if owner else ""
+            message = (
+                f"a TorchRecord plugin{who} implements a hook that does not exist, so it "
+                f"registers nothing through it: {exc}. The hooks are "
+                "torchrecord_register_codecs and torchrecord_register_serializers"
+            )
+            if _env_flag("TORCHRECORD_STRICT_PLUGINS"):
+                raise PluginError(message) from exc
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _collect(self, raise_clashes: bool = True) -> None:
         """Ask every registered plugin for its codecs and serializers, one plugin at a time.
 
         Calling each hook implementation on its own tells us which plugin registered which name,
-        so a clash can name both owners.
+        so a clash can name both owners. A plugin's names count only if its hook completes
+        (one that fails half-way registers none). A name two plugins register is an error with
+        ``raise_clashes`` (a plugin registered at run time, strict mode); otherwise it is kept
+        out of the registry, with a warning, and only looking it up fails: one clash among
+        installed packages does not stop the other names from working.
         """
         codecs: dict[str, PluginInfo] = {}
         serializers: dict[str, PluginInfo] = {}
+        clashes: dict[tuple[str, str], str] = {}
+        owners_of: dict[tuple[str, str], list[str]] = {}
         strict = _env_flag("TORCHRECORD_STRICT_PLUGINS")
         for kind, hook, table in (
             ("codec", self.pm.hook.torchrecord_register_codecs, codecs),
@@ -144,26 +172,16 @@ class _Registry:
         ):
             for impl in hook.get_hookimpls():  # registration order
                 owner = self._owners.get(impl.plugin_name, (_RUNTIME_OWNER, "-"))
+                pending: dict[str, PluginInfo] = {}
 
-                def register(obj: Any, _kind=kind, _table=table, _impl=impl, _owner=owner):
+                def register(obj: Any, _kind=kind, _impl=impl, _owner=owner, _new=pending):
                     _validate(_kind, obj, _impl.plugin_name)
-                    name = obj.name
-                    if name in _table:
-                        first = _table[name]
-                        raise DuplicatePluginError(
-                            f"{_kind} name {name!r} is registered twice: by "
-                            f"{first.distribution} {first.version} (plugin {first.plugin}) and by "
-                            f"{_owner[0]} {_owner[1]} (plugin {_impl.plugin_name}). Names written "
-                            "to disk must be unique: uninstall one of them."
-                        )
-                    _table[name] = PluginInfo(
-                        _kind, name, obj, _owner[0], _owner[1], _impl.plugin_name
+                    _new[obj.name] = PluginInfo(
+                        _kind, obj.name, obj, _owner[0], _owner[1], _impl.plugin_name
                     )
 
                 try:
                     impl.function(register=register)
-                except DuplicatePluginError:
-                    raise
                 except Exception as exc:
                     # Built-ins and plugins registered at run time fail loudly; an installed
                     # third-party package only warns, so it cannot break every program.
@@ -171,11 +189,36 @@ class _Registry:
                         raise
                     warnings.warn(
                         f"TorchRecord plugin {impl.plugin_name} ({owner[0]} {owner[1]}) failed "
-                        f"while registering {kind}s and is ignored: {type(exc).__name__}: {exc}",
+                        f"while registering {kind}s, and none of them is registered: "
+                        f"{type(exc).__name__}: {exc}",
                         RuntimeWarning,
                         stacklevel=2,
                     )
-        self._codecs, self._serializers = codecs, serializers
+                    continue
+                for name, info in pending.items():
+                    key = (kind, name)
+                    who = f"{info.distribution} {info.version} (plugin {info.plugin})"
+                    if name not in table and key not in clashes:
+                        table[name] = info
+                        owners_of[key] = [who]
+                        continue
+                    owners_of[key].append(who)
+                    message = (
+                        f"{kind} name {name!r} is registered twice: by "
+                        f"{' and by '.join(owners_of[key])}. Names written to disk must be "
+                        "unique: uninstall one of them."
+                    )
+                    if raise_clashes:
+                        raise DuplicatePluginError(message)
+                    table.pop(name, None)
+                    clashes[key] = message
+        for message in clashes.values():
+            warnings.warn(
+                message + " Until then it cannot be used; every other name can.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self._codecs, self._serializers, self._clashes = codecs, serializers, clashes
 
     # -- run-time registration (tests, notebooks) -------------------------------------------
     def register(self, plugin: Any, name: str | None = None) -> str:
@@ -189,7 +232,7 @@ class _Registry:
             except Exception:
                 self.pm.unregister(name=plugin_name)
                 self._owners.pop(plugin_name, None)
-                self._collect()
+                self._collect(raise_clashes=False)
                 raise
             return plugin_name
 
@@ -200,7 +243,7 @@ class _Registry:
                 raise PluginError(f"plugin {plugin or name!r} is not registered")
             self.pm.unregister(name=plugin_name)
             self._owners.pop(plugin_name, None)
-            self._collect()
+            self._collect(raise_clashes=False)
 
     # -- lookups ------------------------------------------------------------------------------
     def codecs(self) -> dict[str, PluginInfo]:
@@ -210,6 +253,10 @@ class _Registry:
     def serializers(self) -> dict[str, PluginInfo]:
         self.ensure_loaded()
         return self._serializers
+
+    def clashes(self) -> dict[tuple[str, str], str]:
+        self.ensure_loaded()
+        return self._clashes
 
 
 def _validate(kind: str, obj: Any, plugin_name: str) -> None:
@@ -260,6 +307,7 @@ def get_codec(name: str) -> Any:
     try:
         return table[name].obj
     except KeyError:
+        _raise_if_clash("codec", name)
         raise UnknownPluginError("codec", name, sorted(table)) from None
 
 
@@ -269,7 +317,19 @@ def get_serializer(name: str) -> Any:
     try:
         return table[name].obj
     except KeyError:
+        _raise_if_clash("serializer", name)
         raise UnknownPluginError("serializer", name, sorted(table)) from None
+
+
+def _raise_if_clash(kind: str, name: str) -> None:
+    message = _registry.clashes().get((kind, name))
+    if message is not None:
+        raise DuplicatePluginError(message)
+
+
+def list_clashes() -> list[str]:
+    """Why some names cannot be used: each is registered by two installed plugins."""
+    return [message for _, message in sorted(_registry.clashes().items())]
 
 
 def fast_method(obj: Any, method: str, fast: str) -> Any:
