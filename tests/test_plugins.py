@@ -284,6 +284,27 @@ def test_good_plugin_is_listed_with_its_distribution(tmp_path, photos):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["codec"] == "goodcodec"
     assert manifest["num_records"] == len(read_list(photos))
+    assert manifest["plugins"]["codec"] == {"distribution": "goodplug", "version": "1.0"}
+    assert manifest["plugins"]["serializer"]["distribution"] == BUILTIN
+
+    # Without the plugin: reading says which package to install; info and verify warn.
+    bare = {**os.environ, **CLEAN_ENV}
+    read = run_python(f"import torchrecord; torchrecord.TorchRecord({str(out)!r})", env=CLEAN_ENV)
+    assert read.returncode != 0
+    assert "was written with codec 'goodcodec' from goodplug 1.0" in read.stderr
+    assert "pip install 'goodplug'" in read.stderr
+    for command in ("info", "verify"):
+        proc = subprocess.run(
+            [*cli, command, str(out)], env=bare, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "warning: this dataset cannot be read here" in proc.stderr
+        assert "from goodplug 1.0" in proc.stderr
+    info = subprocess.run(
+        [*cli, "info", str(out)], env=full_env, capture_output=True, text=True, timeout=120
+    )
+    assert "codec       goodcodec  (from goodplug 1.0)" in info.stdout
+    assert "warning" not in info.stderr
 
 
 # -- 5. duplicate names -----------------------------------------------------------------------

@@ -167,13 +167,23 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .reader import describe
 
     info = describe(args.path)
+    missing = _missing_plugins(args.path)
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps({**info, "missing_plugins": missing}, indent=2))
+        _warn_missing(missing)
         return 0
+    written = info.get("plugins", {}) if isinstance(info.get("plugins"), dict) else {}
+
+    def by(kind: str) -> str:
+        who = written.get(kind)  # (a plugin's package; the built-ins go without saying)
+        if not isinstance(who, dict) or str(who.get("distribution")).startswith("torchrecord ("):
+            return ""
+        return f"  (from {who['distribution']} {who['version']})"
+
     print(f"dataset     {info['path']}" + ("  (TorchRecord 0.1 layout)" if info["legacy"] else ""))
     print(f"format      version {info['format_version']}")
-    print(f"codec       {info['codec']}")
-    print(f"serializer  {info['serializer']}")
+    print(f"codec       {info['codec']}{by('codec')}")
+    print(f"serializer  {info['serializer']}{by('serializer')}")
     print(f"records     {info['records']}")
     print(f"shards      {len(info['shards'])}")
     print(f"bytes       {info['bytes']} ({info['bytes'] / 1e6:.1f} MB)")
@@ -185,7 +195,34 @@ def _cmd_info(args: argparse.Namespace) -> int:
             print(
                 f"  {shard['file']:<24} {shard['records']:>10} records {shard['bytes']:>14} bytes"
             )
+    _warn_missing(missing)
     return 0
+
+
+def _missing_plugins(path: str) -> list[str]:
+    """Why the dataset's codec or serializer cannot be used here (not installed), if so."""
+    from .errors import UnknownPluginError
+    from .format import CUSTOM_CODEC
+    from .reader import RecordReader
+
+    reader = RecordReader(path)
+    missing = []
+    try:
+        for kind in ("codec", "serializer"):
+            if kind == "codec" and reader.codec_name == CUSTOM_CODEC:
+                continue
+            try:
+                getattr(reader, kind)
+            except UnknownPluginError as exc:
+                missing.append(str(exc))
+    finally:
+        reader.close()
+    return missing
+
+
+def _warn_missing(missing: list[str]) -> None:
+    for message in missing:
+        print(f"warning: this dataset cannot be read here: {message}", file=sys.stderr)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -201,6 +238,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if args.decode and not args.quick:
         what = f"{len(reader)} records (decoded) in"
     print(f"{status}: checked {what} {reader.num_shards} shards of {args.path}")
+    _warn_missing(_missing_plugins(args.path))  # sound bytes, but nothing here decodes them
     return 0 if problems == 0 else 1
 
 

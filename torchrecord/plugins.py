@@ -321,6 +321,13 @@ def get_serializer(name: str) -> Any:
         raise UnknownPluginError("serializer", name, sorted(table)) from None
 
 
+def provider(kind: str, name: str) -> dict[str, str]:
+    """``{"distribution", "version"}`` of the package that provides a registered name."""
+    table = _registry.codecs() if kind == "codec" else _registry.serializers()
+    info = table[name]
+    return {"distribution": info.distribution, "version": info.version}
+
+
 def _raise_if_clash(kind: str, name: str) -> None:
     message = _registry.clashes().get((kind, name))
     if message is not None:

@@ -25,6 +25,7 @@ from .errors import (
     SerializationError,
     ShardCorruptedError,
     TorchRecordError,
+    UnknownPluginError,
 )
 from .plugins import fast_method, get_codec, get_serializer
 
@@ -81,13 +82,41 @@ class RecordReader:
 
     @property
     def codec(self) -> Any:
-        return get_codec(self.codec_name)
+        try:
+            return get_codec(self.codec_name)
+        except UnknownPluginError as exc:
+            raise self._not_installed(exc, "codec") from None
 
     @property
     def serializer(self) -> Any:
         if self._serializer is None:
-            self._serializer = get_serializer(self.serializer_name)
+            try:
+                self._serializer = get_serializer(self.serializer_name)
+            except UnknownPluginError as exc:
+                raise self._not_installed(exc, "serializer") from None
         return self._serializer
+
+    def _not_installed(self, exc: UnknownPluginError, kind: str) -> UnknownPluginError:
+        """``exc``, saying which package (and version) the dataset was written with, as its
+        manifest records it."""
+        written = self.manifest.extra.get("plugins", {})
+        who = written.get(kind) if isinstance(written, dict) else None
+        if not isinstance(who, dict) or not who.get("distribution"):
+            return exc
+        dist = str(who["distribution"])
+        if dist.startswith("("):  # registered at run time by the program that wrote it
+            hint = (
+                f" {self.path} was written with {kind} {exc.name!r} registered at run time: "
+                "register the same plugin (torchrecord.plugins.register_plugin) before reading."
+            )
+        else:
+            hint = (
+                f" {self.path} was written with {kind} {exc.name!r} from {dist} "
+                f"{who.get('version', '?')}: install that package (pip install '{dist}')."
+            )
+        new = UnknownPluginError(str(exc) + hint)
+        new.kind, new.name, new.available = exc.kind, exc.name, exc.available
+        return new
 
     @property
     def fingerprint(self) -> str:

@@ -859,6 +859,13 @@ class Writer:
         if self.data_process_func is not None:
             func = self.data_process_func
             extra["data_process_func"] = f"{func.__module__}.{func.__qualname__}"
+        else:  # who provides the codec and the serializer: what to install to read it
+            from .plugins import provider
+
+            extra["plugins"] = {
+                "codec": provider("codec", self.codec_name),
+                "serializer": provider("serializer", self.serializer_name),
+            }
         return extra
 
     def _publish(self, staging: Path, manifest: fmt.Manifest, new_files: set[str]) -> None:
