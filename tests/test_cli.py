@@ -300,6 +300,7 @@ def test_verify_decode_finds_an_image_that_was_bad_when_written(photos, tmp_path
         (("bench", "x", "--workers", "-1"), "worker counts must be 0 or more"),
         (("bench", "x", "--epochs", "0"), "--epochs: must be 1 or more"),
         (("bench", "x", "--limit", "0"), "--limit: must be 1 or more"),
+        (("write", "list.txt", "out", "--raw-below", "-1"), "--raw-below: must be 0 or more"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(tmp_path, args, message):

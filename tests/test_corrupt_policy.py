@@ -71,6 +71,21 @@ def test_warn_warns_and_substitutes(damaged):
         TRDataset(out, on_corrupt="ignore")
 
 
+def test_each_corrupt_record_is_listed_once(photos, tmp_path):
+    """Records 5 and 6 both damaged: reading 5 tries 6 as its substitute and meets it too,
+    then reading 6 meets it again; the list names each record once."""
+    out = tmp_path / "records"
+    Writer(photos, out, db_num=2, codec="jpeg").write()
+    for local in (5, 6):
+        flip_record_byte(out / "shard-00000.lmdb", local, mask=0x01)
+    loader = TorchRecord(out, batch_size=4, transform=fingerprint, on_corrupt="skip")
+    assert sum(len(labels) for _, labels in loader) == 24
+    assert sum(len(labels) for _, labels in loader) == 24  # a second epoch meets them again
+    corrupt = loader.corrupt_records
+    assert [r["index"] for r in corrupt] == [5, 6]
+    assert all(r["error"] == "RecordCorruptedError" for r in corrupt)
+
+
 class WrongSizeCodec(Codec):
     """Odd labels' records claim more pixels than they hold: damaged, yet their CRC matches."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -45,6 +46,16 @@ def _path(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path (is a shell variable unset?)")
     return text
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -406,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     write.add_argument(
         "--raw-below",
-        type=int,
+        type=_count,
         default=None,
         metavar="PIXELS",
         help="with --codec smart: store images of at most PIXELS pixels "
@@ -514,6 +525,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # `torchrecord info --json | head -1`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # (no second error when Python flushes stdout)
+        return 0
     except TorchRecordError as exc:
         print(f"torchrecord {args.command}: error: {exc}", file=sys.stderr)
         return 2

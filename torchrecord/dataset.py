@@ -332,15 +332,17 @@ class TRDataset(data.Dataset):
             warnings.warn(f"skipped corrupt record {index}: {exc}", RuntimeWarning, stacklevel=3)
 
     def corrupt_records(self) -> list[dict[str, Any]]:
-        """The corrupt records met so far, in any process: index, error type and message."""
+        """The corrupt records met so far, in any process, each once (in the order first met,
+        however often it was met: a corrupt record also meets the next one's reads when it is
+        tried as their substitute): index, error type and message."""
         if self.corrupt_log is None or not os.path.exists(self.corrupt_log):
             return []
-        out = []
+        out: dict[int, dict[str, Any]] = {}
         with open(self.corrupt_log, encoding="utf-8") as f:
             for line in f:
                 index, kind, message = line.rstrip("\n").split("\t", 2)
-                out.append({"index": int(index), "error": kind, "message": message})
-        return out
+                out.setdefault(int(index), {"index": int(index), "error": kind, "message": message})
+        return list(out.values())
 
     def reset_corrupt_records(self) -> None:
         if self.corrupt_log is not None:
