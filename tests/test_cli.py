@@ -328,3 +328,17 @@ def test_a_manifest_nested_thousands_deep_is_a_clear_error(tmp_path):
         proc = run_cli(command, tmp_path)
         assert proc.returncode == 2, proc.stderr
         assert "manifest.json is damaged" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_info_warns_about_a_missing_or_cut_shard(photos, tmp_path):
+    out = tmp_path / "records"
+    assert run_cli("write", photos, out, "--db-num", 2, "--codec", "jpeg", "-q").returncode == 0
+    shard = out / "shard-00001.lmdb"
+    shard.write_bytes(shard.read_bytes()[:8192])
+    (out / "shard-00000.lmdb").unlink()
+    proc = run_cli("info", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: shard-00000.lmdb is missing; run `torchrecord verify`" in proc.stderr
+    assert "warning: shard-00001.lmdb is 8192 bytes but the manifest recorded" in proc.stderr
+    doc = json.loads(run_cli("info", out, "--json").stdout)
+    assert len(doc["problems"]) == 2 and doc["bytes"] == 8192

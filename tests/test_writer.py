@@ -150,8 +150,8 @@ def test_bad_line_names_list_and_line(photos, tmp_path, make_bad, expected, code
     with pytest.raises(DataListError, match=expected) as info:
         Writer(photos, out, db_num=2, codec=codec, num_workers=num_workers).write()
     assert info.value.data_list == str(photos)
-    # nothing published, no staging left behind
-    assert not out.exists() or list(out.iterdir()) == []
+    # nothing published, no staging left behind, and not even the directory it created
+    assert not out.exists()
 
 
 def test_truncated_image_names_line(photos, tmp_path):

@@ -180,6 +180,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**info, "missing_plugins": missing}, indent=2))
         _warn_missing(missing)
+        _warn_problems(info)
         return 0
     written = info.get("plugins", {}) if isinstance(info.get("plugins"), dict) else {}
 
@@ -205,6 +206,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
                 f"  {shard['file']:<24} {shard['records']:>10} records {shard['bytes']:>14} bytes"
             )
     _warn_missing(missing)
+    _warn_problems(info)
     return 0
 
 
@@ -232,6 +234,11 @@ def _missing_plugins(path: str) -> list[str]:
 def _warn_missing(missing: list[str]) -> None:
     for message in missing:
         print(f"warning: this dataset cannot be read here: {message}", file=sys.stderr)
+
+
+def _warn_problems(info: dict) -> None:
+    for problem in info["problems"]:
+        print(f"warning: {problem}; run `torchrecord verify`", file=sys.stderr)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:

@@ -237,7 +237,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     )
     if doc.get("num_records") != manifest.num_records:
         raise DatasetError(
-            f"{where}: num_records {doc.get('num_records')} disagrees with the sum of "
+            f"{where}: num_records {doc.get('num_records')!r} disagrees with the sum of "
             f"its shards ({manifest.num_records}); re-write the dataset"
         )
     return manifest

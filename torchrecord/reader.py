@@ -499,6 +499,17 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     total = sum((root / f).stat().st_size for f in files if (root / f).exists())
     if not manifest.shards:
         raise DatasetError(f"{root} has no shards")
+    problems = []
+    for s in manifest.shards:
+        if s.legacy_db is not None:
+            continue  # (0.1: one file for every shard, its size not in a manifest)
+        path = root / s.file
+        if not path.is_file():
+            problems.append(f"{s.file} is missing")
+        elif path.stat().st_size != s.bytes:
+            problems.append(
+                f"{s.file} is {path.stat().st_size} bytes but the manifest recorded {s.bytes}"
+            )
     return {
         "path": str(root),
         "format_version": manifest.format_version,
@@ -515,5 +526,6 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             for s in manifest.shards
         ],
         "bytes": total,
+        "problems": problems,
         **{k: v for k, v in manifest.extra.items()},
     }

@@ -273,14 +273,23 @@ class Writer:
             self.already_written = True
             return finished
         self._check_output_dir()  # refused before anything is created
+        created = not self.output_dir.exists()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        with _OutputLock(self.output_dir):
-            # again, now that no other write can publish here meanwhile
-            finished = self._already_written(ordered, part["first_shard"] if part else 0)
-            if finished is not None:
-                self.already_written = True
-                return finished
-            return self._write_locked(started, entries, ordered, source, label_names, part)
+        try:
+            with _OutputLock(self.output_dir):
+                # again, now that no other write can publish here meanwhile
+                finished = self._already_written(ordered, part["first_shard"] if part else 0)
+                if finished is not None:
+                    self.already_written = True
+                    return finished
+                return self._write_locked(started, entries, ordered, source, label_names, part)
+        except BaseException:
+            if created:  # a failed write leaves no empty directory (one with shards to resume
+                try:  # from stays)
+                    self.output_dir.rmdir()
+                except OSError:
+                    pass
+            raise
 
     def _write_locked(
         self,
