@@ -177,6 +177,22 @@ def test_broken_plugin_warns_and_is_isolated(broken_site):
     if "png" in installed_entry_point_names():  # other plugins still load
         assert "png" in result["codecs"]
 
+    # the command line lists it as failed, and its warning is one line naming the plugin
+    env = {**os.environ, **site_env(broken_site)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torchrecord.cli", "plugins"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    failed = [line for line in proc.stdout.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 1 and "brokenplug 1.0" in failed[0]
+    warned = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(warned) == 1 and warned[0].startswith("torchrecord: warning: TorchRecord plugin")
+    assert "plugins.py" not in proc.stderr
+
 
 def test_broken_plugin_is_an_error_in_strict_mode(broken_site):
     result = run_json(PROBE, site_env(broken_site, TORCHRECORD_STRICT_PLUGINS="1"))

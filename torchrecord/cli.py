@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 from .errors import TorchRecordError
@@ -273,13 +274,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from .plugins import list_clashes, list_codecs, list_serializers
+    from .plugins import list_clashes, list_codecs, list_failures, list_serializers
 
     rows = [
         (i.kind, i.name, i.distribution, i.version, getattr(i.obj, "description", ""))
         for i in [*list_codecs(), *list_serializers()]
     ]
-    clashes = list_clashes()
+    clashes, failures = list_clashes(), list_failures()
     if args.json:
         print(
             json.dumps(
@@ -287,7 +288,8 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
                     dict(zip(("kind", "name", "distribution", "version", "description"), row))
                     for row in rows
                 ]
-                + [{"clash": message} for message in clashes],
+                + [{"clash": message} for message in clashes]
+                + [{"failed": message} for message in failures],
                 indent=2,
             )
         )
@@ -297,6 +299,8 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         print(f"{kind:<11}{name:<14}{dist + ' ' + version:<34}{description}")
     for message in clashes:
         print(f"unusable: {message}")
+    for message in failures:
+        print(f"failed:   {message}")
     return 0
 
 
@@ -526,8 +530,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line, without the library's file and line (a plugin that failed to
+    load, say: the message names it)."""
+    print(f"torchrecord: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
     try:
         return args.func(args)
     except BrokenPipeError:  # `torchrecord info --json | head -1`: the reader has what it wanted

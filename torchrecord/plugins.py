@@ -36,6 +36,7 @@ __all__ = [
     "list_codecs",
     "list_serializers",
     "list_clashes",
+    "list_failures",
     "get_plugin_manager",
     "register_plugin",
     "unregister_plugin",
@@ -85,6 +86,7 @@ class _Registry:
         self._serializers: dict[str, PluginInfo] = {}
         # (kind, name) -> why that name cannot be used: two installed plugins register it
         self._clashes: dict[tuple[str, str], str] = {}
+        self.failures: list[str] = []  # installed plugins that failed to load or register
 
     # -- loading ---------------------------------------------------------------------------
     def ensure_loaded(self) -> None:
@@ -124,6 +126,7 @@ class _Registry:
                     raise PluginError(
                         f"{what} failed to load (TORCHRECORD_STRICT_PLUGINS is set): {why}."
                     ) from exc
+                self.failures.append(f"{what} failed to load and is ignored: {why}")
                 warnings.warn(
                     f"{what} failed to load and is ignored: {why}; set "
                     "TORCHRECORD_STRICT_PLUGINS=1 to make this an error.",
@@ -187,13 +190,14 @@ class _Registry:
                     # third-party package only warns, so it cannot break every program.
                     if owner[0] in (_BUILTIN_OWNER, _RUNTIME_OWNER) or strict:
                         raise
-                    warnings.warn(
+                    message = (
                         f"TorchRecord plugin {impl.plugin_name} ({owner[0]} {owner[1]}) failed "
                         f"while registering {kind}s, and none of them is registered: "
-                        f"{type(exc).__name__}: {exc}",
-                        RuntimeWarning,
-                        stacklevel=2,
+                        f"{type(exc).__name__}: {exc}"
                     )
+                    if message not in self.failures:
+                        self.failures.append(message)
+                    warnings.warn(message, RuntimeWarning, stacklevel=2)
                     continue
                 for name, info in pending.items():
                     key = (kind, name)
@@ -332,6 +336,12 @@ def _raise_if_clash(kind: str, name: str) -> None:
     message = _registry.clashes().get((kind, name))
     if message is not None:
         raise DuplicatePluginError(message)
+
+
+def list_failures() -> list[str]:
+    """Installed plugins that failed to load or to register (each is ignored)."""
+    _registry.ensure_loaded()
+    return list(_registry.failures)
 
 
 def list_clashes() -> list[str]:
