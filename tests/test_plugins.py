@@ -47,6 +47,19 @@ def site_env(site: Path, **extra: str) -> dict[str, str]:
     return {**CLEAN_ENV, "PYTHONPATH": pythonpath, **extra}
 
 
+def plugins_command(site: Path) -> subprocess.CompletedProcess:
+    """``torchrecord plugins`` with the distributions of ``site`` installed; it succeeds."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torchrecord.cli", "plugins"],
+        env={**os.environ, **site_env(site)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 def run_json(code: str, env: dict[str, str]) -> dict:
     """Run ``code`` in a fresh interpreter; it prints one JSON document as its last line."""
     proc = run_python(textwrap.dedent(code), env=env, timeout=120)
@@ -178,15 +191,7 @@ def test_broken_plugin_warns_and_is_isolated(broken_site):
         assert "png" in result["codecs"]
 
     # the command line lists it as failed, and its warning is one line naming the plugin
-    env = {**os.environ, **site_env(broken_site)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torchrecord.cli", "plugins"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = plugins_command(broken_site)
     failed = [line for line in proc.stdout.splitlines() if line.startswith("failed:")]
     assert len(failed) == 1 and "brokenplug 1.0" in failed[0]
     warned = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -377,15 +382,7 @@ def test_duplicate_name_from_an_entry_point_names_both_owners(tmp_path):
     assert any("'jpeg' is registered twice" in w for w in result["warnings"])
     assert "jpeg" not in result["listed"] and "raw_rgb" in result["listed"]
 
-    env = {**os.environ, **site_env(site)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torchrecord.cli", "plugins"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = plugins_command(site)
     assert "unusable: codec name 'jpeg' is registered twice" in proc.stdout
     assert any(line.split()[:2] == ["codec", "raw_rgb"] for line in proc.stdout.splitlines())
 
