@@ -439,8 +439,7 @@ def test_a_plugin_that_fails_half_way_registers_nothing_and_a_misspelled_hook_wa
         for w in result["warnings"]
     )
     assert any(
-        "torchrecord_register_codec" in w and "hook that does not exist" in w
-        for w in result["warnings"]
+        "torchrecord_register_codec," in w and "which is no hook" in w for w in result["warnings"]
     )
 
 
@@ -667,3 +666,60 @@ def test_invalid_codec_is_refused_in_strict_mode(monkeypatch, codec_class, words
 @pytest.mark.parametrize("codec_class, words", INVALID)
 def test_invalid_codec_registered_at_run_time_raises(recwarn, codec_class, words):
     _check_invalid_refused(codec_class, words)
+
+
+def test_run_time_registration_next_to_a_clash_among_installed_plugins(tmp_path):
+    """The installed clash (dupplug's 'jpeg') stays a warning; an unrelated plugin registered at
+    run time works; one that registers a name twice, or misspells a hook, is told so."""
+    site = tmp_path / "site"
+    make_distribution(site, "dupplug", "dupplug_mod", DUP_SOURCE, "dup")
+    result = run_json(
+        """
+        import json, warnings
+        import torchrecord, torchrecord.plugins as plugins
+        from torchrecord.codecs.raw_rgb import RawRGBCodec
+
+        class Mine(RawRGBCodec):
+            name = "mine"
+
+        class Good:
+            @torchrecord.hookimpl
+            def torchrecord_register_codecs(self, register):
+                register(Mine())
+
+        class Twice:
+            @torchrecord.hookimpl
+            def torchrecord_register_codecs(self, register):
+                register(Mine())
+                register(Mine())
+
+        class Misspelled:
+            @torchrecord.hookimpl
+            def torchrecord_register_codec(self, register):
+                register(Mine())
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            plugins.get_codec("raw_rgb")
+            plugins.register_plugin(Good(), name="good")
+            mine = plugins.get_codec("mine").name
+            plugins.unregister_plugin(name="good")
+            try:
+                plugins.register_plugin(Twice(), name="twice")
+                twice = None
+            except torchrecord.DuplicatePluginError as exc:
+                twice = str(exc)
+            plugins.register_plugin(Misspelled(), name="misspelled")
+        print(json.dumps({
+            "mine": mine,
+            "twice": twice,
+            "warnings": [str(w.message) for w in caught],
+        }))
+        """,
+        site_env(site),
+    )
+    assert result["mine"] == "mine"
+    assert "registered twice by one plugin, twice" in (result["twice"] or "")
+    clash = [w for w in result["warnings"] if "'jpeg' is registered twice" in w]
+    assert len(clash) == 1  # said once, not again at each registration
+    assert any("misspelled" in w and "torchrecord_register_codec," in w for w in result["warnings"])

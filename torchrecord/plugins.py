@@ -73,6 +73,10 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _strict() -> bool:
+    return _env_flag("TORCHRECORD_STRICT_PLUGINS")
+
+
 class _Registry:
     """A typed layer over the pluggy PluginManager."""
 
@@ -104,7 +108,7 @@ class _Registry:
                 self.pm.register(importlib.import_module(module_name), name=module_name)
                 self._owners[module_name] = (_BUILTIN_OWNER, version)
             self._check_hook_names()
-            self._collect(raise_clashes=_env_flag("TORCHRECORD_STRICT_PLUGINS"))
+            self._collect(raise_clashes=_strict())
             self._loaded = True  # only once the registries are consistent
 
     def _load_entry_points(self) -> None:
@@ -136,38 +140,47 @@ class _Registry:
                 continue
             self._owners[plugin_name] = (dist_name, dist_version)
 
-    def _check_hook_names(self) -> None:
+    def _check_hook_names(self, only: str | None = None) -> None:
         """A plugin's hook function whose name is no hook (``torchrecord_register_codec``,
-        say) would register nothing, silently: say so (an error in strict mode)."""
-        try:
-            self.pm.check_pending()
-        except pluggy.PluginValidationError as exc:
-            name = self.pm.get_name(getattr(exc, "plugin", None)) or ""
-            owner = self._owners.get(name)
-            who = f" ({owner[0]} {owner[1]}, plugin {name})" if owner else ""
-            message = (
-                f"a TorchRecord plugin{who} implements a hook that does not exist, so it "
-                f"registers nothing through it: {exc}. The hooks are "
-                "torchrecord_register_codecs and torchrecord_register_serializers"
+        say) would register nothing, silently: say so (an error in strict mode). Every
+        plugin's, or ``only`` the plugin of that name's."""
+        for name, plugin in self.pm.list_name_plugin():
+            if only is not None and name != only:
+                continue
+            unknown = sorted(
+                caller.name
+                for caller in self.pm.get_hookcallers(plugin) or []
+                if not caller.has_spec()
             )
-            if _env_flag("TORCHRECORD_STRICT_PLUGINS"):
-                raise PluginError(message) from exc
+            if not unknown:
+                continue
+            owner = self._owners.get(name, (_RUNTIME_OWNER, "-"))
+            what = "is no hook" if len(unknown) == 1 else "are no hooks"
+            message = (
+                f"TorchRecord plugin {name} ({owner[0]} {owner[1]}) implements "
+                f"{', '.join(unknown)}, which {what}, so nothing is registered through it; "
+                "the hooks are torchrecord_register_codecs and torchrecord_register_serializers"
+            )
+            if _strict():
+                raise PluginError(message)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
-    def _collect(self, raise_clashes: bool = True) -> None:
+    def _collect(self, raise_clashes: bool | str = True) -> None:
         """Ask every registered plugin for its codecs and serializers, one plugin at a time.
 
         Calling each hook implementation on its own tells us which plugin registered which name,
         so a clash can name both owners. A plugin's names count only if its hook completes
         (one that fails half-way registers none). A name two plugins register is an error with
-        ``raise_clashes`` (a plugin registered at run time, strict mode); otherwise it is kept
-        out of the registry, with a warning, and only looking it up fails: one clash among
-        installed packages does not stop the other names from working.
+        ``raise_clashes`` True (strict mode), or the name of the plugin being registered at run
+        time (then only its own clashes are); otherwise it is kept out of the registry, with a
+        warning, and only looking it up fails: one clash among installed packages does not stop
+        the other names from working.
         """
         codecs: dict[str, PluginInfo] = {}
         serializers: dict[str, PluginInfo] = {}
         clashes: dict[tuple[str, str], str] = {}
         owners_of: dict[tuple[str, str], list[str]] = {}
+        plugins_of: dict[tuple[str, str], list[str]] = {}
         strict = _env_flag("TORCHRECORD_STRICT_PLUGINS")
         for kind, hook, table in (
             ("codec", self.pm.hook.torchrecord_register_codecs, codecs),
@@ -179,6 +192,11 @@ class _Registry:
 
                 def register(obj: Any, _kind=kind, _impl=impl, _owner=owner, _new=pending):
                     _validate(_kind, obj, _impl.plugin_name)
+                    if obj.name in _new:
+                        raise DuplicatePluginError(
+                            f"{_kind} name {obj.name!r} is registered twice by one plugin, "
+                            f"{_impl.plugin_name} ({_owner[0]} {_owner[1]})"
+                        )
                     _new[obj.name] = PluginInfo(
                         _kind, obj.name, obj, _owner[0], _owner[1], _impl.plugin_name
                     )
@@ -204,24 +222,26 @@ class _Registry:
                     who = f"{info.distribution} {info.version} (plugin {info.plugin})"
                     if name not in table and key not in clashes:
                         table[name] = info
-                        owners_of[key] = [who]
+                        owners_of[key], plugins_of[key] = [who], [info.plugin]
                         continue
                     owners_of[key].append(who)
+                    plugins_of[key].append(info.plugin)
                     message = (
                         f"{kind} name {name!r} is registered twice: by "
                         f"{' and by '.join(owners_of[key])}. Names written to disk must be "
                         "unique: uninstall one of them."
                     )
-                    if raise_clashes:
+                    if raise_clashes is True or raise_clashes in plugins_of[key]:
                         raise DuplicatePluginError(message)
                     table.pop(name, None)
                     clashes[key] = message
-        for message in clashes.values():
-            warnings.warn(
-                message + " Until then it cannot be used; every other name can.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        for key, message in clashes.items():
+            if key not in self._clashes:  # (said once, not at every registration)
+                warnings.warn(
+                    message + " Until then it cannot be used; every other name can.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         self._codecs, self._serializers, self._clashes = codecs, serializers, clashes
 
     # -- run-time registration (tests, notebooks) -------------------------------------------
@@ -232,7 +252,8 @@ class _Registry:
             assert plugin_name is not None
             self._owners.setdefault(plugin_name, (_RUNTIME_OWNER, "-"))
             try:
-                self._collect()
+                self._check_hook_names(only=plugin_name)
+                self._collect(raise_clashes=True if _strict() else plugin_name)
             except Exception:
                 self.pm.unregister(name=plugin_name)
                 self._owners.pop(plugin_name, None)
