@@ -352,3 +352,40 @@ def test_join_checks_every_part_shard_before_moving_anything(photos, tmp_path, d
     shard.write_bytes(good)  # copied again from where it was written: now it joins
     join_parts(tmp_path / "joined", [a, b])
     assert dataset_state(tmp_path / "joined") == dataset_state(whole)
+
+
+@pytest.mark.parametrize("check_hashes", [True, False])
+def test_join_over_a_dataset_with_a_part_shard_missing_keeps_the_dataset(
+    photos, tmp_path, check_hashes
+):
+    """The old dataset's shard of the same name is not taken for the missing part shard."""
+    from torchrecord.errors import DatasetError
+    from torchrecord.writer import join_parts
+
+    out = tmp_path / "joined"
+    Writer(photos, out, codec="raw_rgb", db_num=2).write()
+    before = dataset_state(out)
+    parts = []
+    for first, stop in ((0, 1), (1, 2)):
+        part = tmp_path / f"p{first}"
+        Writer(photos, part, codec="jpeg", db_num=2, shard_range=(first, stop)).write()
+        parts.append(part)
+    (parts[1] / "shard-00001.lmdb").unlink()
+    with pytest.raises(DatasetError, match=r"p1/shard-00001\.lmdb is missing"):
+        join_parts(out, parts, overwrite=True, check_hashes=check_hashes)
+    assert dataset_state(out) == before  # untouched
+    assert (parts[0] / "shard-00000.lmdb").exists()
+
+
+def test_a_refused_join_leaves_no_directory(photos, tmp_path):
+    from torchrecord.writer import join_parts
+
+    parts = []
+    for first, stop in ((0, 1), (1, 2)):
+        part = tmp_path / f"p{first}"
+        Writer(photos, part, codec="jpeg", db_num=2, shard_range=(first, stop)).write()
+        parts.append(part)
+    (parts[0] / "shard-00000.lmdb").write_bytes(b"cut")
+    with pytest.raises(Exception, match="bytes but the part's manifest recorded"):
+        join_parts(tmp_path / "new" / "joined", parts)
+    assert not (tmp_path / "new" / "joined").exists()

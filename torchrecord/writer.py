@@ -955,6 +955,12 @@ def _plan_difference(docs: list[tuple[Path, dict[str, Any]]]) -> str:
     """What makes two parts come from different writes, as far as their manifests say."""
     path_a, part_a = docs[0][0], docs[0][1]["part"]
     path_b, part_b = next((p, d["part"]) for p, d in docs if d["part"]["plan"] != part_a["plan"])
+    for path, part in ((path_a, part_a), (path_b, part_b)):
+        if "inputs" not in part:
+            return (
+                f"{path} was written by an older TorchRecord, whose parts name their samples "
+                "by their full paths: write it again with this version"
+            )
     if part_a.get("inputs") != part_b.get("inputs"):
         return (
             f"{path_a} was written from {part_a.get('inputs')} samples and {path_b} from "
@@ -1029,10 +1035,19 @@ def join_parts(
         raise DatasetExistsError(
             f"{out} already holds a dataset; pass --overwrite (overwrite=True) to replace it"
         )
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with _OutputLock(out):
-        _check_part_shards(out, docs, check_hashes)
-        return _join_locked(out, docs)
+    try:
+        with _OutputLock(out):
+            _check_part_shards(out, docs, check_hashes)
+            return _join_locked(out, docs)
+    except BaseException:
+        if created:  # a refused join leaves no empty directory behind
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        raise
 
 
 def _check_part_shards(
@@ -1040,11 +1055,14 @@ def _check_part_shards(
 ) -> None:
     """Refuse to join (before anything moves) when a part's shard is missing, or its size or
     SHA-256 is not what the part's manifest recorded. A shard an interrupted join moved
-    already is checked where it is now."""
+    already is checked where it is now: in ``out``, while ``out`` holds no dataset (a join
+    removes the old manifest before it moves anything; a shard of a dataset still in ``out``
+    is that dataset's, not the part's)."""
+    moved_ok = not (out / fmt.MANIFEST_NAME).exists()
     for part, doc in docs:
         for item in doc["shards"]:
             path = part / item["file"]
-            if not path.exists() and (out / item["file"]).exists():
+            if moved_ok and not path.exists() and (out / item["file"]).exists():
                 path = out / item["file"]
             if not path.is_file():
                 raise DatasetError(
