@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,6 +174,46 @@ def test_custom_data_process_func(photos, tmp_path, serializer, num_workers):
         with Image.open(path) as img:
             assert grey.tobytes() == img.convert("L").tobytes()
         assert got_label == label
+
+
+def _path_only_process_func(data):
+    """A data_process_func that never opens its file (it stores the path)."""
+    path, label = data.rsplit(" ", 1)
+    protos = TensorProtos()
+    protos.protos.add().byte_data = path.encode()
+    protos.protos.add().byte_data = label.encode()
+    return protos
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_missing_file_is_refused_before_a_custom_data_process_func(photos, tmp_path, num_workers):
+    """A function that does not open its file would not fail on a missing one: the writer
+    checks first, as for the codecs."""
+    lines = photos.read_text().splitlines()
+    lines[4] = "missing/nowhere.jpg 1"
+    photos.write_text("\n".join(lines) + "\n")
+    expected = r"data_list\.txt:5: file .*nowhere\.jpg does not exist"
+    with pytest.raises(DataListError, match=expected):
+        Writer(
+            photos,
+            tmp_path / "out",
+            data_process_func=_path_only_process_func,
+            num_workers=num_workers,
+        ).write()
+
+
+def test_verify_decode_leaves_a_custom_data_process_func_dataset_alone(photos, tmp_path):
+    from torchrecord.reader import RecordReader, verify
+
+    out = tmp_path / "records"
+    Writer(photos, out, data_process_func=_grey_process_func).write()
+    assert list(verify(RecordReader(out), decode=True)) == []  # not 0.1's RGB: not decoded
+    cli = Path(sys.executable).parent / "torchrecord"
+    proc = subprocess.run(
+        [str(cli), "verify", str(out), "--decode"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "24 records (not decoded: written by a custom data_process_func)" in proc.stdout
 
 
 def test_jpeg_codec_refuses_a_png_naming_file_and_line(photos, tmp_path):

@@ -243,6 +243,7 @@ def _warn_problems(info: dict) -> None:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from .format import CUSTOM_CODEC
     from .reader import RecordReader, verify
 
     reader = RecordReader(args.path)
@@ -253,7 +254,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     status = "OK" if problems == 0 else f"{problems} problem(s)"
     what = "sizes, pages, keys and metadata of" if args.quick else f"{len(reader)} records in"
     if args.decode and not args.quick:
-        what = f"{len(reader)} records (decoded) in"
+        if reader.codec_name == CUSTOM_CODEC:
+            what = f"{len(reader)} records (not decoded: written by a custom data_process_func) in"
+        else:
+            what = f"{len(reader)} records (decoded) in"
     print(f"{status}: checked {what} {reader.num_shards} shards of {args.path}")
     _warn_missing(_missing_plugins(args.path))  # sound bytes, but nothing here decodes them
     return 0 if problems == 0 else 1

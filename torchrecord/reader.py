@@ -424,10 +424,12 @@ def verify(
     Otherwise also each shard file's SHA-256 (when the manifest has it) and every record's
     CRC-32 and deserialization; with ``decode``, also that every record's image decodes, as
     the loader's default transform decodes it (a JPEG whose tables are damaged passes the
-    other checks: it was stored that way). ``decode`` needs the dataset's codec installed.
+    other checks: it was stored that way). ``decode`` needs the dataset's codec installed, and
+    skips datasets written by a custom ``data_process_func`` (their records hold whatever the
+    function made, which only the user's own transform knows how to read).
     """
-    decoder = _decoder(reader) if decode and not quick else None
     try:
+        decoder = _decoder(reader) if decode and not quick else None
         for shard in range(reader.num_shards):
             try:
                 with SHARED.reading():
@@ -481,13 +483,11 @@ def verify(
         reader.close()
 
 
-def _decoder(reader: RecordReader) -> Callable[[Any], Any]:
-    """What the loader's default transform decodes a record with: the codec's tensor decode,
-    or 0.1's PIL decode for records of a custom ``data_process_func``."""
+def _decoder(reader: RecordReader) -> Callable[[Any], Any] | None:
+    """What the loader's default transform decodes a record with (the codec's tensor decode);
+    None for records of a custom ``data_process_func``."""
     if reader.codec_name == fmt.CUSTOM_CODEC:
-        from .transforms import decode_image
-
-        return decode_image
+        return None
     return reader.codec.decode_tensor
 
 

@@ -1297,6 +1297,10 @@ class _EncodeJob:
     def encode(self, entry: Entry) -> bytes:
         if entry.error is not None:  # a bad line
             raise DataListError(self.source, entry.line_no, entry.error)
+        if self.data_process_func is not None:  # (it need not fail on a missing file)
+            missing = missing_file(entry.path)
+            if missing is not None:
+                raise DataListError(self.source, entry.line_no, missing)
         try:
             return self._encode(entry)
         except DataListError:
