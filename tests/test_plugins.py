@@ -314,6 +314,14 @@ def test_good_plugin_is_listed_with_its_distribution(tmp_path, photos):
     assert read.returncode != 0
     assert "was written with codec 'goodcodec' from goodplug 1.0" in read.stderr
     assert "pip install 'goodplug'" in read.stderr
+    import pickle
+
+    from torchrecord.reader import RecordReader
+
+    with pytest.raises(torchrecord.UnknownPluginError) as info:
+        _ = RecordReader(out).codec  # (the entry point is not on this process's path)
+    again = pickle.loads(pickle.dumps(info.value))  # as from a DataLoader worker
+    assert str(again) == str(info.value) and "pip install 'goodplug'" in str(again)
     for command in ("info", "verify"):
         proc = subprocess.run(
             [*cli, command, str(out)], env=bare, capture_output=True, text=True, timeout=120

@@ -295,10 +295,42 @@ def test_seeds_of_64_bits_do_not_meet_other_seeds_epochs(records):
         sampler = TRSampler(records, shuffle="global", seed=seed)
         return sampler.order(epoch).tolist()
 
+    import numpy as np
+
     assert order(2**32, 0) != order(0, 1)
     assert order(3 + 9 * 2**32, 0) != order(3, 9)
-    assert order(2**32, 0) != order(2**33, 0) != order(2**64 + 5, 0)
+    large = [order(2**32, 0), order(2**33, 0), order(2**64 + 5, 0)]
+    assert all(a != b for i, a in enumerate(large) for b in large[i + 1 :])
     assert order(2**40 + 7, 2) == order(2**40 + 7, 2)  # still a function of (seed, epoch)
+    # seeds and epochs under 2**32 keep the orders they always had
+    for seed, epoch in [(0, 0), (11, 3), (2**32 - 1, 2**32 - 1)]:
+        expected = np.random.default_rng([seed, epoch]).permutation(N).tolist()
+        assert order(seed, epoch) == expected
+    with pytest.raises(ValueError, match="epoch must be below 2\\*\\*32"):
+        TRSampler(records, shuffle="global").set_epoch(2**32)
+
+
+def test_a_state_of_the_earlier_order_scheme_is_refused_for_large_seeds(records, index_of):
+    for seed, accepted in [(5, True), (2**32 + 5, False)]:
+        source = make(records, "global", seed=seed)
+        head = flat(read(source, index_of, batches=1))
+        state = source.state_dict()
+        del state["order"]  # as saved before seeds of 2**32 or more got their own orders
+        resumed = make(records, "global", seed=seed)
+        if accepted:
+            resumed.load_state_dict(state)
+            assert sorted(head + flat(read(resumed, index_of))) == list(range(N))
+        else:
+            with pytest.raises(ValueError, match="saved by an earlier TorchRecord"):
+                resumed.load_state_dict(state)
+
+
+def test_a_refused_state_changes_nothing(records, index_of):
+    loader = make(records, "global")
+    state = dict(loader.state_dict(), epoch=3, consumed=10**6)
+    with pytest.raises(ValueError, match="outside an epoch"):
+        loader.load_state_dict(state)
+    assert flat(read(loader, index_of)) == epoch_order(records, index_of, "global", 0)
 
 
 @pytest.mark.parametrize(
@@ -306,6 +338,7 @@ def test_seeds_of_64_bits_do_not_meet_other_seeds_epochs(records):
     [
         ({"seed": -1}, ValueError, "seed must be a non-negative integer"),
         ({"seed": 1.5}, TypeError, "seed must be an integer"),
+        ({"seed": True}, TypeError, "seed must be an integer"),
         ({"world_size": 2}, ValueError, "world_size=2 without rank"),
         ({"rank": 1}, ValueError, "rank=1 without world_size"),
         ({"rank": 0, "world_size": 0}, ValueError, "not in a world of size 0"),

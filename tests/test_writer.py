@@ -143,7 +143,9 @@ def _text_file_as_image(photos, line_no):
     ],
     ids=["missing-file", "missing-label", "not-an-image", "directory"],
 )
-@pytest.mark.parametrize(("codec", "num_workers"), [("raw_rgb", 0), ("raw_rgb", 2), ("jpeg", 0)])
+@pytest.mark.parametrize(
+    ("codec", "num_workers"), [("raw_rgb", 0), ("raw_rgb", 2), ("jpeg", 0), ("jpeg", 2)]
+)
 def test_bad_line_names_list_and_line(photos, tmp_path, make_bad, expected, codec, num_workers):
     make_bad(photos)
     out = tmp_path / "out"
@@ -369,4 +371,8 @@ def test_an_empty_output_dir_is_refused(photos, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="output_dir is empty"):
         Writer(photos, "")
+    with pytest.raises(ValueError, match="data_list is empty"):
+        Writer("", tmp_path / "out")  # (it would have packed the current directory)
+    with pytest.raises(ValueError, match="root is empty"):
+        Writer(photos, tmp_path / "out", root=" ")
     assert list(tmp_path.iterdir()) == [photos.parent]  # nothing written here

@@ -134,11 +134,15 @@ def _cmd_write(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     if writer.already_written:
         what = "this append" if args.append else "this write"
+        again = (
+            "rewrite the whole dataset from all its data lists with --overwrite"
+            if args.append
+            else "write again with --overwrite"
+        )
         print(
             f"nothing to do: {args.output_dir} holds {what} already (the same samples, labels "
             f"and settings; {manifest.num_records} records in {len(manifest.shards)} shards). "
-            "Nothing was read: if images changed under the same file names, write again with "
-            "--overwrite"
+            f"Nothing was read: if images changed under the same file names, {again}"
         )
         return 0
     total = sum(s.bytes for s in manifest.shards)
@@ -548,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `torchrecord info --json | head -1`: the reader has what it wanted
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # (no second error when Python flushes stdout)
-        return 0
+        return 1 if args.command == "verify" else 0  # (a verify cut short proved nothing)
     except TorchRecordError as exc:
         print(f"torchrecord {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -40,24 +40,30 @@ class PluginError(TorchRecordError):
 class UnknownPluginError(PluginError, KeyError):
     """No codec or serializer is registered under the requested name."""
 
-    def __init__(self, kind: str, name: str | None = None, available: list[str] | None = None):
+    def __init__(
+        self,
+        kind: str,
+        name: str | None = None,
+        available: list[str] | None = None,
+        hint: str = "",
+    ):
         if name is None:  # rebuilt from its message (see TorchRecordError)
-            self.kind, self.name, self.available = "", "", []
+            self.kind, self.name, self.available, self.hint = "", "", [], ""
             super().__init__(kind)
             return
-        self.kind, self.name, self.available = kind, name, available or []
+        self.kind, self.name, self.available, self.hint = kind, name, available or [], hint
         super().__init__(
             f"unknown {kind} {name!r}; available {kind}s: {', '.join(available) or '(none)'}. "
             f"The plugin that provides {kind} {name!r} may not be installed: install it "
             "(its package registers through the 'torchrecord' entry-point group) and check "
-            "`torchrecord plugins`."
+            "`torchrecord plugins`." + (f" {hint}" if hint else "")
         )
 
     def __str__(self) -> str:  # KeyError would otherwise print the repr of the message
         return self.args[0]
 
     def __reduce__(self):
-        return (type(self), (self.kind, self.name, self.available))
+        return (type(self), (self.kind, self.name, self.available, self.hint))
 
 
 class DuplicatePluginError(PluginError):

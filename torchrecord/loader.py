@@ -14,6 +14,9 @@ from .dataset import TRDataset, collate
 from .sampler import TRSampler
 
 STATE_VERSION = 1
+# how orders are drawn from (seed, epoch): 2 since seeds of 2**32 or more got their own
+# seed material (sampler._entropy); states saved before carry no "order" key
+ORDER_SCHEME = 2
 # what must match for a saved position to mean the same records in the same order
 _SETTINGS = ("seed", "mode", "pool_size", "block_shards", "num_records")
 
@@ -173,6 +176,7 @@ class TorchRecord(DataLoader):
             "block_shards": sampler.block_shards,
             "num_records": sampler.num_records,
             "dataset": self.dataset.reader.fingerprint,
+            "order": ORDER_SCHEME,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -209,8 +213,20 @@ class TorchRecord(DataLoader):
                     f"has {getattr(sampler, key)!r}; create the loader with the same dataset, "
                     "seed and shuffle settings"
                 )
-        sampler.set_epoch(state["epoch"])
-        sampler.set_start(state["consumed"])
+        if state.get("order", 1) != ORDER_SCHEME and sampler.seed >= 1 << 32:
+            raise ValueError(
+                "cannot resume: the state was saved by an earlier TorchRecord, whose orders for "
+                "seeds of 2**32 or more differ from this one's (they could repeat another "
+                "seed's); finish that epoch with the earlier version, or start it afresh"
+            )
+        epoch, consumed = state["epoch"], state["consumed"]
+        previous = (sampler.epoch, sampler.start)
+        try:  # both checked before either applies: a refused state changes nothing
+            sampler.set_epoch(epoch)
+            sampler.set_start(consumed)
+        except (TypeError, ValueError):
+            sampler.epoch, sampler.start = previous
+            raise
         self._progress = None
 
     def __len__(self) -> int:

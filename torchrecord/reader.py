@@ -106,17 +106,15 @@ class RecordReader:
         dist = str(who["distribution"])
         if dist.startswith("("):  # registered at run time by the program that wrote it
             hint = (
-                f" {self.path} was written with {kind} {exc.name!r} registered at run time: "
+                f"{self.path} was written with {kind} {exc.name!r} registered at run time: "
                 "register the same plugin (torchrecord.plugins.register_plugin) before reading."
             )
         else:
             hint = (
-                f" {self.path} was written with {kind} {exc.name!r} from {dist} "
+                f"{self.path} was written with {kind} {exc.name!r} from {dist} "
                 f"{who.get('version', '?')}: install that package (pip install '{dist}')."
             )
-        new = UnknownPluginError(str(exc) + hint)
-        new.kind, new.name, new.available = exc.kind, exc.name, exc.available
-        return new
+        return UnknownPluginError(exc.kind, exc.name, exc.available, hint)
 
     @property
     def fingerprint(self) -> str:

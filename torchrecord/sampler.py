@@ -105,7 +105,9 @@ def _count(value: Any, what: str, default: int | None = None) -> int:
         number = operator.index(value)
     except TypeError:
         raise TypeError(f"{what} must be an integer, got {value!r}") from None
-    if number < 0 or isinstance(value, bool):
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be an integer, got {value!r}")
+    if number < 0:
         raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
     return number
 
@@ -199,6 +201,8 @@ class TRSampler(data.Sampler[int]):
         A resumed position (:meth:`set_start`) is kept when ``epoch`` is the epoch it belongs
         to, so a training loop that calls ``set_epoch`` after ``load_state_dict`` resumes."""
         epoch = _count(epoch, "epoch")
+        if epoch >= 1 << 32:  # (one 32-bit word of the generator's seed material: see _entropy)
+            raise ValueError(f"epoch must be below 2**32, got {epoch}")
         if epoch != self.epoch:
             self.start = 0
         self.epoch = epoch

@@ -136,11 +136,12 @@ class Writer:
             codec = codec or base.get("codec")
         serializer = serializer or base.get("serializer") or "tensorprotos"
         self.data_list = data_list
-        if isinstance(output_dir, str | bytes) and not output_dir.strip():
-            raise ValueError(
-                "output_dir is empty (an unset variable?); name the dataset's directory, "
-                '"." for the current one'
-            )
+        for what, value in (("output_dir", output_dir), ("data_list", data_list), ("root", root)):
+            if isinstance(value, str | bytes) and not value.strip():
+                raise ValueError(
+                    f'{what} is empty (an unset variable?); name the path, "." for the '
+                    "current directory"
+                )
         self.output_dir = Path(output_dir)
         self.db_num = int(db_num)
         self.records_per_shard = None if records_per_shard is None else int(records_per_shard)
@@ -865,16 +866,15 @@ class Writer:
         fields = sorted({key for e in entries if e.extras for key in e.extras})
         if fields:
             extra["extra_fields"] = fields
+        from .plugins import provider
+
+        # who provides the codec and the serializer: what to install to read the dataset
+        extra["plugins"] = {"serializer": provider("serializer", self.serializer_name)}
         if self.data_process_func is not None:
             func = self.data_process_func
             extra["data_process_func"] = f"{func.__module__}.{func.__qualname__}"
-        else:  # who provides the codec and the serializer: what to install to read it
-            from .plugins import provider
-
-            extra["plugins"] = {
-                "codec": provider("codec", self.codec_name),
-                "serializer": provider("serializer", self.serializer_name),
-            }
+        else:
+            extra["plugins"]["codec"] = provider("codec", self.codec_name)
         return extra
 
     def _publish(self, staging: Path, manifest: fmt.Manifest, new_files: set[str]) -> None:
