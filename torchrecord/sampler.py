@@ -176,8 +176,8 @@ class TRSampler(data.Sampler[int]):
             raise ValueError(f"block_shards must be at least 1, got {block_shards}")
         self.block_shards = int(block_shards)
         self.rank, self.world_size = distributed_rank_and_size(rank, world_size)
-        self._from_group = rank is None and world_size is None and _process_group() is not None
-        self._given = (rank, world_size)
+        # rank 0 of 1 for want of a process group, given nothing: checked again at iteration
+        self._guessed_world = rank is None and world_size is None and _process_group() is None
         self.drop_last = bool(drop_last)
         self.epoch = 0
         self.start = 0  # records of this epoch's order already consumed, over all ranks
@@ -217,7 +217,7 @@ class TRSampler(data.Sampler[int]):
     def check_world(self) -> None:
         """Refuse to read when a process group has started since this sampler took its rank
         and world size from having none: every rank would read the whole dataset."""
-        if self._given != (None, None) or self._from_group:
+        if not self._guessed_world:
             return
         group = _process_group()
         if group is not None and group[1] > 1:

@@ -8,6 +8,7 @@ ever visible, and a failed write leaves an existing dataset as it was.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -274,23 +275,13 @@ class Writer:
             self.already_written = True
             return finished
         self._check_output_dir()  # refused before anything is created
-        created = not self.output_dir.exists()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            with _OutputLock(self.output_dir):
-                # again, now that no other write can publish here meanwhile
-                finished = self._already_written(ordered, part["first_shard"] if part else 0)
-                if finished is not None:
-                    self.already_written = True
-                    return finished
-                return self._write_locked(started, entries, ordered, source, label_names, part)
-        except BaseException:
-            if created:  # a failed write leaves no empty directory (one with shards to resume
-                try:  # from stays)
-                    self.output_dir.rmdir()
-                except OSError:
-                    pass
-            raise
+        with _made_dir(self.output_dir), _OutputLock(self.output_dir):
+            # again, now that no other write can publish here meanwhile
+            finished = self._already_written(ordered, part["first_shard"] if part else 0)
+            if finished is not None:
+                self.already_written = True
+                return finished
+            return self._write_locked(started, entries, ordered, source, label_names, part)
 
     def _write_locked(
         self,
@@ -1035,16 +1026,23 @@ def join_parts(
         raise DatasetExistsError(
             f"{out} already holds a dataset; pass --overwrite (overwrite=True) to replace it"
         )
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    with _made_dir(out), _OutputLock(out):
+        _check_part_shards(out, docs, check_hashes)
+        return _join_locked(out, docs)
+
+
+@contextlib.contextmanager
+def _made_dir(path: Path) -> Iterator[None]:
+    """Make ``path`` (and its parents); if what runs inside fails, remove it again when it was
+    made here and nothing is in it (a directory with shards to resume from stays)."""
+    made = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
     try:
-        with _OutputLock(out):
-            _check_part_shards(out, docs, check_hashes)
-            return _join_locked(out, docs)
+        yield
     except BaseException:
-        if created:  # a refused join leaves no empty directory behind
+        if made:
             try:
-                out.rmdir()
+                path.rmdir()
             except OSError:
                 pass
         raise
@@ -1298,18 +1296,19 @@ class _EncodeJob:
         if entry.error is not None:  # a bad line
             raise DataListError(self.source, entry.line_no, entry.error)
         if self.data_process_func is not None:  # (it need not fail on a missing file)
-            missing = missing_file(entry.path)
-            if missing is not None:
-                raise DataListError(self.source, entry.line_no, missing)
+            self._raise_if_missing(entry)
         try:
             return self._encode(entry)
         except DataListError:
             # a file that is not there says so, whatever the codec made of it (looked up only
             # when encoding failed: a stat per file was 5% of a jpeg write)
-            missing = missing_file(entry.path)
-            if missing is not None:
-                raise DataListError(self.source, entry.line_no, missing) from None
+            self._raise_if_missing(entry)
             raise
+
+    def _raise_if_missing(self, entry: Entry) -> None:
+        missing = missing_file(entry.path)
+        if missing is not None:
+            raise DataListError(self.source, entry.line_no, missing) from None
 
     def _encode(self, entry: Entry) -> bytes:
         try:
