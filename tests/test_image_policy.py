@@ -82,3 +82,16 @@ def test_policy_options_are_checked(photos, tmp_path):
         Writer(photos, tmp_path / "o", max_size=0)
     with pytest.raises(ValueError, match="need a codec"):
         Writer(photos, tmp_path / "o", max_size=100, data_process_func=lambda line: None)
+
+
+@pytest.mark.parametrize(
+    ("codec", "options"),
+    [("jpeg", {}), ("raw_rgb", {}), ("raw_rgb", {"max_size": 64})],
+)
+def test_a_quality_that_would_not_be_used_is_refused(photos, tmp_path, codec, options):
+    """JPEG quality applies to images re-encoded because of max_size (jpeg) or stored as JPEG
+    by smart; anywhere else it used to be dropped without a word."""
+    with pytest.raises(ValueError, match="quality=80 would not be used"):
+        Writer(photos, tmp_path / "out", codec=codec, quality=80, **options)
+    assert not (tmp_path / "out").exists()
+    Writer(photos, tmp_path / "smart", codec="smart", quality=80)  # used there: accepted

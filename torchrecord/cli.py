@@ -430,7 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
         "re-encodes only the images it resizes, at --quality)",
     )
     write.add_argument(
-        "--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)"
+        "--quality",
+        type=int,
+        default=None,
+        help="JPEG quality of images re-encoded by --max-size, or stored as JPEG by the smart "
+        "codec (default 90)",
     )
     write.add_argument(
         "--raw-below",

@@ -102,7 +102,7 @@ class Writer:
         append: bool = False,
         shard_range: tuple[int, int] | None = None,
         max_size: int | None = None,
-        quality: int = 90,
+        quality: int | None = None,
         raw_below: int | None = None,
         format_version: int = fmt.FORMAT_VERSION,
         readahead: bool = True,
@@ -126,12 +126,13 @@ class Writer:
                 "give either a codec or a custom data_process_func, not both: the function "
                 "replaces the codec"
             )
+        asked_quality = quality  # (before an append fills in the dataset's)
         # appending: what is not given is the dataset's (codec, serializer, image policy)
         base = _base_settings(Path(output_dir)) if append and not custom else {}
         if base and max_size is None and raw_below is None:
             policy = base.get("image_policy") or {}
             max_size, raw_below = policy.get("max_size"), policy.get("raw_below")
-            quality = policy.get("quality", quality)
+            quality = policy.get("quality") if quality is None else quality
         if base.get("codec") != fmt.CUSTOM_CODEC:  # (a function's records: give the function)
             codec = codec or base.get("codec")
         serializer = serializer or base.get("serializer") or "tensorprotos"
@@ -203,10 +204,17 @@ class Writer:
             self.image_policy["raw_below"] = int(
                 DEFAULT_RAW_BELOW if raw_below is None else raw_below
             )
+        quality = DEFAULT_QUALITY if quality is None else quality
         if not 1 <= int(quality) <= 100:
             raise ValueError(f"quality must be between 1 and 100 (JPEG quality), got {quality}")
         if self.image_policy and self.codec_name != "raw_rgb":
             self.image_policy["quality"] = int(quality)
+        if asked_quality is not None and "quality" not in self.image_policy:
+            raise ValueError(
+                f"quality={asked_quality} would not be used: it is the JPEG quality of images "
+                "re-encoded because of max_size (jpeg codec) or stored as JPEG by the smart "
+                "codec; give max_size too, or leave quality out"
+            )
         if not custom:
             _check_options(get_codec(self.codec_name), self.image_policy)
         elif self.image_policy:
@@ -472,14 +480,18 @@ class Writer:
         out = self.output_dir
         if not out.exists():
             if self.append:
-                raise DatasetExistsError(f"append=True but {out} holds no dataset to append to")
+                raise DatasetExistsError(
+                    f"append=True (--append) but {out} holds no dataset to append to"
+                )
             return None
         if not out.is_dir():
             raise DatasetExistsError(f"{out} exists and is not a directory")
         has_dataset = (out / fmt.MANIFEST_NAME).exists() or (out / fmt.LEGACY_DATA_FILE).exists()
         if self.append:
             if not (out / fmt.MANIFEST_NAME).exists():
-                raise DatasetExistsError(f"append=True but {out} holds no dataset to append to")
+                raise DatasetExistsError(
+                    f"append=True (--append) but {out} holds no dataset to append to"
+                )
             base = fmt.read_manifest(out)
             if base.codec == fmt.CUSTOM_CODEC and self.codec_name != fmt.CUSTOM_CODEC:
                 func = base.extra.get("data_process_func")
@@ -1853,6 +1865,8 @@ def _put_batch(env: Any, batch: list[tuple[bytes, bytes]], path: Path, append: b
         except lmdb.Error as exc:
             raise _write_failure(path, exc, sum(len(v) for _, v in batch)) from exc
 
+
+DEFAULT_QUALITY = 90  # JPEG quality of re-encoded images
 
 # errno values that mean "no room": no space, quota exceeded, file size limit (ulimit -f)
 _NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
