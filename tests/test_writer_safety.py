@@ -344,6 +344,8 @@ def test_append_takes_the_datasets_codec_serializer_and_image_policy(photos, tmp
     assert len(sizes) == 24 and max(max(size) for size in sizes) == 64  # all scaled down
     with pytest.raises(ValueError, match="append with the same ones"):
         Writer(second, out, codec="raw_rgb", append=True).write()
+    with pytest.raises(ValueError, match="append with the same max_size, quality and raw_below"):
+        Writer(second, out, append=True, quality=70).write()  # given: not the dataset's 80
 
 
 def test_every_sample_needs_the_same_extra_fields(photos, tmp_path):
