@@ -356,3 +356,29 @@ def test_bad_epochs_are_refused(records):
     for bad, error in [(-1, ValueError), (1.5, TypeError), ("3", TypeError)]:
         with pytest.raises(error, match="epoch must be"):
             loader.set_epoch(bad)
+
+
+def test_a_rank_that_iterates_again_without_set_epoch_is_warned_once(records, recwarn):
+    """Under a world size above 1, an epoch reached by iterating again (not by set_epoch) is
+    only right if every rank iterates as often: said once; set_epoch at every epoch is quiet."""
+    quiet = make(records, "global", rank=0, world_size=2)
+    for epoch in range(3):
+        quiet.set_epoch(epoch)
+        assert sum(len(labels) for _, labels in quiet) == N // 2
+    assert not [w for w in recwarn if "without set_epoch" in str(w.message)]
+
+    drifting = make(records, "global", rank=1, world_size=2)
+    for _ in drifting:  # epoch 0: chosen, quiet
+        pass
+    with pytest.warns(RuntimeWarning, match=r"rank 1 of 2 reads epoch 1, reached by iterating"):
+        for _ in drifting:
+            pass
+    recwarn.clear()
+    for _ in drifting:  # once is enough
+        pass
+    assert not [w for w in recwarn if "without set_epoch" in str(w.message)]
+    alone = make(records, "global")  # one process: iterating on is how epochs go by
+    for _ in range(2):
+        for _ in alone:
+            pass
+    assert not [w for w in recwarn if "without set_epoch" in str(w.message)]

@@ -21,6 +21,7 @@ which is how a resumed job, of any world size, sees every remaining record exact
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -180,6 +181,8 @@ class TRSampler(data.Sampler[int]):
         self._guessed_world = rank is None and world_size is None and _process_group() is None
         self.drop_last = bool(drop_last)
         self.epoch = 0
+        self._advanced = False  # the epoch was reached by iterating again, not by set_epoch()
+        self._warned = False
         self.start = 0  # records of this epoch's order already consumed, over all ranks
 
     # 0.1 attribute names
@@ -206,6 +209,7 @@ class TRSampler(data.Sampler[int]):
         if epoch != self.epoch:
             self.start = 0
         self.epoch = epoch
+        self._advanced = False
 
     def set_start(self, start: int) -> None:
         """Skip the first ``start`` records of the next epoch's order (counted over all ranks)."""
@@ -271,8 +275,18 @@ class TRSampler(data.Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         epoch, start = self.epoch, self.start
+        if self._advanced and self.world_size > 1 and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"rank {self.rank} of {self.world_size} reads epoch {epoch}, reached by "
+                "iterating again without set_epoch(): the ranks read disjoint shares only if "
+                "each iterates exactly as often. Call set_epoch(epoch) on every rank at every "
+                "epoch, as with DistributedSampler",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         # the next epoch shuffles differently unless set_epoch() says otherwise
-        self.epoch, self.start = epoch + 1, 0
+        self.epoch, self.start, self._advanced = epoch + 1, 0, True
         return iter(self.rank_indices(epoch, start).tolist())
 
 
