@@ -9,6 +9,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from .errors import TorchRecordError
 
@@ -178,14 +179,13 @@ def _cmd_join(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .reader import describe
+    from .reader import RecordReader, describe
 
     info = describe(args.path)
-    missing = _missing_plugins(args.path)
+    missing = _missing_plugins(RecordReader(args.path))
     if args.json:
         print(json.dumps({**info, "missing_plugins": missing}, indent=2))
-        _warn_missing(missing)
-        _warn_problems(info)
+        _warn(missing, info["problems"])
         return 0
     written = info.get("plugins", {}) if isinstance(info.get("plugins"), dict) else {}
 
@@ -210,39 +210,32 @@ def _cmd_info(args: argparse.Namespace) -> int:
             print(
                 f"  {shard['file']:<24} {shard['records']:>10} records {shard['bytes']:>14} bytes"
             )
-    _warn_missing(missing)
-    _warn_problems(info)
+    _warn(missing, info["problems"])
     return 0
 
 
-def _missing_plugins(path: str) -> list[str]:
-    """Why the dataset's codec or serializer cannot be used here (not installed), if so."""
+def _missing_plugins(reader: Any) -> list[str]:
+    """Why the dataset's codec or serializer cannot be used here (not installed), if so.
+    (Looking them up opens no shard.)"""
     from .errors import UnknownPluginError
     from .format import CUSTOM_CODEC
-    from .reader import RecordReader
 
-    reader = RecordReader(path)
     missing = []
-    try:
-        for kind in ("codec", "serializer"):
-            if kind == "codec" and reader.codec_name == CUSTOM_CODEC:
-                continue
-            try:
-                getattr(reader, kind)
-            except UnknownPluginError as exc:
-                missing.append(str(exc))
-    finally:
-        reader.close()
+    for kind in ("codec", "serializer"):
+        if kind == "codec" and reader.codec_name == CUSTOM_CODEC:
+            continue
+        try:
+            getattr(reader, kind)
+        except UnknownPluginError as exc:
+            missing.append(str(exc))
     return missing
 
 
-def _warn_missing(missing: list[str]) -> None:
+def _warn(missing: list[str], problems: list[str] = ()) -> None:
+    """Warnings for plugins missing here and for shards missing or cut."""
     for message in missing:
         print(f"warning: this dataset cannot be read here: {message}", file=sys.stderr)
-
-
-def _warn_problems(info: dict) -> None:
-    for problem in info["problems"]:
+    for problem in problems:
         print(f"warning: {problem}; run `torchrecord verify`", file=sys.stderr)
 
 
@@ -263,7 +256,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         else:
             what = f"{len(reader)} records (decoded) in"
     print(f"{status}: checked {what} {reader.num_shards} shards of {args.path}")
-    _warn_missing(_missing_plugins(args.path))  # sound bytes, but nothing here decodes them
+    _warn(_missing_plugins(reader))  # sound bytes, but nothing here decodes them
     return 0 if problems == 0 else 1
 
 

@@ -8,6 +8,7 @@ The per-record index is two small numpy arrays, so DataLoader workers share it c
 
 from __future__ import annotations
 
+import functools
 import os
 import zlib
 from collections import OrderedDict
@@ -116,7 +117,7 @@ class RecordReader:
             )
         return UnknownPluginError(exc.kind, exc.name, exc.available, hint)
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """What identifies the dataset's records and their order: its shards in order, each
         with its record count and SHA-256 (size for 0.1 datasets, which record no hash). The
