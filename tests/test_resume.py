@@ -382,3 +382,27 @@ def test_a_rank_that_iterates_again_without_set_epoch_is_warned_once(records, re
         for _ in alone:
             pass
     assert not [w for w in recwarn if "without set_epoch" in str(w.message)]
+
+
+def test_a_state_whose_epoch_this_numpy_orders_otherwise_is_refused(records, index_of):
+    """numpy does not promise its permutations across versions: a state carries a digest of
+    its epoch's order, and a loader that would draw that epoch otherwise refuses it. (A numpy
+    with other permutations is stood in for by the digest of another epoch's order.)"""
+    source = make(records, "global")
+    head = flat(read(source, index_of, batches=2))
+    state = source.state_dict()
+    assert state["order_digest"] == TRSampler(records, shuffle="global", seed=SEED).order_digest(0)
+    other_numpy = dict(
+        state,
+        numpy="1.0.0",
+        order_digest=TRSampler(records, shuffle="global", seed=SEED).order_digest(1),
+    )
+    loader = make(records, "global")
+    with pytest.raises(ValueError, match="saved under numpy 1.0.0, this is numpy .* resume under"):
+        loader.load_state_dict(other_numpy)
+    assert flat(read(loader, index_of)) == epoch_order(records, index_of, "global", 0)  # unchanged
+
+    for accepted in (state, {k: v for k, v in state.items() if k != "order_digest"}):
+        resumed = make(records, "global", num_workers=2, batch_size=3)
+        resumed.load_state_dict(accepted)  # (a state saved before the digest is not checked)
+        assert head + flat(read(resumed, index_of)) == epoch_order(records, index_of, "global", 0)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 from torch.utils.data import DataLoader
 
 from .batchpool import BatchPool
@@ -177,6 +178,9 @@ class TorchRecord(DataLoader):
             "num_records": sampler.num_records,
             "dataset": self.dataset.reader.fingerprint,
             "order": ORDER_SCHEME,
+            # the epoch's order itself, checked on resuming (and the numpy that drew it)
+            "order_digest": sampler.order_digest(epoch),
+            "numpy": np.__version__,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -224,6 +228,7 @@ class TorchRecord(DataLoader):
         try:  # both checked before either applies: a refused state changes nothing
             sampler.set_epoch(epoch)
             sampler.set_start(consumed)
+            _check_same_order(state, sampler)
         except (TypeError, ValueError):
             sampler.epoch, sampler.start = previous
             raise
@@ -237,6 +242,26 @@ class TorchRecord(DataLoader):
             return super().__len__()
         share = progress["share"]
         return share // self.batch_size if self.drop_last else -(-share // self.batch_size)
+
+
+def _check_same_order(state: dict[str, Any], sampler: TRSampler) -> None:
+    """Refuse a state whose epoch this process would draw in another order (states saved
+    before the digest: unchecked)."""
+    saved = state.get("order_digest")
+    if saved is None or saved == sampler.order_digest(sampler.epoch):
+        return
+    then, now = state.get("numpy"), np.__version__
+    why = (
+        f"the state was saved under numpy {then}, this is numpy {now}, whose permutations differ"
+        if then and then != now
+        else "the order differs (the state was changed, or saved by another TorchRecord)"
+    )
+    raise ValueError(
+        f"cannot resume: this loader draws epoch {sampler.epoch} in another order than the "
+        f"one the state was saved in: {why}. Its position would repeat some records and skip "
+        f"others; resume under numpy {then or 'the state was saved with'}, or start epoch "
+        f"{sampler.epoch} afresh (set_epoch({sampler.epoch}) without load_state_dict)"
+    )
 
 
 def block_mode_open_shards(reader: Any, sampler: TRSampler) -> int:

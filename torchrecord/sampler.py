@@ -20,6 +20,7 @@ which is how a resumed job, of any world size, sees every remaining record exact
 
 from __future__ import annotations
 
+import hashlib
 import operator
 import warnings
 from collections.abc import Iterator
@@ -184,6 +185,7 @@ class TRSampler(data.Sampler[int]):
         self._advanced = False  # the epoch was reached by iterating again, not by set_epoch()
         self._warned = False
         self.start = 0  # records of this epoch's order already consumed, over all ranks
+        self._digest: tuple[int, str] | None = None  # (epoch, order_digest(epoch)), the last one
 
     # 0.1 attribute names
     @property
@@ -251,6 +253,15 @@ class TRSampler(data.Sampler[int]):
                 parts.append(rng.permutation(np.concatenate(window)))
             order = np.concatenate(parts) if parts else np.arange(0, dtype=np.int64)
         return pool_shuffle(order, self.pool_size, rng)
+
+    def order_digest(self, epoch: int) -> str:
+        """A digest of :meth:`order` (``epoch``): a saved position names the same records only
+        where the order is the same, and numpy does not promise the same permutations across
+        its versions. Kept for the last epoch asked, as checkpoints ask again and again."""
+        if self._digest is None or self._digest[0] != epoch:
+            order = np.ascontiguousarray(self.order(epoch), dtype="<i8")
+            self._digest = (epoch, hashlib.sha256(order.data).hexdigest()[:16])
+        return self._digest[1]
 
     def rank_indices(self, epoch: int, start: int = 0) -> np.ndarray:
         """This rank's share of epoch ``epoch`` after skipping ``start`` records."""
