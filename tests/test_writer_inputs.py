@@ -233,3 +233,118 @@ def test_the_job_id_is_the_json_of_every_entry(tmp_path):
     for e in entries:
         digest.update(json.dumps([e.path, e.label, e.extras], sort_keys=True).encode())
     assert writer._job_id(entries, 0) == digest.hexdigest()
+
+
+@pytest.mark.parametrize(
+    "kind", ["float", "numpy float32", "tensor", "csv text 2.0"], ids=lambda k: k.replace(" ", "_")
+)
+def test_whole_number_labels_of_any_type_are_class_indices(photos, tmp_path, kind):
+    """2.0, np.float32(2), torch.tensor(2) and a CSV's "2.0" (pandas writes integer columns
+    with missing values so) are the class index 2, not the name "2.0" sorted as text, which
+    made 10.0 class 2."""
+    import numpy as np
+
+    samples = read_list(photos)
+    make = {
+        "float": float,
+        "numpy float32": np.float32,
+        "tensor": torch.tensor,
+    }
+    if kind in make:
+        source = [(str(path), make[kind](label * 5)) for path, label in samples]
+    else:
+        source = tmp_path / "list.csv"
+        source.write_text(
+            "path,label\n" + "".join(f"{path},{label * 5}.0\n" for path, label in samples)
+        )
+    manifest = Writer(source, tmp_path / "out", codec="jpeg").write()
+    assert "label_names" not in manifest.extra
+    got = [label for _, label in contents(tmp_path / "out")]
+    assert got == [label * 5 for _, label in samples] and max(got) == 15
+
+
+def test_names_that_are_numbers_sort_by_value_and_a_mix_is_warned_about(photos, tmp_path):
+    samples = read_list(photos)
+    names = ["2.5", "10.5", "0.5", "1"]  # not integers: names, in numeric order
+    pairs = [(str(path), names[label]) for path, label in samples]
+    manifest = Writer(pairs, tmp_path / "numbers", codec="jpeg").write()
+    assert manifest.extra["label_names"] == ["0.5", "1", "2.5", "10.5"]
+    got = [label for _, label in contents(tmp_path / "numbers")]
+    assert [manifest.extra["label_names"][i] for i in got] == [n for _, n in pairs]
+
+    # integers and words, more words than a stray line or two: names, numbers first, warned
+    mixed = [
+        (str(path), "unknown" if i % 3 == 0 else str(label))
+        for i, (path, label) in enumerate(samples)
+    ]
+    with pytest.warns(UserWarning, match=r"<iterable>: \d+ labels are numbers .* and 8 are not"):
+        manifest = Writer(mixed, tmp_path / "mixed", codec="jpeg").write()
+    present = sorted({label for _, label in mixed if label != "unknown"}, key=int)
+    assert manifest.extra["label_names"] == [*present, "unknown"]
+
+
+def test_numpy_and_tensor_extra_fields_are_stored_as_lists(photos, tmp_path):
+    import numpy as np
+
+    samples = read_list(photos)
+    items = [
+        {
+            "path": path,
+            "label": label,
+            "boxes": np.full((2, 4), i, dtype=np.float32),
+            "score": np.float64(i / 4),
+            "ids": torch.tensor([i, i + 1]),
+        }
+        for i, (path, label) in enumerate(samples)
+    ]
+    Writer(items, tmp_path / "np", codec="jpeg").write()
+    _, _, extras = TRDataset(tmp_path / "np")[3]
+    assert extras == {"boxes": [[3.0] * 4, [3.0] * 4], "score": 0.75, "ids": [3, 4]}
+
+    items[2]["score"] = object()  # not JSON data: a bad line, named, or skipped on request
+    with pytest.raises(DataListError, match=r"<iterable>:3: extra field 'score' is not JSON"):
+        Writer(items, tmp_path / "bad", codec="jpeg").write()
+    manifest = Writer(items, tmp_path / "skip", codec="jpeg", on_error="skip").write()
+    assert manifest.num_records == len(samples) - 1 and manifest.extra["skipped"] == 1
+
+
+def test_a_class_whose_every_sample_is_skipped_keeps_its_index_and_is_warned_about(
+    photos, tmp_path
+):
+    """Names come from the lines whose files exist: a class whose only files do not decode
+    keeps its place, so the other classes' indices do not depend on which files failed."""
+    root = photos.parent
+    (root / "broken.jpg").write_bytes(b"\xff\xd8 not a JPEG at all")
+    lines = [
+        f"{path.relative_to(root)} {'cat' if label < 2 else 'dog'}"
+        for path, label in read_list(photos)
+    ] + ["broken.jpg bird"]
+    (root / "names.txt").write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match=r"class\(es\) 'bird' have no records"):
+        manifest = Writer(root / "names.txt", tmp_path / "out", on_error="skip").write()
+    assert manifest.extra["label_names"] == ["bird", "cat", "dog"]
+    got = [label for _, label in contents(tmp_path / "out")]
+    assert got == [1 if label < 2 else 2 for _, label in read_list(photos)]
+
+
+def test_image_folders_follow_symlinked_folders_once(photo_dir, tmp_path):
+    """As torchvision's ImageFolder (os.walk(followlinks=True)); a link back up is not walked
+    around forever."""
+    import shutil
+
+    root = tmp_path / "folder"
+    shutil.copytree(photo_dir, root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    extra = tmp_path / "elsewhere"
+    extra.mkdir()
+    first = next(iter(sorted((root / classes[0]).glob("*.jpg"))))
+    shutil.copy(first, extra / "linked.jpg")
+    (root / classes[1] / "more").symlink_to(extra, target_is_directory=True)
+    (root / classes[1] / "loop").symlink_to(root / classes[1], target_is_directory=True)
+    Writer(root, tmp_path / "out", codec="jpeg").write()
+    got = sorted(contents(tmp_path / "out"))
+    expected = sorted(
+        [(p.read_bytes(), classes.index(p.parent.name)) for p in photo_dir.rglob("*.jpg")]
+        + [(first.read_bytes(), 1)]
+    )
+    assert got == expected

@@ -200,7 +200,8 @@ def test_a_common_named_label_among_integers_is_a_class(photos, tmp_path):
     listing.write_text(
         "".join(f"{p} {'0' if i < 14 else 'background'}\n" for i, (p, _) in enumerate(samples))
     )
-    manifest = Writer(listing, tmp_path / "out", codec="jpeg", on_error="skip").write()
+    with pytest.warns(UserWarning, match="14 labels are numbers .* and 10 are not"):
+        manifest = Writer(listing, tmp_path / "out", codec="jpeg", on_error="skip").write()
     assert manifest.extra["label_names"] == ["0", "background"]
     assert manifest.extra["skipped"] == 0
     assert labels_of(tmp_path / "out") == [0] * 14 + [1] * 10

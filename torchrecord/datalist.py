@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import math
 import os
+import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -156,9 +160,8 @@ def read_image_folder(
     for label, name in enumerate(classes):
         files = sorted(
             p
-            for p in (root / name).rglob("*")
-            if p.is_file()
-            and p.suffix.lower() in IMAGE_EXTENSIONS
+            for p in _walk(root / name)
+            if p.suffix.lower() in IMAGE_EXTENSIONS
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
             and not (skip and p.relative_to(root).parts[: len(skip)] == skip)
         )
@@ -180,6 +183,23 @@ def read_image_folder(
     return entries, classes
 
 
+def _walk(folder: Path) -> Iterator[Path]:
+    """Every file below ``folder``, following symlinked folders as torchvision's ImageFolder
+    does (``os.walk(followlinks=True)``), but each real folder once: a link that leads back up
+    would otherwise be walked forever."""
+    seen: set[str] = set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        for name in files:
+            path = Path(top, name)
+            if path.is_file():  # (not a dangling link)
+                yield path
+
+
 def read_iterable(
     items: Iterable[Any], root: str | os.PathLike | None = None, skip: bool = False
 ) -> list[Entry]:
@@ -199,6 +219,9 @@ def read_iterable(
             path, label = item
         else:
             error = f"expected a (path, label) pair or a dict, got {item!r}"
+        label = _scalar(label)
+        if error is None and extras:
+            extras, error = _json_extras(extras)
         if error is None and (label is None or (isinstance(label, str) and not label.strip())):
             error = f"missing label for {path!r}"
         if error is not None:
@@ -212,6 +235,44 @@ def read_iterable(
     if not entries:
         raise DataListError(ITERABLE_NAME, None, "the iterable is empty: it names no samples")
     return entries
+
+
+def _scalar(value: Any) -> Any:
+    """A numpy scalar or one-element array or tensor as the Python number it holds (its
+    ``str`` would be ``tensor(3)``, a name); anything else as it is."""
+    if isinstance(value, (str, bytes, int, float)) or not hasattr(value, "item"):
+        return value
+    try:
+        return value.item()
+    except (ValueError, RuntimeError, TypeError):  # (more than one element: not a label)
+        return value
+
+
+def _plain(value: Any) -> Any:
+    """numpy arrays and scalars and tensors, also inside lists and dicts, as the lists and
+    numbers JSON stores (the loader gives them back as lists and numbers)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if not isinstance(value, (str, bytes, int, float, bool)) and hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def _json_extras(extras: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The extra fields as JSON data, or the reason one of them is not JSON data."""
+    extras = {key: _plain(value) for key, value in extras.items()}
+    for key, value in extras.items():
+        try:
+            json.dumps(value, allow_nan=False, sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            return extras, (
+                f"extra field {key!r} is not JSON data ({exc}): pass numbers, strings, lists "
+                "and dicts of them (numpy arrays and tensors are turned into lists), without "
+                "NaN or infinity"
+            )
+    return extras, None
 
 
 def missing_file(path: str) -> str | None:
@@ -271,19 +332,42 @@ def same_extra_fields(entries: list[Entry], source: str, skip: bool) -> list[Ent
 STRAY_SHARE = 100  # at most 1 label in 100 that is not an integer is a stray, not a name
 
 
-def _is_int(text: str) -> bool:
+def _integer(text: str) -> str | None:
+    """``text`` as the text of the integer label it means (``"2"`` for ``"2"``, ``"2.0"`` and
+    ``"+2"``: a float column written by pandas is still class indices), or None."""
     try:
-        int(text)
+        return str(int(text))
     except ValueError:
-        return False
-    return True
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if math.isfinite(value) and value.is_integer() and abs(value) <= 2**53:
+        return str(int(value))
+    return None
+
+
+def _is_int(text: str) -> bool:
+    return _integer(text) is not None
+
+
+def _name_order(name: str) -> tuple[int, Decimal, str]:
+    """Names that are numbers come first, in numeric order (``"2"`` before ``"10"``, where
+    text order would put ``"10"`` first), then the others in text order."""
+    try:
+        number = Decimal(name)
+    except InvalidOperation:
+        return (1, Decimal(0), name)
+    return (0, number, name) if number.is_finite() else (1, Decimal(0), name)
 
 
 def index_labels(
     entries: list[Entry], source: str, skip: bool = False
 ) -> tuple[list[Entry], list[str] | None]:
-    """Integer labels stay as they are; otherwise every distinct label gets an index in sorted
-    order, and the names are returned (they go into the manifest).
+    """Integer labels stay as they are (``2.0`` is ``2``); otherwise every distinct label gets
+    an index in sorted order (numbers by value, then text), and the names are returned (they
+    go into the manifest). A mix of numbers and other names is warned about.
 
     Labels that are integers but for a few (one line, or at most one in :data:`STRAY_SHARE`)
     are integers: the few are mistakes (a header line, a typo), refused with their line, or
@@ -293,7 +377,10 @@ def index_labels(
     valid = [e for e in entries if e.error is None]
     ints = [e for e in valid if _is_int(e.label)]
     if len(ints) == len(valid):
-        return entries, None
+        return [
+            replace(e, label=_integer(e.label)) if e.error is None and not e.label.isdigit() else e
+            for e in entries
+        ], None
     if ints and len(valid) - len(ints) <= max(1, len(valid) // STRAY_SHARE):
         example = ints[0]
         stray = (
@@ -308,8 +395,20 @@ def index_labels(
         ), None
     if skip:
         entries = mark_bad(entries, source, skip, lambda e: missing_file(e.path))
-    names = sorted({e.label for e in entries if e.error is None})
+    names = sorted({e.label for e in entries if e.error is None}, key=_name_order)
     if not names:
         return entries, None
+    kept = [e for e in entries if e.error is None]
+    numbers = [e for e in kept if _name_order(e.label)[0] == 0]
+    if numbers and len(numbers) < len(kept):
+        text = next(e for e in kept if _name_order(e.label)[0] == 1)
+        warnings.warn(
+            f"{source}: {len(numbers)} labels are numbers (line {numbers[0].line_no}: "
+            f"{numbers[0].label!r}) and {len(kept) - len(numbers)} are not (line "
+            f"{text.line_no}: {text.label!r}), so every label is taken as a class name: the "
+            f"numbers first, in numeric order, then the other names. If the numbers are class "
+            "indices, fix or remove the other lines",
+            stacklevel=4,
+        )
     index = {name: str(i) for i, name in enumerate(names)}
     return [replace(e, label=index[e.label]) if e.error is None else e for e in entries], names

@@ -18,6 +18,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -355,6 +356,8 @@ class Writer:
                     f"every one of the {len(entries)} samples was skipped, so no dataset was "
                     f"written: {shown}" + (f"; and {more} more" if more > 0 else ""),
                 )
+            if label_names is not None and base is None and part is None:
+                _warn_empty_classes(label_names, ordered, self.skipped, source)
             extra = self._manifest_extra(source, label_names, ordered)
             extra["write_seconds"] = round(time.perf_counter() - started, 3)
             extra["job"] = job
@@ -1756,6 +1759,25 @@ def _refuse_foreign_files(out: Path, old_files: set[str]) -> None:
                 f"{path} exists and was not written by TorchRecord; a dataset written here "
                 "could replace it. Move it away, or choose another output directory."
             )
+
+
+def _warn_empty_classes(
+    names: list[str], entries: list[Entry], skipped: list[tuple[Entry, str]], source: str
+) -> None:
+    """Warn about classes left without records because every sample of theirs was skipped:
+    they keep their index (the numbering does not depend on which files fail to decode)."""
+    gone = {e.line_no for e, _ in skipped}
+    present = {e.label for e in entries if e.error is None and e.line_no not in gone}
+    empty = [name for i, name in enumerate(names) if str(i) not in present]
+    if empty:
+        shown = ", ".join(map(repr, empty[:_REASONS_SHOWN]))
+        more = f" and {len(empty) - _REASONS_SHOWN} more" if len(empty) > _REASONS_SHOWN else ""
+        warnings.warn(
+            f"{source}: class(es) {shown}{more} have no records: every sample of theirs was "
+            f"skipped (see {SKIPPED_REPORT}). They keep their index in label_names, so the "
+            "other classes' indices do not depend on which files failed",
+            stacklevel=4,
+        )
 
 
 def _merge_label_names(
