@@ -342,3 +342,16 @@ def test_info_warns_about_a_missing_or_cut_shard(photos, tmp_path):
     assert "warning: shard-00001.lmdb is 8192 bytes but the manifest recorded" in proc.stderr
     doc = json.loads(run_cli("info", out, "--json").stdout)
     assert len(doc["problems"]) == 2 and doc["bytes"] == 8192
+
+
+def test_the_summary_of_an_append_counts_the_appended_records(photo_dir, tmp_path):
+    lines = (photo_dir / "data_list.txt").read_text().splitlines()
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("".join(f"{photo_dir / line}\n" for line in lines[:16]))
+    second.write_text("".join(f"{photo_dir / line}\n" for line in lines[16:]))
+    out = tmp_path / "records"
+    assert run_cli("write", first, out, "--db-num", 2, "--codec", "jpeg", "-q").returncode == 0
+    proc = run_cli("write", second, out, "--append", "--codec", "jpeg", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"appended 8 records into 1 new shards of {out} ")
+    assert "the dataset now has 24 records in 3 shards" in proc.stdout

@@ -389,3 +389,30 @@ def test_a_refused_join_leaves_no_directory(photos, tmp_path):
     with pytest.raises(Exception, match="bytes but the part's manifest recorded"):
         join_parts(tmp_path / "new" / "joined", parts)
     assert not (tmp_path / "new" / "joined").exists()
+
+
+def test_a_resume_tells_the_shards_it_kept_from_those_it_wrote(slow_list, tmp_path, monkeypatch):
+    """Writer.kept_shards: what the interrupted run had finished; the CLI's summary counts its
+    rate over the others (it used to credit the resumed run with every record)."""
+    out = tmp_path / "killed"
+    assert not run_write(slow_list, out, tmp_path, tmp_path / "kill.log", 26)
+    log = tmp_path / "resume.log"
+    monkeypatch.setenv("CALL_LOG", str(log))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from slowmod import slow_process
+
+    writer = Writer(
+        slow_list,
+        out,
+        data_process_func=slow_process,
+        records_per_shard=6,
+        shuffle=True,
+        seed=3,
+    )
+    manifest = writer.write()
+    kept = sum(s.num_records for s in writer.kept_shards)
+    assert kept >= 6 and kept % 6 == 0  # whole shards of 6
+    assert len(log.read_text().splitlines()) == 48 - kept  # the kept ones were not encoded again
+    assert (
+        writer.new_shards == manifest.shards and writer.kept_shards == manifest.shards[: kept // 6]
+    )

@@ -146,15 +146,35 @@ def _cmd_write(args: argparse.Namespace) -> int:
             f"Nothing was read: if images changed under the same file names, {again}"
         )
         return 0
-    total = sum(s.bytes for s in manifest.shards)
-    skipped = manifest.extra.get("skipped", 0)
-    print(
-        f"wrote {manifest.num_records} records into {len(manifest.shards)} shards of "
-        f"{args.output_dir} ({total / 1e6:.1f} MB, codec {manifest.codec}, serializer "
-        f"{manifest.serializer}) in {seconds:.1f} s ({manifest.num_records / seconds:.0f} "
-        "images/s)" + (f"; skipped {skipped}, see {args.output_dir}/skipped.tsv" if skipped else "")
-    )
+    print(_write_summary(args, writer, manifest, seconds))
     return 0
+
+
+def _write_summary(args: argparse.Namespace, writer: Any, manifest: Any, seconds: float) -> str:
+    """What this run did: its own records (an append's, not the dataset's), those kept from
+    an interrupted run apart, so that the rate is this run's."""
+    shards, kept = writer.new_shards, writer.kept_shards
+    records = sum(s.num_records for s in shards)
+    new = records - sum(s.num_records for s in kept)
+    total = sum(s.bytes for s in shards)
+    verb = "appended" if args.append else "wrote"
+    text = (
+        f"{verb} {records} records into {len(shards)} {'new ' if args.append else ''}shards of "
+        f"{args.output_dir} "
+        f"({total / 1e6:.1f} MB, codec {manifest.codec}, serializer {manifest.serializer}) "
+        f"in {seconds:.1f} s ({new / seconds:.0f} images/s)"
+    )
+    if kept:
+        text += (
+            f"; resumed: {sum(s.num_records for s in kept)} of them in {len(kept)} shards "
+            "finished by the interrupted run were kept (the rate counts the others)"
+        )
+    if args.append:
+        text += f"; the dataset now has {manifest.num_records} records in {len(manifest.shards)}"
+        text += " shards"
+    if writer.skipped:
+        text += f"; skipped {len(writer.skipped)}, see {args.output_dir}/skipped.tsv"
+    return text
 
 
 def _range(text: str) -> tuple[int, int]:

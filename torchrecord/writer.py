@@ -191,6 +191,10 @@ class Writer:
         self.progress = sys.stderr.isatty() if progress is None else bool(progress)
         self.skipped: list[tuple[Entry, str]] = []
         self.already_written = False  # set by write(): this very write had completed here
+        # set by write(): the shards it wrote (an append's new ones only), and of those the
+        # ones an interrupted run of the same write had finished, which it kept
+        self.new_shards: list[fmt.ShardInfo] = []
+        self.kept_shards: list[fmt.ShardInfo] = []
         self._label_names: list[str] | None = None
         # Resolve names now: an unknown codec or serializer fails before any work is done.
         get_serializer(self.serializer_name)
@@ -240,6 +244,7 @@ class Writer:
         started = time.perf_counter()
         self.skipped = []
         self.already_written = False
+        self.new_shards, self.kept_shards = [], []
         entries, source, label_names = self._entries()
         self._label_names = label_names
         if self.db_num > len(entries):
@@ -356,6 +361,7 @@ class Writer:
                     f"every one of the {len(entries)} samples was skipped, so no dataset was "
                     f"written: {shown}" + (f"; and {more} more" if more > 0 else ""),
                 )
+            self.new_shards = list(shards)
             if label_names is not None and base is None and part is None:
                 _warn_empty_classes(label_names, ordered, self.skipped, source)
             extra = self._manifest_extra(source, label_names, ordered)
@@ -557,6 +563,7 @@ class Writer:
         else:
             splits = self._rollover_positions(len(entries)) if self.db_num > 1 else set()
         shards = [done.info for done in resumed]
+        self.kept_shards = list(shards)
         start = resumed[-1].input_end if resumed else 0
         for done in resumed:
             self.skipped += [
@@ -697,6 +704,7 @@ class Writer:
             if kept is not None and kept.input_end == stop:
                 skips = [(Entry(line, path, "", ""), why) for line, path, why in kept.skipped]
                 results[k] = (kept.info, skips)
+        self.kept_shards = [results[k][0] for k in sorted(results)]
         keep = {fmt.shard_name(first_index + k) for k in results}
         for p in staging.iterdir():  # unfinished shards, and finished ones that do not fit
             if p.name.startswith("shard-") and p.name.removesuffix(DONE_SUFFIX) not in keep:
