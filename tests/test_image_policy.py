@@ -8,7 +8,7 @@ import pytest
 from conftest import read_list
 from PIL import Image
 
-from torchrecord import TRDataset, Writer
+from torchrecord import DataListError, RecordCorruptedError, TorchRecordError, TRDataset, Writer
 from torchrecord.codecs.base import fit
 
 
@@ -95,3 +95,40 @@ def test_a_quality_that_would_not_be_used_is_refused(photos, tmp_path, codec, op
         Writer(photos, tmp_path / "out", codec=codec, quality=80, **options)
     assert not (tmp_path / "out").exists()
     Writer(photos, tmp_path / "smart", codec="smart", quality=80)  # used there: accepted
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "raw_rgb", "smart"])
+def test_images_beyond_pillows_pixel_limit_are_refused_unless_max_size_shrinks_them(
+    photos, tmp_path, monkeypatch, codec
+):
+    """Pillow refuses to open an image of more than twice PIL.Image.MAX_IMAGE_PIXELS (its
+    decompression-bomb check). Here the limit is lowered to make the photos such images: every
+    codec refuses them with that explanation (the jpeg codec used to store them, so that the
+    pil transform failed at read time), and max_size, which shrinks them, writes them."""
+    samples = read_list(photos)
+    width, height = Image.open(samples[0][0]).size
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", width * height // 3)
+    with pytest.raises(DataListError, match=r"data_list\.txt:1: .* beyond Pillow's decompression"):
+        Writer(photos, tmp_path / "refused", codec=codec).write()
+    assert not (tmp_path / "refused").exists()
+
+    Writer(photos, tmp_path / "small", codec=codec, max_size=64).write()
+    dataset = TRDataset(tmp_path / "small", transform="pil")
+    for i, (_, label) in enumerate(samples):
+        image, got = dataset[i]
+        assert got == label and image.shape == (3, 224, 224)
+        assert max(TRDataset(tmp_path / "small", transform=None)[i].protos[0].dims) == 64
+
+
+def test_a_record_beyond_the_pixel_limit_of_the_reader_says_which_setting(
+    photos, tmp_path, monkeypatch
+):
+    """Written with the limit off, read under a lower one: not called corrupt."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    Writer(photos, tmp_path / "out", codec="jpeg").write()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(TorchRecordError, match="Raise PIL.Image.MAX_IMAGE_PIXELS") as info:
+        TRDataset(tmp_path / "out", transform="pil")[0]
+    assert not isinstance(info.value, RecordCorruptedError)
+    image, label = TRDataset(tmp_path / "out")[0]  # the tensor decoder has no such limit
+    assert image.shape == (3, 224, 224) and label == read_list(photos)[0][1]

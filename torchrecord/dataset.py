@@ -309,6 +309,15 @@ class TRDataset(data.Dataset):
             ) from exc
         except Exception as exc:  # the stored image does not decode: name the record
             shard, local = self.reader.locate(index)
+            if type(exc).__name__ == "DecompressionBombError":  # stored sound, refused here
+                raise TorchRecordError(
+                    f"{self.reader.shard_label(shard)}: record {local} "
+                    f"({self.reader.key_of(shard, local)!r}) is larger than Pillow's "
+                    f"decompression-bomb limit allows ({exc}); it was written with the limit "
+                    "raised. Raise PIL.Image.MAX_IMAGE_PIXELS in this process too (DataLoader "
+                    "workers started by fork inherit it; set it in worker_init_fn otherwise), or "
+                    "use a tensor transform, which has no such limit"
+                ) from exc
             raise RecordCorruptedError(
                 self.reader.shard_label(shard),
                 self.reader.key_of(shard, local),

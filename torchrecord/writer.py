@@ -1365,11 +1365,7 @@ class _EncodeJob:
             ) from None
         except Exception as exc:
             kind = type(exc).__name__
-            hint = (
-                " (not an image Pillow can read)"
-                if kind in ("UnidentifiedImageError", "DecompressionBombError")
-                else ""
-            )
+            hint = " (not an image Pillow can read)" if kind == "UnidentifiedImageError" else ""
             raise DataListError(
                 self.source,
                 entry.line_no,

@@ -13,6 +13,8 @@ and old 0.1 datasets are simply ``raw_rgb`` datasets.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from ..errors import EncodeError
@@ -99,6 +101,63 @@ def parse_label(label: Any) -> int:
             f"label {label!r} does not fit in 64 bits (the loader's label tensors are int64)"
         )
     return value
+
+
+def pixel_limit() -> int | None:
+    """The pixels beyond which Pillow refuses to open an image (its decompression-bomb check:
+    twice ``PIL.Image.MAX_IMAGE_PIXELS``), or None when that check is off."""
+    from PIL import Image as PILImage
+
+    limit = PILImage.MAX_IMAGE_PIXELS
+    return None if limit is None else 2 * int(limit)
+
+
+def check_pixels(path: str, size: tuple[int, int], max_size: int | None) -> None:
+    """Refuse an image beyond Pillow's decompression-bomb limit, which reading it with Pillow
+    (the ``pil`` transform) would refuse, unless ``max_size`` scales it down at write time."""
+    limit = pixel_limit()
+    width, height = size
+    if limit is None or width * height <= limit or (max_size and max(size) > max_size):
+        return
+    raise EncodeError(
+        f"{path} is {width}x{height} = {width * height:,} pixels, beyond Pillow's "
+        f"decompression-bomb limit of {limit:,} (twice PIL.Image.MAX_IMAGE_PIXELS), so Pillow "
+        "would refuse to read it back. Scale it down while writing with max_size (--max-size), "
+        "or, if you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS (None turns the check "
+        "off) in the writing and the reading processes"
+    )
+
+
+@contextlib.contextmanager
+def _no_pixel_limit() -> Iterator[None]:
+    from PIL import Image as PILImage
+
+    saved, PILImage.MAX_IMAGE_PIXELS = PILImage.MAX_IMAGE_PIXELS, None
+    try:
+        yield
+    finally:
+        PILImage.MAX_IMAGE_PIXELS = saved
+
+
+def open_image(source: Any, max_size: int | None, name: str | None = None) -> Image:
+    """``PIL.Image.open(source)``, where an image beyond Pillow's decompression-bomb limit is
+    opened when ``max_size`` scales it down (the user asked for it smaller) and refused with
+    :func:`check_pixels`'s explanation otherwise."""
+    from PIL import Image as PILImage
+
+    try:
+        return PILImage.open(source)
+    except PILImage.DecompressionBombError:
+        if hasattr(source, "seek"):
+            source.seek(0)
+        with _no_pixel_limit():
+            img = PILImage.open(source)
+        try:
+            check_pixels(name or str(source), img.size, max_size)
+        except EncodeError:
+            img.close()
+            raise
+        return img
 
 
 def fit(img: Image, max_size: int | None) -> Image:

@@ -14,7 +14,16 @@ from typing import Any
 
 from ..errors import EncodeError
 from ..hookspecs import hookimpl
-from .base import Codec, RecordParts, builds_record, encode_jpeg, fit, parse_label
+from .base import (
+    Codec,
+    RecordParts,
+    builds_record,
+    check_pixels,
+    encode_jpeg,
+    fit,
+    open_image,
+    parse_label,
+)
 
 JPEG_SOI = b"\xff\xd8\xff"
 JPEG_EOI = b"\xff\xd9"
@@ -123,10 +132,9 @@ class JPEGCodec(Codec):
                 f"{path} is a truncated JPEG (no end-of-image marker): re-export or re-download "
                 "the file, or remove its line from the data list."
             )
+        check_pixels(path, size, max_size)
         if max_size and max(size) > max_size:
-            from PIL import Image
-
-            with Image.open(io.BytesIO(data)) as img:
+            with open_image(io.BytesIO(data), max_size, path) as img:
                 small = fit(img.convert("RGB"), max_size)
             return RecordParts(encode_jpeg(small, quality), small.size, label, self.name)
         return RecordParts(data, size, label, self.name)

@@ -20,7 +20,7 @@ from functools import lru_cache
 from typing import Any
 
 from ..hookspecs import hookimpl
-from .base import Codec, RecordParts, builds_record, fit, parse_label
+from .base import Codec, RecordParts, builds_record, fit, open_image, parse_label
 
 
 class RawRGBCodec(Codec):
@@ -28,10 +28,9 @@ class RawRGBCodec(Codec):
     description = "RGB pixels decoded at write time (Pillow's pixels); no decode when reading"
 
     def encode_parts(self, path: str, label: Any, max_size: int | None = None) -> RecordParts:
-        from PIL import Image
 
         label = parse_label(label)
-        with Image.open(path) as img:  # Pillow decides what the file is, and refuses it
+        with open_image(path, max_size) as img:  # Pillow decides what the file is, or refuses it
             if _libjpeg_on and img.format == "JPEG" and img.mode == "RGB":
                 if not (max_size and max(img.size) > max_size):
                     img.fp.seek(0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..hookspecs import hookimpl
-from .base import Codec, RecordParts, builds_record, encode_jpeg, fit, parse_label
+from .base import Codec, RecordParts, builds_record, encode_jpeg, fit, open_image, parse_label
 from .jpeg import CODEC as JPEG
 from .jpeg import JPEG_SOI, jpeg_size
 from .raw_rgb import CODEC as RAW
@@ -32,7 +32,6 @@ class SmartCodec(Codec):
         quality: int = 90,
         raw_below: int = DEFAULT_RAW_BELOW,
     ) -> RecordParts:
-        from PIL import Image
 
         label = parse_label(label)
         with open(path, "rb") as f:
@@ -45,7 +44,7 @@ class SmartCodec(Codec):
             except ValueError:
                 size = None  # let Pillow say what is wrong with it
         if size is None:
-            with Image.open(path) as img:
+            with open_image(path, max_size) as img:
                 size = img.size
         scale = min(1.0, max_size / max(size)) if max_size else 1.0
         pixels = round(size[0] * scale) * round(size[1] * scale)
@@ -53,7 +52,7 @@ class SmartCodec(Codec):
             return RAW.encode_parts(path, label, max_size=max_size)
         if head == JPEG_SOI:
             return JPEG.encode_parts(path, label, max_size=max_size, quality=quality)
-        with Image.open(path) as img:
+        with open_image(path, max_size) as img:
             rgb = fit(img.convert("RGB"), max_size)
         return RecordParts(encode_jpeg(rgb, quality), rgb.size, label, JPEG.name)
 
