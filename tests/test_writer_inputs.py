@@ -348,3 +348,41 @@ def test_image_folders_follow_symlinked_folders_once(photo_dir, tmp_path):
         + [(first.read_bytes(), 1)]
     )
     assert got == expected
+
+
+def test_extra_fields_of_any_length_batch_by_kind(photos, tmp_path):
+    """Boxes per image (a list of any length): a list per batch, as torchvision's detection
+    references batch targets; numbers: a tensor; strings: a list. The same in every batch,
+    and through TRDataset in a plain DataLoader with torchrecord.collate."""
+    from torch.utils.data import DataLoader
+
+    import torchrecord
+
+    samples = read_list(photos)
+    items = [
+        {
+            "path": path,
+            "label": label,
+            "boxes": [[i, j, i + 5, j + 5] for j in range(i % 3)],
+            "area": i * 1.5,
+            "note": f"n{i}",
+        }
+        for i, (path, label) in enumerate(samples)
+    ]
+    out = tmp_path / "boxes"
+    Writer(items, out, codec="jpeg").write()
+    seen = []
+    for workers in (0, 2):
+        loader = TorchRecord(out, batch_size=5, num_workers=workers)
+        for images, labels, extras in loader:
+            assert images.shape[0] == labels.shape[0] == len(extras["boxes"])
+            assert extras["area"].dtype == torch.float64 and isinstance(extras["note"], list)
+            seen += [
+                (int(area / 1.5), boxes, note)
+                for area, boxes, note in zip(extras["area"], extras["boxes"], extras["note"])
+            ]
+    expected = [(i, item["boxes"], item["note"]) for i, item in enumerate(items)]
+    assert seen == expected * 2
+    plain = DataLoader(TRDataset(out), batch_size=24, collate_fn=torchrecord.collate)
+    _, labels, extras = next(iter(plain))
+    assert extras["boxes"] == [item["boxes"] for item in items]

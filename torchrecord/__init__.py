@@ -36,6 +36,7 @@ _LAZY = {
     "Writer": ".writer",
     "TorchRecord": ".loader",
     "TRDataset": ".dataset",
+    "collate": ".dataset",
     "TRSampler": ".sampler",
     "RecordReader": ".reader",
     "default_transform": ".transforms",

@@ -81,13 +81,35 @@ class Prebatched(Sequence):
 
 
 def collate(batch: Any) -> Any:
-    """TorchRecord's ``collate_fn``: a :class:`Prebatched` batch as it is, anything else
-    through ``default_collate``."""
+    """TorchRecord's ``collate_fn``: a :class:`Prebatched` batch as it is; samples with extra
+    fields as ``[images, labels, {field: values}]`` (see :func:`collate_extras`); anything
+    else through ``default_collate``."""
     if isinstance(batch, Prebatched):
         if batch.ticket is not None:  # a reusable buffer: its ticket travels with it
             return Recycled(batch.images, batch.labels, batch.ticket)
         return [batch.images, batch.labels]
+    if (
+        batch
+        and isinstance(batch[0], tuple)
+        and len(batch[0]) == 3
+        and isinstance(batch[0][2], dict)
+    ):
+        images, labels = data.default_collate([sample[:2] for sample in batch])
+        return [images, labels, collate_extras([sample[2] for sample in batch])]
     return data.default_collate(batch)
+
+
+def collate_extras(extras: list[dict[str, Any]]) -> dict[str, Any]:
+    """A batch's extra fields, field by field: numbers become a tensor of the batch, anything
+    else (strings, lists, dicts) the list of the samples' values as stored. By the values'
+    kind, never by their lengths: a field of boxes comes back as a list whatever the number
+    of boxes per image, and ``torch.tensor(batch["bbox"])`` stacks boxes of equal length."""
+    batched = {}
+    for key in extras[0]:
+        values = [sample[key] for sample in extras]
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        batched[key] = data.default_collate(values) if numbers else values
+    return batched
 
 
 class TRDataset(data.Dataset):
