@@ -128,6 +128,8 @@ def test_verify_ok_then_names_the_damaged_record(written, tmp_path):
     assert f"record key {fmt.record_key(3).hex()} (record 3 of" in problems[1]
     assert "CRC-32" in problems[1]
     assert "2 problem(s): checked 24 records" in bad.stdout
+    assert "torchrecord verify" not in bad.stdout  # (the loader's advice, not verify's)
+    assert "write the dataset again from its source" in bad.stdout
     # --quick checks sizes, pages, keys and metadata only: a flipped byte passes it
     quick = run_cli("verify", out, "--quick")
     assert quick.returncode == 0 and "OK: checked sizes, pages, keys and metadata" in quick.stdout
@@ -355,3 +357,45 @@ def test_the_summary_of_an_append_counts_the_appended_records(photo_dir, tmp_pat
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"appended 8 records into 1 new shards of {out} ")
     assert "the dataset now has 24 records in 3 shards" in proc.stdout
+
+
+def test_verify_counts_only_the_records_it_could_check(written, tmp_path):
+    source, _ = written
+    out = tmp_path / "records"
+    shutil.copytree(source, out)
+    (out / "shard-00001.lmdb").unlink()
+    bad = run_cli("verify", out)
+    assert bad.returncode == 1
+    problems = [line for line in bad.stdout.splitlines() if line.startswith("BAD")]
+    assert len(problems) == 1 and "shard-00001.lmdb" in problems[0] and "missing" in problems[0]
+    assert "1 problem(s): checked 12 of the 24 records in 2 shards" in bad.stdout
+
+
+def test_sizes_are_read_as_du_and_dd_write_them():
+    from torchrecord.cli import _size
+
+    assert [_size(t) for t in ("15M", "15MB", "1.5GiB", "2k", "500000", "3T")] == [
+        15 * 10**6,
+        15 * 10**6,
+        3 * 2**29,
+        2000,
+        500000,
+        3 * 10**12,
+    ]
+
+
+def test_info_shows_classes_policy_and_skipped_lines(photo_dir, tmp_path):
+    lines = (photo_dir / "data_list.txt").read_text().splitlines()
+    names = ["cat", "dog", "eel", "owl"]
+    listing = tmp_path / "names.txt"
+    listing.write_text(
+        "".join(f"{photo_dir / p} {names[int(y)]}\n" for p, y in (x.rsplit(" ", 1) for x in lines))
+        + "missing.jpg owl\n"
+    )
+    out = tmp_path / "records"
+    proc = run_cli("write", listing, out, "--on-error", "skip", "--max-size", 100, "-q")
+    assert proc.returncode == 0, proc.stderr
+    fields = info_fields(run_cli("info", out).stdout)
+    assert fields["classes"] == "4 (cat, dog, eel, owl)"
+    assert fields["policy"] == "max_size=100"
+    assert fields["skipped"] == f"1 input lines (see {out / 'skipped.tsv'})"

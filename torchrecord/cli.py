@@ -9,6 +9,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from .errors import TorchRecordError
@@ -93,6 +94,10 @@ def _size(text: str) -> int:
         "MIB": 2**20,
         "GIB": 2**30,
         "TIB": 2**40,
+        "K": 10**3,  # (as du and dd write them: 15M is 15MB)
+        "M": 10**6,
+        "G": 10**9,
+        "T": 10**12,
     }
     try:
         digits = text.strip().upper()
@@ -225,6 +230,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for key in ("created_by", "created_at", "source"):
         if key in info:
             print(f"{key:<11} {info[key]}")
+    if isinstance(info.get("label_names"), list):
+        names = info["label_names"]
+        shown = ", ".join(map(str, names[:5])) + (", ..." if len(names) > 5 else "")
+        print(f"classes     {len(names)} ({shown})")
+    if info.get("extra_fields"):
+        print(f"extras      {', '.join(map(str, info['extra_fields']))}")
+    if info.get("image_policy"):
+        policy = info["image_policy"]
+        print("policy      " + ", ".join(f"{k}={v}" for k, v in sorted(policy.items())))
+    if info.get("skipped"):
+        report = info.get("skipped_report", "skipped.tsv")
+        print(f"skipped     {info['skipped']} input lines (see {Path(args.path) / report})")
     if args.shards:
         for shard in info["shards"]:
             print(
@@ -259,23 +276,46 @@ def _warn(missing: list[str], problems: list[str] = ()) -> None:
         print(f"warning: {problem}; run `torchrecord verify`", file=sys.stderr)
 
 
+def _problem_line(problem: Exception) -> str:
+    """A problem ``verify`` found, without the advice to run ``verify`` that ends it when the
+    loader raises it."""
+    from .errors import RecordCorruptedError, ShardCorruptedError
+
+    if isinstance(problem, RecordCorruptedError) and problem.shard:
+        hint = f". {problem.hint}" if problem.hint else ""
+        return (
+            f"shard {problem.shard}, record key {problem.key.hex()} (record {problem.index} of "
+            f"the shard): {problem.message}{hint}"
+        )
+    if isinstance(problem, ShardCorruptedError) and problem.shard:
+        return f"shard {problem.shard}: {problem.message}"
+    return str(problem)
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .format import CUSTOM_CODEC
     from .reader import RecordReader, verify
 
     reader = RecordReader(args.path)
-    problems = 0
-    for problem in verify(reader, quick=args.quick, decode=args.decode):
+    problems, tally = 0, {"records": 0}
+    for problem in verify(reader, quick=args.quick, decode=args.decode, tally=tally):
         problems += 1
-        print(f"BAD  {problem}")
+        print(f"BAD  {_problem_line(problem)}")
     status = "OK" if problems == 0 else f"{problems} problem(s)"
-    what = "sizes, pages, keys and metadata of" if args.quick else f"{len(reader)} records in"
+    checked = tally["records"]
+    records = f"{len(reader)}" if checked == len(reader) else f"{checked} of the {len(reader)}"
+    what = "sizes, pages, keys and metadata of" if args.quick else f"{records} records in"
     if args.decode and not args.quick:
         if reader.codec_name == CUSTOM_CODEC:
-            what = f"{len(reader)} records (not decoded: written by a custom data_process_func) in"
+            what = f"{records} records (not decoded: written by a custom data_process_func) in"
         else:
-            what = f"{len(reader)} records (decoded) in"
+            what = f"{records} records (decoded) in"
     print(f"{status}: checked {what} {reader.num_shards} shards of {args.path}")
+    if problems:
+        print(
+            "Restore the shards named from a copy, or write the dataset again from its source "
+            "(with --overwrite); then verify again"
+        )
     _warn(_missing_plugins(reader))  # sound bytes, but nothing here decodes them
     return 0 if problems == 0 else 1
 

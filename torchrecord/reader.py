@@ -415,7 +415,10 @@ def check_structure(path: Path, label: str, layout: int = fmt.FORMAT_VERSION) ->
 
 
 def verify(
-    reader: RecordReader, quick: bool = False, decode: bool = False
+    reader: RecordReader,
+    quick: bool = False,
+    decode: bool = False,
+    tally: dict[str, int] | None = None,
 ) -> Iterator[DatasetError]:
     """Check a dataset; yield one error per bad shard or record, naming it.
 
@@ -425,8 +428,11 @@ def verify(
     the loader's default transform decodes it (a JPEG whose tables are damaged passes the
     other checks: it was stored that way). ``decode`` needs the dataset's codec installed, and
     skips datasets written by a custom ``data_process_func`` (their records hold whatever the
-    function made, which only the user's own transform knows how to read).
+    function made, which only the user's own transform knows how to read). ``tally["records"]``
+    counts the records checked (not those of a shard that cannot be read).
     """
+    tally = {} if tally is None else tally
+    tally["records"] = 0
     try:
         decoder = _decoder(reader) if decode and not quick else None
         for shard in range(reader.num_shards):
@@ -450,6 +456,7 @@ def verify(
                         f"{info.sha256[:16]}... (modified after it was written)",
                     )
             for index in range(int(reader.offsets[shard]), int(reader.offsets[shard + 1])):
+                tally["records"] += 1
                 try:
                     record = reader.read_record(index)
                 except ShardCorruptedError as exc:
