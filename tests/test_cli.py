@@ -399,3 +399,15 @@ def test_info_shows_classes_policy_and_skipped_lines(photo_dir, tmp_path):
     assert fields["classes"] == "4 (cat, dog, eel, owl)"
     assert fields["policy"] == "max_size=100"
     assert fields["skipped"] == f"1 input lines (see {out / 'skipped.tsv'})"
+
+
+def test_errors_name_the_flags_not_the_python_parameters(photo_dir, tmp_path):
+    listing = photo_dir / "data_list.txt"
+    for args, expected in [
+        (("--shard-range", "0:9", "--db-num", 4), "error: --shard-range 0:9 goes past the 4"),
+        (("--codec", "jpeg", "--quality", 95), "error: --quality 95 would not be used"),
+        (("--db-num", 99), "error: --db-num 99 is more than the 24 samples"),
+    ]:
+        proc = run_cli("write", listing, tmp_path / "out", *args)
+        assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
+        assert not any(name in proc.stderr for name in ("max_size", "shard_range", "db_num"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -601,6 +602,35 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"torchrecord: warning: {message}", file=sys.stderr if file is None else file)
 
 
+_PYTHON_NAMES = re.compile(
+    r"\b(max_size|raw_below|db_num|records_per_shard|bytes_per_shard|num_workers|"
+    r"format_version|on_error|shard_range|quality|codec|serializer)\b(=| )?"
+)
+
+
+def _in_flags(exc: BaseException) -> str:
+    """An error of the Python API in the command line's words: ``max_size`` is ``--max-size``,
+    ``shard_range (0, 9)`` is ``--shard-range 0:9``. Not for errors about input lines (their
+    text quotes the user's paths and labels)."""
+    from .errors import DataListError
+
+    text = str(exc)
+    if isinstance(exc, (DataListError, FileNotFoundError)):
+        return text
+    text = re.sub(r" \(shard_range=\(\d+, \d+\)\)", "", text)  # (given as the flag already)
+    text = re.sub(r"\bshard_range[ =]\((\d+), (\d+)\)", r"--shard-range \1:\2", text)
+    text = re.sub(r"\bon_error='(\w+)'", r"--on-error \1", text)
+    text = re.sub(r"\b(codec|serializer)='([\w.-]+)'", r"--\1 \2", text)
+
+    def flag(match: re.Match[str]) -> str:
+        name, joint = match.group(1), match.group(2)
+        if name in ("quality", "codec", "serializer") and joint != "=":
+            return match.group(0)  # (the words, not the parameters)
+        return f"--{name.replace('_', '-')}" + (" " if joint else "")
+
+    return _PYTHON_NAMES.sub(flag, text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
@@ -610,11 +640,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # (no second error when Python flushes stdout)
         return 1 if args.command == "verify" else 0  # (a verify cut short proved nothing)
-    except TorchRecordError as exc:
-        print(f"torchrecord {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"torchrecord {args.command}: error: {exc}", file=sys.stderr)
+    except (TorchRecordError, ValueError, FileNotFoundError) as exc:
+        print(f"torchrecord {args.command}: error: {_in_flags(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # a read-only directory, a full disk, a lost mount...
         where = f" ({exc.filename})" if exc.filename else ""

@@ -362,6 +362,14 @@ class Writer:
                     f"written: {shown}" + (f"; and {more} more" if more > 0 else ""),
                 )
             self.new_shards = list(shards)
+            if part is None and 1 < len(shards) + 1 <= self.db_num:
+                warnings.warn(
+                    f"{source}: {self.db_num - len(shards)} of the db_num={self.db_num} shards "
+                    f"came out empty (every sample of theirs was skipped, see {SKIPPED_REPORT}), "
+                    f"so this write made {len(shards)} shards; give a loader record_num="
+                    f"{len(shards)} or none",
+                    stacklevel=4,
+                )
             if label_names is not None and base is None and part is None:
                 _warn_empty_classes(label_names, ordered, self.skipped, source)
             extra = self._manifest_extra(source, label_names, ordered)
