@@ -161,6 +161,23 @@ def test_pickles_before_and_after_a_read(records):
     assert [clone2[i] for i in range(24)] == [dataset[i] for i in range(24)]
 
 
+@pytest.mark.parametrize("serializer", ["tensorprotos", "msgpack"])
+def test_records_themselves_come_through_worker_processes(photos, tmp_path, serializer):
+    """transform=None (or a 0.1 transform returning protos): workers pickle the records to
+    the training process. The protobuf classes once named a module that does not exist, and
+    the loader then waited forever."""
+    out = tmp_path / serializer
+    Writer(photos, out, db_num=2, codec="jpeg", serializer=serializer).write()
+    loader = TorchRecord(
+        out, batch_size=5, num_workers=2, transform=None, collate_fn=list, timeout=120
+    )
+    got = [(r.protos[0].byte_data, int(r.protos[1].byte_data)) for b in loader for r in b]
+    assert got == [(p.read_bytes(), label) for p, label in read_list(photos)]
+    record = TRDataset(out, transform=None)[0]
+    assert pickle.loads(pickle.dumps(record)) == record
+    assert pickle.loads(pickle.dumps(record.protos[1])).byte_data == record.protos[1].byte_data
+
+
 def test_two_datasets_over_one_path_in_one_process(records):
     a = TRDataset(records, transform=fingerprint)
     b = TRDataset(records, transform=fingerprint)

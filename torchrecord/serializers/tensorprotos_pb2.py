@@ -28,7 +28,8 @@ DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12tensorprotos.p
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tensorprotos_pb2', _globals)
+# (module name set to this module's import path by hand, so that records pickle: see README)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'torchrecord.serializers.tensorprotos_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TENSORPROTO'].fields_by_name['float_data']._loaded_options = None
