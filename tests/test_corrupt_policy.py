@@ -9,6 +9,7 @@ from conftest import fingerprint, flip_record_byte, read_list
 
 from torchrecord import (
     Codec,
+    DatasetError,
     RecordCorruptedError,
     TorchRecord,
     TRDataset,
@@ -132,3 +133,32 @@ def test_an_image_that_does_not_decode_is_a_corrupt_record(photos, tmp_path):
         assert sorted(r["index"] for r in skipping.corrupt_records) == list(range(1, 24, 2))
     finally:
         unregister_plugin(name="test-wrong-size")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_skip_replaces_a_missing_shard_by_the_next_shards_records(photos, tmp_path, num_workers):
+    """The records of a shard that cannot be read are replaced by the next shard's first
+    record (they used to be tried one by one, 64 at most, and a shard of more records ended
+    the epoch with an error naming no shard)."""
+    out = tmp_path / "records"
+    Writer(photos, out, db_num=4, codec="jpeg").write()
+    (out / "shard-00001.lmdb").unlink()
+    with pytest.warns(RuntimeWarning, match="shard-00001.lmdb is missing"):
+        loader = TorchRecord(
+            out, batch_size=5, num_workers=num_workers, transform=fingerprint, on_corrupt="skip"
+        )
+    seen = [(int(c), int(label)) for crcs, labels in loader for c, label in zip(crcs, labels)]
+    expected = [expected_of(photos, i) for i in range(24)]
+    assert seen == expected[:6] + [expected[12]] * 6 + expected[12:]
+    corrupt = loader.corrupt_records
+    assert sorted(c["index"] for c in corrupt) == list(range(6, 12))  # (workers: any order)
+    assert all(c["error"] == "ShardCorruptedError" for c in corrupt)
+    assert all("shard-00001.lmdb" in c["message"] for c in corrupt)
+
+    for name in ("shard-00000.lmdb", "shard-00002.lmdb", "shard-00003.lmdb"):
+        (out / name).unlink()
+    with pytest.warns(RuntimeWarning):
+        dataset = TRDataset(out, transform=fingerprint, on_corrupt="skip")
+    with pytest.raises(DatasetError, match="no sound record could stand in for record 3") as info:
+        dataset[3]
+    assert "shard-0000" in str(info.value) and info.value.__cause__ is not None

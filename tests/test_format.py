@@ -252,15 +252,19 @@ def test_flipped_byte_in_a_record_is_caught_by_its_checksum(records):
 
 @pytest.mark.parametrize("keep", ["half", "100", "0"])
 def test_truncated_shard_raises_instead_of_sigbus(records, keep):
+    """Cut after the dataset was opened (a dataset opened with a cut shard is refused at
+    once: test_a_dataset_with_a_missing_or_cut_shard_is_refused_when_opened)."""
     shard = records / "shard-00001.lmdb"
     data = shard.read_bytes()
     size = {"half": len(data) // 2, "100": 100, "0": 0}[keep]
-    shard.write_bytes(data[:size])
     # in a subprocess: a SIGBUS would kill it, and the test would see the signal
     code = f"""
+from pathlib import Path
 from torchrecord import TRDataset, ShardCorruptedError
 ds = TRDataset({str(records)!r}, transform=None)
 assert ds[0] is not None
+shard = Path({str(shard)!r})
+shard.write_bytes(shard.read_bytes()[:{size}])
 try:
     ds[20]
 except ShardCorruptedError as exc:
@@ -270,6 +274,20 @@ except ShardCorruptedError as exc:
     assert result.returncode == 0, result.stderr
     assert "CAUGHT shard" in result.stdout and "shard-00001.lmdb" in result.stdout
     assert "manifest recorded" in result.stdout
+
+
+@pytest.mark.parametrize("damage", ["missing", "cut"])
+def test_a_dataset_with_a_missing_or_cut_shard_is_refused_when_opened(records, damage):
+    shard = records / "shard-00001.lmdb"
+    if damage == "missing":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[:8192])
+    what = "shard-00001.lmdb is missing" if damage == "missing" else "is 8192 bytes but"
+    with pytest.raises(DatasetError, match=f"{what}.* on_corrupt='skip'"):
+        TRDataset(records)
+    with pytest.warns(RuntimeWarning, match=f"{what}.* replaced by records of the next shards"):
+        TRDataset(records, on_corrupt="skip")
 
 
 def test_truncated_shard_with_a_manifest_that_agrees(records):

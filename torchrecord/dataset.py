@@ -154,6 +154,7 @@ class TRDataset(data.Dataset):
             os.close(handle)
             weakref.finalize(self, _remove_owned, self.corrupt_log, os.getpid())
         self.reader = RecordReader(record_path, verify_checksums=verify_checksums)
+        self._check_shard_files()
         if record_num is not None and int(record_num) != self.reader.num_shards:
             raise ValueError(
                 f"record_num={record_num} but {record_path} has {self.reader.num_shards} shards; "
@@ -189,6 +190,28 @@ class TRDataset(data.Dataset):
         self.transform = self._tensor_transform = transform
         self._builtin_transform = builtin  # its errors mean a damaged record, not a user bug
         self.record_path = str(record_path)
+
+    def _check_shard_files(self) -> None:
+        """Missing or cut shards, said at once rather than in the middle of an epoch: an error
+        (``on_corrupt="raise"``), or a warning (their records will be replaced)."""
+        from .reader import shard_file_problems
+
+        problems = shard_file_problems(self.reader.path, self.reader.manifest)
+        if not problems:
+            return
+        what = "; ".join(problems)
+        if self.on_corrupt == "raise":
+            raise DatasetError(
+                f"{self.reader.path}: {what}. Restore the shards from a copy or write the "
+                "dataset again (`torchrecord verify` checks the rest); or read the other shards "
+                "with on_corrupt='skip', which replaces their records"
+            )
+        warnings.warn(
+            f"{self.reader.path}: {what}; with on_corrupt={self.on_corrupt!r} their records "
+            "are replaced by records of the next shards",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _named_transform(self, name: str) -> Callable[[Any], Any]:
         if name not in TRANSFORMS:
@@ -296,20 +319,30 @@ class TRDataset(data.Dataset):
         self, index: int, transform: Callable[[Any], Any] | None, view: bool = False
     ) -> Any:
         """Sample ``index``; with ``on_corrupt`` "warn" or "skip", the next sound record
-        stands in for a corrupt one."""
+        stands in for a corrupt one: the next record after a corrupt record, the next shard's
+        first record after a shard that cannot be read (missing, cut, damaged)."""
         if self.on_corrupt == "raise":
             return self._sample(index, transform, view)
         n = len(self)
-        for attempt in range(min(n, _MAX_SUBSTITUTES)):
-            candidate = (index + attempt) % n
+        candidate, tried = index, []
+        for _ in range(min(n, _MAX_SUBSTITUTES)):
             try:
                 return self._sample(candidate, transform, view)
-            except (RecordCorruptedError, ShardCorruptedError) as exc:
+            except RecordCorruptedError as exc:
                 self._log_corrupt(candidate, exc)
+                tried.append((candidate, exc))
+                candidate = (candidate + 1) % n
+            except ShardCorruptedError as exc:
+                self._log_corrupt(candidate, exc)
+                tried.append((candidate, exc))
+                shard, _ = self.reader.locate(candidate)
+                candidate = int(self.reader.offsets[shard + 1]) % n
+        last_index, last = tried[-1]
         raise DatasetError(
-            f"{self.record_path}: records {index} to {index + _MAX_SUBSTITUTES - 1} are all "
-            "corrupt; run `torchrecord verify` and re-write the dataset"
-        )
+            f"{self.record_path}: no sound record could stand in for record {index}: the "
+            f"{len(tried)} records tried from there (shards skipped whole where they cannot be "
+            f"read) are all corrupt; the last, record {last_index}: {last}"
+        ) from last
 
     def _sample(
         self, index: int, transform: Callable[[Any], Any] | None, view: bool = False

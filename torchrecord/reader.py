@@ -497,6 +497,23 @@ def _decoder(reader: RecordReader) -> Callable[[Any], Any] | None:
     return reader.codec.decode_tensor
 
 
+def shard_file_problems(root: Path, manifest: fmt.Manifest) -> list[str]:
+    """The shard files that are missing or not the size the manifest recorded (one ``stat``
+    each: nothing is opened)."""
+    problems = []
+    for s in manifest.shards:
+        if s.legacy_db is not None:
+            continue  # (0.1: one file for every shard, its size not in a manifest)
+        try:
+            size = os.stat(root / s.file).st_size
+        except FileNotFoundError:
+            problems.append(f"{s.file} is missing")
+            continue
+        if size != s.bytes:
+            problems.append(f"{s.file} is {size} bytes but the manifest recorded {s.bytes}")
+    return problems
+
+
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """A summary for ``torchrecord info``."""
     manifest = fmt.read_manifest(path)
@@ -505,17 +522,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     total = sum((root / f).stat().st_size for f in files if (root / f).exists())
     if not manifest.shards:
         raise DatasetError(f"{root} has no shards")
-    problems = []
-    for s in manifest.shards:
-        if s.legacy_db is not None:
-            continue  # (0.1: one file for every shard, its size not in a manifest)
-        path = root / s.file
-        if not path.is_file():
-            problems.append(f"{s.file} is missing")
-        elif path.stat().st_size != s.bytes:
-            problems.append(
-                f"{s.file} is {path.stat().st_size} bytes but the manifest recorded {s.bytes}"
-            )
+    problems = shard_file_problems(root, manifest)
     return {
         "path": str(root),
         "format_version": manifest.format_version,
