@@ -394,3 +394,28 @@ def test_a_codec_whose_tensors_are_not_rgb_gets_per_sample_batches(photos, tmp_p
         assert torch.equal(batches[0][0][0], single)
     finally:
         unregister_plugin(name="test-grey")
+
+
+def test_a_second_iteration_while_one_is_in_use_is_refused_with_persistent_workers(photos, records):
+    """PyTorch gives both iterations of one loader with persistent workers the same worker
+    iterator, so each would see part of the other's batches: refused, named. Breaking out of
+    an epoch and starting the next stays fine."""
+    loader = TorchRecord(records, batch_size=4, num_workers=2, transform=fingerprint)
+    outer = iter(loader)
+    next(outer)
+    inner = iter(loader)
+    assert len(list(inner)) == 6  # the newer iteration is whole
+    with pytest.raises(RuntimeError, match="iterated again .* while this iteration was still"):
+        next(outer)
+    with pytest.raises(RuntimeError, match="persistent_workers=False"):
+        list(zip(loader, loader))
+    for _ in range(2):  # break out of an epoch, then start another
+        loader.set_epoch(0)
+        for _ in loader:
+            break
+    loader.set_epoch(0)
+    assert sorted((int(c), int(y)) for cs, ys in loader for c, y in zip(cs, ys)) == (
+        expected_fingerprints(photos)
+    )
+    plain = TorchRecord(records, batch_size=4, num_workers=2, persistent_workers=False)
+    assert len(list(zip(plain, plain))) == 6  # separate worker iterators: allowed

@@ -143,9 +143,23 @@ class TorchRecord(DataLoader):
             "running": True,
         }
         self._progress = progress
+        self._iterations = generation = getattr(self, "_iterations", 0) + 1
         iterator = super().__iter__()
         try:
-            for batch in iterator:
+            while True:
+                if self._iterations != generation and self.persistent_workers:
+                    raise RuntimeError(
+                        "this loader was iterated again (iter(), a nested for, zip(loader, "
+                        "loader)) while this iteration was still in use: with persistent "
+                        "workers (TorchRecord's default when num_workers > 0) both share one "
+                        "worker iterator, which would repeat some records and skip others. "
+                        "Finish or drop one iteration before starting the next, use two "
+                        "loaders, or pass persistent_workers=False"
+                    )
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    break
                 # batches come back in sampler order whatever the number of workers
                 progress["samples"] = min(progress["samples"] + self.batch_size, progress["share"])
                 yield batch
