@@ -177,8 +177,11 @@ def test_directory_without_manifest(records, tmp_path):
         TRDataset(records)
     with pytest.raises(DatasetNotFoundError, match="holds no TorchRecord dataset"):
         TRDataset(tmp_path)
-    with pytest.raises(DatasetNotFoundError, match="is not a directory"):
+    with pytest.raises(DatasetNotFoundError, match="nope does not exist; expected a directory"):
         TRDataset(tmp_path / "nope")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DatasetNotFoundError, match="afile is a file, not a directory"):
+        TRDataset(tmp_path / "afile")
 
 
 def test_unknown_codec_names_the_missing_plugin(records):

@@ -419,3 +419,21 @@ def test_a_second_iteration_while_one_is_in_use_is_refused_with_persistent_worke
     )
     plain = TorchRecord(records, batch_size=4, num_workers=2, persistent_workers=False)
     assert len(list(zip(plain, plain))) == 6  # separate worker iterators: allowed
+
+
+def test_trsampler_as_a_batch_sampler_says_how_to_use_it(records):
+    """0.1's TRSampler yielded batches, for DataLoader(batch_sampler=...); today's yields
+    record indices. The 0.1 way gets an error that says what to write instead."""
+    from torch.utils.data import DataLoader
+
+    dataset = TRDataset(records, transform=fingerprint)
+    for workers in (0, 2):
+        old_way = DataLoader(
+            dataset, batch_sampler=TRSampler(records, 4, batch_size=8), num_workers=workers
+        )
+        with pytest.raises(TypeError, match=r"DataLoader\(dataset, sampler=TRSampler"):
+            next(iter(old_way))
+    new_way = DataLoader(dataset, sampler=TRSampler(records, 4), batch_size=8)
+    assert [len(labels) for _, labels in new_way] == [8, 8, 8]
+    with pytest.raises(ValueError, match="pool_size must be a non-negative integer"):
+        TRSampler(records, pool_size=-5)

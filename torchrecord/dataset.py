@@ -276,6 +276,14 @@ class TRDataset(data.Dataset):
         ``prebatch``: then the codec's tensor transforms write each image straight into the
         batch tensor (in shared memory, inside a worker), without a float tensor per image and
         without ``default_collate`` copying them all once more. Same values, less work."""
+        if not hasattr(indices, "__iter__"):  # one index where DataLoader expects a batch
+            raise TypeError(
+                f"TRDataset got the single index {indices!r} where DataLoader expects a batch "
+                "of them: TRSampler yields record indices (a Sampler, as PyTorch's samplers "
+                "now are), where TorchRecord 0.1's yielded batches for DataLoader's "
+                "batch_sampler=. Pass it as DataLoader(dataset, sampler=TRSampler(...), "
+                "batch_size=N), or use TorchRecord(...), which does that for you"
+            )
         kind = self.tensor_kind if self.prebatch and not self.extra_fields else None
         if kind is None or self.transform is not self._tensor_transform:  # (pickling keeps "is")
             return [self[index] for index in indices]

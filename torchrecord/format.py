@@ -167,7 +167,8 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     """Read a dataset's manifest, or describe a TorchRecord 0.1 dataset."""
     root = Path(path)
     if not root.is_dir():
-        raise DatasetNotFoundError(f"{root} is not a directory holding a TorchRecord dataset")
+        what = "is a file, not" if root.exists() else "does not exist; expected"
+        raise DatasetNotFoundError(f"{root} {what} a directory holding a TorchRecord dataset")
     if is_legacy_dataset(root):
         return _legacy_manifest(root)
     manifest_path = root / MANIFEST_NAME

@@ -173,7 +173,7 @@ class TRSampler(data.Sampler[int]):
         self.seed = _count(seed, "seed")
         if pool_size is None:
             pool_size = DEFAULT_POOL_SIZE if self.mode == "block" else 0
-        self.pool_size = int(pool_size)
+        self.pool_size = _count(pool_size, "pool_size")
         if int(block_shards) < 1:
             raise ValueError(f"block_shards must be at least 1, got {block_shards}")
         self.block_shards = int(block_shards)
