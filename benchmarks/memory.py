@@ -55,7 +55,14 @@ def main(argv: list[str] | None = None) -> int:
             data_list = Path(tmp) / "list.txt"
             data_list.write_text("".join(f"x.bin {i % 1000}\n" for i in range(args.records)))
             started = time.perf_counter()
-            Writer(data_list, out, db_num=16, data_process_func=tiny_record, overwrite=True).write()
+            Writer(
+                data_list,
+                out,
+                db_num=16,
+                shuffle=False,
+                data_process_func=tiny_record,
+                overwrite=True,
+            ).write()
             print(f"wrote {args.records} tiny records in {time.perf_counter() - started:.1f} s")
 
     loader = TorchRecord(

@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                 list_path,
                 target,
                 db_num=8,
+                shuffle=False,  # (in list order, as the peers write)
                 codec=codec,
                 num_workers=workers,
                 overwrite=True,

@@ -23,7 +23,7 @@ BATCH = 5  # 24 records: 5 batches per epoch (the last of 4 rows), from 2 worker
 @pytest.fixture(scope="module")
 def records(photo_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("batchpool") / "records"
-    Writer(photo_dir / "data_list.txt", out, db_num=4, codec="jpeg").write()
+    Writer(photo_dir / "data_list.txt", out, db_num=4, codec="jpeg", shuffle=False).write()
     return out
 
 
@@ -101,7 +101,9 @@ def test_recycling_can_be_turned_off_and_copies_of_the_dataset_do_not_recycle(re
     assert plain.dataset.batch_pool is None
     assert len({segment(images) for images, _ in plain}) == 5  # a new segment per batch
     recycling = loader(records, recycle=True)
-    assert TorchRecord(records, batch_size=BATCH).dataset.batch_pool is None  # no workers
+    assert (
+        TorchRecord(records, batch_size=BATCH, shuffle=False).dataset.batch_pool is None
+    )  # no workers
     # a pickled copy (not for a worker being started) has no shared cells: it cannot recycle
     copy = pickle.loads(pickle.dumps(recycling.dataset))
     assert copy.batch_pool.released is None

@@ -35,7 +35,7 @@ SERIALIZERS = ["tensorprotos", "msgpack"]
 @pytest.mark.parametrize("codec", CODECS)
 def test_round_trip_through_writer_and_dataset(photos, tmp_path, codec, serializer):
     out = tmp_path / "records"
-    Writer(photos, out, db_num=3, codec=codec, serializer=serializer).write()
+    Writer(photos, out, db_num=3, codec=codec, serializer=serializer, shuffle=False).write()
     dataset = TRDataset(out, transform=None)
     assert (dataset.codec, dataset.serializer, dataset.record_num) == (codec, serializer, 3)
     samples = read_list(photos)
@@ -59,7 +59,7 @@ def test_round_trip_through_writer_and_dataset(photos, tmp_path, codec, serializ
 @pytest.mark.parametrize("codec", CODECS)
 def test_default_transform_gives_the_seed_output(photos, tmp_path, codec):
     out = tmp_path / "records"
-    Writer(photos, out, codec=codec).write()
+    Writer(photos, out, codec=codec, shuffle=False).write()
     path, label = read_list(photos)[5]
     import torchvision.transforms as tvt
 
@@ -166,6 +166,7 @@ def test_custom_data_process_func(photos, tmp_path, serializer, num_workers):
         data_process_func=_grey_process_func,
         serializer=serializer,
         num_workers=num_workers,
+        shuffle=False,
     ).write()
     dataset = TRDataset(out, transform=_grey_transform)
     assert dataset.codec == "custom"
@@ -199,6 +200,7 @@ def test_a_missing_file_is_refused_before_a_custom_data_process_func(photos, tmp
             tmp_path / "out",
             data_process_func=_path_only_process_func,
             num_workers=num_workers,
+            shuffle=False,
         ).write()
 
 
@@ -206,7 +208,7 @@ def test_verify_decode_leaves_a_custom_data_process_func_dataset_alone(photos, t
     from torchrecord.reader import RecordReader, verify
 
     out = tmp_path / "records"
-    Writer(photos, out, data_process_func=_grey_process_func).write()
+    Writer(photos, out, data_process_func=_grey_process_func, shuffle=False).write()
     assert list(verify(RecordReader(out), decode=True)) == []  # not 0.1's RGB: not decoded
     cli = Path(sys.executable).parent / "torchrecord"
     proc = subprocess.run(
@@ -224,7 +226,7 @@ def test_jpeg_codec_refuses_a_png_naming_file_and_line(photos, tmp_path):
     lines.insert(3, "not_a_jpeg.png 1")
     photos.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataListError) as info:
-        Writer(photos, tmp_path / "out", codec="jpeg").write()
+        Writer(photos, tmp_path / "out", codec="jpeg", shuffle=False).write()
     message = str(info.value)
     assert f"{photos}:4" in message and "not_a_jpeg.png" in message and "raw_rgb" in message
     assert not (tmp_path / "out" / "manifest.json").exists()
@@ -235,7 +237,7 @@ def test_jpeg_codec_refuses_a_truncated_jpeg(photos, tmp_path):
     data = first.read_bytes()
     first.write_bytes(data[: len(data) // 2])
     with pytest.raises(DataListError, match=r"data_list\.txt:1: .*truncated JPEG"):
-        Writer(photos, tmp_path / "out", codec="jpeg").write()
+        Writer(photos, tmp_path / "out", codec="jpeg", shuffle=False).write()
 
 
 def test_jpeg_decode_matches_pillow(photos):
@@ -293,7 +295,9 @@ def test_a_record_over_the_size_limit_is_refused_naming_its_line(
     smallest = min(path.stat().st_size for path, _ in read_list(photos))
     monkeypatch.setattr(module, "MAX_RECORD_BYTES", smallest - 1)
     with pytest.raises(DataListError, match=r"data_list.txt:1: record of \d+ bytes exceeds"):
-        Writer(photos, tmp_path / "records", codec="jpeg", serializer=serializer).write()
+        Writer(
+            photos, tmp_path / "records", codec="jpeg", serializer=serializer, shuffle=False
+        ).write()
     assert not (tmp_path / "records" / "manifest.json").exists()
 
 
@@ -301,7 +305,7 @@ def test_msgpack_reads_no_record_over_its_limit(photos, tmp_path, monkeypatch):
     import torchrecord.serializers.msgpack as module
 
     out = tmp_path / "records"
-    Writer(photos, out, codec="jpeg", serializer="msgpack").write()
+    Writer(photos, out, codec="jpeg", serializer="msgpack", shuffle=False).write()
     monkeypatch.setattr(module, "MAX_RECORD_BYTES", 1000)
     with pytest.raises(
         RecordCorruptedError,
@@ -389,7 +393,7 @@ def test_raw_rgb_reports_a_truncated_jpeg_as_pillow_does(photos, tmp_path):
     path.write_bytes(broken[: len(broken) // 2])
     message = r"data_list\.txt:1: cannot encode .*image file is truncated"
     with pytest.raises(DataListError, match=message):
-        Writer(photos, tmp_path / "records", codec="raw_rgb").write()
+        Writer(photos, tmp_path / "records", codec="raw_rgb", shuffle=False).write()
 
 
 def test_raw_rgb_keeps_pillow_when_the_fast_decoder_disagrees():
@@ -513,13 +517,13 @@ from torchrecord import Writer
 from torchrecord.codecs import raw_rgb
 for workers in (0, 2):
     Writer({str(photos)!r}, {str(tmp_path)!r} + f"/out{{workers}}", db_num=2,
-           num_workers=workers).write()
+           num_workers=workers, shuffle=False).write()
 print("libjpeg", raw_rgb.libjpeg_on(), "torchvision" in sys.modules)
 """
     result = run_python(code)
     assert result.returncode == 0, result.stderr
     assert "libjpeg False" in result.stdout
-    Writer(photos, tmp_path / "reference", db_num=2).write()  # here: with libjpeg
+    Writer(photos, tmp_path / "reference", db_num=2, shuffle=False).write()  # here: with libjpeg
     expected = RecordReader(tmp_path / "reference")
     for workers in (0, 2):
         got = RecordReader(tmp_path / f"out{workers}")
@@ -657,8 +661,8 @@ def test_a_subclass_that_overrides_the_slow_method_is_not_bypassed(photos, tmp_p
 
     register_plugin(ZlibPlugin(), name="test-zlib")
     try:  # written through Zlib.dumps, read through Zlib.loads, also by the tensor paths
-        Writer(photos, tmp_path / "zlib", serializer="test_zlib").write()
-        Writer(photos, tmp_path / "plain").write()
+        Writer(photos, tmp_path / "zlib", serializer="test_zlib", shuffle=False).write()
+        Writer(photos, tmp_path / "plain", shuffle=False).write()
         zipped, plain = TRDataset(tmp_path / "zlib"), TRDataset(tmp_path / "plain")
         value = zipped.reader.read_bytes(0)
         assert zlib.decompress(value) == plain.reader.read_bytes(0)
@@ -746,7 +750,7 @@ def test_the_tensor_transforms_read_views_with_the_same_result(photos, tmp_path,
         large.save(tmp_path / f"{i}.jpg", quality=95)
         big.append((str(tmp_path / f"{i}.jpg"), label))
     out = tmp_path / "records"
-    Writer(big, out, codec=codec).write()
+    Writer(big, out, codec=codec, shuffle=False).write()
     results = {}
     for views in (True, False):
         for transform in ("fast", "uint8"):

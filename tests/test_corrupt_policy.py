@@ -24,7 +24,7 @@ from torchrecord import format as fmt
 def damaged(photos, tmp_path):
     """A dataset whose record 5 of shard 0 has one flipped byte; returns (path, bad crc)."""
     out = tmp_path / "records"
-    Writer(photos, out, db_num=2, codec="jpeg").write()
+    Writer(photos, out, db_num=2, codec="jpeg", shuffle=False).write()
     value = flip_record_byte(out / "shard-00000.lmdb", 5, mask=0x01)
     return out, zlib.crc32(
         TRDataset(out, transform=None).reader.serializer.loads(value).protos[0].byte_data
@@ -33,7 +33,7 @@ def damaged(photos, tmp_path):
 
 def test_raise_is_the_default(damaged):
     out, _ = damaged
-    loader = TorchRecord(out, batch_size=4, num_workers=2, transform=fingerprint)
+    loader = TorchRecord(out, batch_size=4, num_workers=2, transform=fingerprint, shuffle=False)
     with pytest.raises(RecordCorruptedError, match=fmt.record_key(5).hex()):
         for _ in loader:
             pass
@@ -43,7 +43,12 @@ def test_raise_is_the_default(damaged):
 def test_skip_keeps_the_epoch_length_and_counts(photos, damaged, num_workers):
     out, bad_crc = damaged
     loader = TorchRecord(
-        out, batch_size=5, num_workers=num_workers, transform=fingerprint, on_corrupt="skip"
+        out,
+        batch_size=5,
+        num_workers=num_workers,
+        transform=fingerprint,
+        on_corrupt="skip",
+        shuffle=False,
     )
     seen = [(int(c), int(label)) for crcs, labels in loader for c, label in zip(crcs, labels)]
     assert len(seen) == 24  # the epoch keeps its length, and every batch its shape
@@ -76,10 +81,10 @@ def test_each_corrupt_record_is_listed_once(photos, tmp_path):
     """Records 5 and 6 both damaged: reading 5 tries 6 as its substitute and meets it too,
     then reading 6 meets it again; the list names each record once."""
     out = tmp_path / "records"
-    Writer(photos, out, db_num=2, codec="jpeg").write()
+    Writer(photos, out, db_num=2, codec="jpeg", shuffle=False).write()
     for local in (5, 6):
         flip_record_byte(out / "shard-00000.lmdb", local, mask=0x01)
-    loader = TorchRecord(out, batch_size=4, transform=fingerprint, on_corrupt="skip")
+    loader = TorchRecord(out, batch_size=4, transform=fingerprint, on_corrupt="skip", shuffle=False)
     assert sum(len(labels) for _, labels in loader) == 24
     assert sum(len(labels) for _, labels in loader) == 24  # a second epoch meets them again
     corrupt = loader.corrupt_records
@@ -118,7 +123,7 @@ def test_an_image_that_does_not_decode_is_a_corrupt_record(photos, tmp_path):
         data_list = tmp_path / "list.txt"
         data_list.write_text("\n".join(lines) + "\n")
         out = tmp_path / "records"
-        Writer(data_list, out, codec="test_wrong_size").write()
+        Writer(data_list, out, codec="test_wrong_size", shuffle=False).write()
         with pytest.raises(
             RecordCorruptedError, match=fmt.record_key(1).hex() + ".*does not decode"
         ):
@@ -127,7 +132,7 @@ def test_an_image_that_does_not_decode_is_a_corrupt_record(photos, tmp_path):
         # a transform of the user's own keeps its own errors
         with pytest.raises(ValueError):
             TRDataset(out, transform=WrongSizeCodec().decode_image)[1]
-        skipping = TorchRecord(out, batch_size=4, on_corrupt="skip")
+        skipping = TorchRecord(out, batch_size=4, on_corrupt="skip", shuffle=False)
         labels = [int(x) for _, batch in skipping for x in batch]
         assert len(labels) == 24 and all(label % 2 == 0 for label in labels)
         assert sorted(r["index"] for r in skipping.corrupt_records) == list(range(1, 24, 2))
@@ -141,11 +146,16 @@ def test_skip_replaces_a_missing_shard_by_the_next_shards_records(photos, tmp_pa
     record (they used to be tried one by one, 64 at most, and a shard of more records ended
     the epoch with an error naming no shard)."""
     out = tmp_path / "records"
-    Writer(photos, out, db_num=4, codec="jpeg").write()
+    Writer(photos, out, db_num=4, codec="jpeg", shuffle=False).write()
     (out / "shard-00001.lmdb").unlink()
     with pytest.warns(RuntimeWarning, match="shard-00001.lmdb is missing"):
         loader = TorchRecord(
-            out, batch_size=5, num_workers=num_workers, transform=fingerprint, on_corrupt="skip"
+            out,
+            batch_size=5,
+            num_workers=num_workers,
+            transform=fingerprint,
+            on_corrupt="skip",
+            shuffle=False,
         )
     seen = [(int(c), int(label)) for crcs, labels in loader for c, label in zip(crcs, labels)]
     expected = [expected_of(photos, i) for i in range(24)]

@@ -140,7 +140,7 @@ def datasets(photo_dir, tmp_path_factory):
         folder = tmp_path_factory.mktemp(f"dist{n}")
         data_list = folder / "data_list.txt"
         data_list.write_text("".join(f"{path} {label}\n" for path, label in entries))
-        Writer(data_list, folder / "records", db_num=4, codec="jpeg").write()
+        Writer(data_list, folder / "records", db_num=4, codec="jpeg", shuffle=False).write()
         dataset = TRDataset(folder / "records", transform=fingerprint)
         index = {dataset[i]: i for i in range(len(dataset))}
         assert len(dataset) == n and len(index) == n

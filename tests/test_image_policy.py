@@ -14,7 +14,7 @@ from torchrecord.codecs.base import fit
 
 def test_max_size_for_raw_rgb_scales_with_lanczos(photos, tmp_path):
     out = tmp_path / "raw"
-    manifest = Writer(photos, out, codec="raw_rgb", max_size=200).write()
+    manifest = Writer(photos, out, codec="raw_rgb", max_size=200, shuffle=False).write()
     assert manifest.extra["image_policy"] == {"max_size": 200}
     dataset = TRDataset(out, transform=None)
     for i, (path, _) in enumerate(read_list(photos)):
@@ -30,7 +30,7 @@ def test_max_size_for_jpeg_reencodes_only_what_it_resizes(photos, tmp_path):
     sizes = [Image.open(p).size for p, _ in samples]
     limit = sorted(max(s) for s in sizes)[len(sizes) // 2]  # about half the images are larger
     out = tmp_path / "jpeg"
-    manifest = Writer(photos, out, codec="jpeg", max_size=limit, quality=80).write()
+    manifest = Writer(photos, out, codec="jpeg", max_size=limit, quality=80, shuffle=False).write()
     assert manifest.extra["image_policy"] == {"max_size": limit, "quality": 80}
     dataset = TRDataset(out, transform=None)
     kept = resized = 0
@@ -56,7 +56,7 @@ def test_smart_stores_small_images_raw_and_large_ones_as_jpeg(photos, tmp_path):
     pixels = sorted(w * h for w, h in (Image.open(p).size for p, _ in samples))
     threshold = pixels[len(pixels) // 2]
     out = tmp_path / "smart"
-    manifest = Writer(photos, out, codec="smart", raw_below=threshold).write()
+    manifest = Writer(photos, out, codec="smart", raw_below=threshold, shuffle=False).write()
     assert manifest.extra["image_policy"]["raw_below"] == threshold
     dataset = TRDataset(out, transform=None)
     kinds = set()
@@ -79,9 +79,11 @@ def test_smart_stores_small_images_raw_and_large_ones_as_jpeg(photos, tmp_path):
 
 def test_policy_options_are_checked(photos, tmp_path):
     with pytest.raises(ValueError, match="max_size must be at least 1"):
-        Writer(photos, tmp_path / "o", max_size=0)
+        Writer(photos, tmp_path / "o", max_size=0, shuffle=False)
     with pytest.raises(ValueError, match="need a codec"):
-        Writer(photos, tmp_path / "o", max_size=100, data_process_func=lambda line: None)
+        Writer(
+            photos, tmp_path / "o", max_size=100, data_process_func=lambda line: None, shuffle=False
+        )
 
 
 @pytest.mark.parametrize(
@@ -94,7 +96,9 @@ def test_a_quality_that_would_not_be_used_is_refused(photos, tmp_path, codec, op
     with pytest.raises(ValueError, match="quality=80 would not be used"):
         Writer(photos, tmp_path / "out", codec=codec, quality=80, **options)
     assert not (tmp_path / "out").exists()
-    Writer(photos, tmp_path / "smart", codec="smart", quality=80)  # used there: accepted
+    Writer(
+        photos, tmp_path / "smart", codec="smart", quality=80, shuffle=False
+    )  # used there: accepted
 
 
 @pytest.mark.parametrize("codec", ["jpeg", "raw_rgb", "smart"])
@@ -109,10 +113,10 @@ def test_images_beyond_pillows_pixel_limit_are_refused_unless_max_size_shrinks_t
     width, height = Image.open(samples[0][0]).size
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", width * height // 3)
     with pytest.raises(DataListError, match=r"data_list\.txt:1: .* beyond Pillow's decompression"):
-        Writer(photos, tmp_path / "refused", codec=codec).write()
+        Writer(photos, tmp_path / "refused", codec=codec, shuffle=False).write()
     assert not (tmp_path / "refused").exists()
 
-    Writer(photos, tmp_path / "small", codec=codec, max_size=64).write()
+    Writer(photos, tmp_path / "small", codec=codec, max_size=64, shuffle=False).write()
     dataset = TRDataset(tmp_path / "small", transform="pil")
     for i, (_, label) in enumerate(samples):
         image, got = dataset[i]
@@ -125,7 +129,7 @@ def test_a_record_beyond_the_pixel_limit_of_the_reader_says_which_setting(
 ):
     """Written with the limit off, read under a lower one: not called corrupt."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
-    Writer(photos, tmp_path / "out", codec="jpeg").write()
+    Writer(photos, tmp_path / "out", codec="jpeg", shuffle=False).write()
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(TorchRecordError, match="Raise PIL.Image.MAX_IMAGE_PIXELS") as info:
         TRDataset(tmp_path / "out", transform="pil")[0]

@@ -18,7 +18,7 @@ from torchrecord.sampler import item_pool_size, pool_shuffle
 @pytest.fixture
 def records(photos, tmp_path):
     out = tmp_path / "records"
-    Writer(photos, out, db_num=4, codec="jpeg").write()
+    Writer(photos, out, db_num=4, codec="jpeg", shuffle=False).write()
     return out
 
 
@@ -116,7 +116,12 @@ def test_workers_after_the_parent_read(photos, records, context):
     dataset = TRDataset(records)
     image, label = dataset[0]  # the parent has the shard open before workers start
     loader = TorchRecord(
-        records, batch_size=6, num_workers=2, transform=fingerprint, multiprocessing_context=context
+        records,
+        batch_size=6,
+        num_workers=2,
+        transform=fingerprint,
+        multiprocessing_context=context,
+        shuffle=False,
     )
     seen = [(int(c), int(lab)) for crcs, labels in loader for c, lab in zip(crcs, labels)]
     assert sorted(seen) == expected_fingerprints(photos)
@@ -144,7 +149,7 @@ def test_persistent_workers_and_loader_kwargs(photos, records):
 def test_in_order_false_is_refused(records):
     """Out-of-order batches would break the order and the resume (state_dict counts batches)."""
     with pytest.raises(ValueError, match="in_order=False"):
-        TorchRecord(records, batch_size=8, num_workers=2, in_order=False)
+        TorchRecord(records, batch_size=8, num_workers=2, in_order=False, shuffle=False)
 
     def order(**kwargs):
         loader = TorchRecord(records, shuffle=True, batch_size=8, transform=fingerprint, **kwargs)
@@ -167,9 +172,15 @@ def test_records_themselves_come_through_worker_processes(photos, tmp_path, seri
     the training process. The protobuf classes once named a module that does not exist, and
     the loader then waited forever."""
     out = tmp_path / serializer
-    Writer(photos, out, db_num=2, codec="jpeg", serializer=serializer).write()
+    Writer(photos, out, db_num=2, codec="jpeg", serializer=serializer, shuffle=False).write()
     loader = TorchRecord(
-        out, batch_size=5, num_workers=2, transform=None, collate_fn=list, timeout=120
+        out,
+        batch_size=5,
+        num_workers=2,
+        transform=None,
+        collate_fn=list,
+        timeout=120,
+        shuffle=False,
     )
     got = [(r.protos[0].byte_data, int(r.protos[1].byte_data)) for b in loader for r in b]
     assert got == [(p.read_bytes(), label) for p, label in read_list(photos)]
@@ -196,8 +207,8 @@ def test_samples_stay_valid_after_close(records):
 
 def test_record_num_is_checked(records):
     with pytest.raises(ValueError, match="record_num=2 but"):
-        TorchRecord(records, record_num=2)
-    assert TorchRecord(records).dataset.record_num == 4
+        TorchRecord(records, record_num=2, shuffle=False)
+    assert TorchRecord(records, shuffle=False).dataset.record_num == 4
 
 
 def test_legacy_fixture_reads_pixel_and_label_exact(legacy_fixture):
@@ -248,7 +259,9 @@ def test_block_mode_keeps_open_the_shards_of_records_in_the_pool(photos, tmp_pat
     from torchrecord.environments import SHARED
 
     out = tmp_path / "small-shards"
-    Writer(photos, out, records_per_shard=3, codec="jpeg").write()  # 8 shards of 3 records
+    Writer(
+        photos, out, records_per_shard=3, codec="jpeg", shuffle=False
+    ).write()  # 8 shards of 3 records
     opens = []
     acquire = SHARED.acquire
     monkeypatch.setattr(SHARED, "acquire", lambda *a, **k: opens.append(a[0]) or acquire(*a, **k))
@@ -269,7 +282,9 @@ def _missing(record):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_an_os_error_of_a_transform_keeps_its_type(records, num_workers):
-    loader = TorchRecord(records, batch_size=4, num_workers=num_workers, transform=_missing)
+    loader = TorchRecord(
+        records, batch_size=4, num_workers=num_workers, transform=_missing, shuffle=False
+    )
     with pytest.raises(FileNotFoundError, match="a file that is not there"):
         next(iter(loader))
 
@@ -284,7 +299,7 @@ def test_batches_built_in_place_equal_per_sample_collation(
     (in shared memory in a worker); a user's collate_fn gets the samples one by one, as from
     any DataLoader. The values are the same, bit for bit."""
     out = tmp_path / codec
-    Writer(photos, out, db_num=2, codec=codec).write()
+    Writer(photos, out, db_num=2, codec=codec, shuffle=False).write()
 
     def user_collate(samples):  # runs in the workers: says how many samples it saw
         assert all(image.shape == (3, 224, 224) for image, _ in samples)
@@ -321,7 +336,7 @@ def test_batches_built_in_place_substitute_corrupt_records(photos, records):
     from conftest import flip_record_byte
 
     flip_record_byte(records / "shard-00000.lmdb", 2)
-    loader = TorchRecord(records, batch_size=4, num_workers=2, on_corrupt="skip")
+    loader = TorchRecord(records, batch_size=4, num_workers=2, on_corrupt="skip", shuffle=False)
     labels = [int(label) for _, batch in loader for label in batch]
     expected = [label for _, label in read_list(photos)]
     assert len(labels) == 24
@@ -340,7 +355,7 @@ def test_a_plain_data_loader_gets_samples_from_the_dataset(records):
 def test_other_loaders_over_a_torchrecord_dataset_still_get_samples(photos, records):
     """TorchRecord turns on in-place batches for its dataset; a plain DataLoader, a Subset or a
     user's collate_fn over that same dataset still see samples."""
-    loader = TorchRecord(records, batch_size=4)
+    loader = TorchRecord(records, batch_size=4, shuffle=False)
     dataset = loader.dataset
     expected = [dataset[i] for i in range(6)]
     images, labels = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
@@ -358,7 +373,7 @@ def test_in_place_batches_survive_pickling(records):
     """spawn and forkserver workers get a pickled dataset: it still builds batches in place."""
     from torchrecord.dataset import Prebatched
 
-    dataset = TorchRecord(records, batch_size=4).dataset
+    dataset = TorchRecord(records, batch_size=4, shuffle=False).dataset
     copy = pickle.loads(pickle.dumps(dataset))
     batch = copy.__getitems__([0, 1, 2])
     assert isinstance(batch, Prebatched) and batch.images.shape == (3, 3, 224, 224)
@@ -386,8 +401,8 @@ def test_a_codec_whose_tensors_are_not_rgb_gets_per_sample_batches(photos, tmp_p
     register_plugin(GreyPlugin(), name="test-grey")
     try:
         out = tmp_path / "grey"
-        Writer(photos, out, db_num=2, codec="test_grey").write()
-        loader = TorchRecord(out, batch_size=5)
+        Writer(photos, out, db_num=2, codec="test_grey", shuffle=False).write()
+        loader = TorchRecord(out, batch_size=5, shuffle=False)
         batches = list(loader)
         assert [tuple(images.shape) for images, _ in batches][0] == (5, 1, 224, 224)
         single = TRDataset(out)[0][0]
@@ -400,7 +415,7 @@ def test_a_second_iteration_while_one_is_in_use_is_refused_with_persistent_worke
     """PyTorch gives both iterations of one loader with persistent workers the same worker
     iterator, so each would see part of the other's batches: refused, named. Breaking out of
     an epoch and starting the next stays fine."""
-    loader = TorchRecord(records, batch_size=4, num_workers=2, transform=fingerprint)
+    loader = TorchRecord(records, batch_size=4, num_workers=2, transform=fingerprint, shuffle=False)
     outer = iter(loader)
     next(outer)
     inner = iter(loader)
@@ -417,7 +432,9 @@ def test_a_second_iteration_while_one_is_in_use_is_refused_with_persistent_worke
     assert sorted((int(c), int(y)) for cs, ys in loader for c, y in zip(cs, ys)) == (
         expected_fingerprints(photos)
     )
-    plain = TorchRecord(records, batch_size=4, num_workers=2, persistent_workers=False)
+    plain = TorchRecord(
+        records, batch_size=4, num_workers=2, persistent_workers=False, shuffle=False
+    )
     assert len(list(zip(plain, plain))) == 6  # separate worker iterators: allowed
 
 

@@ -33,7 +33,7 @@ EPOCHS = 100
 def records(photo_dir, tmp_path_factory) -> Path:
     """24 JPEG records in 4 shards, written once for this module (its tests only read them)."""
     out = tmp_path_factory.mktemp("process-records") / "records"
-    Writer(photo_dir / "data_list.txt", out, db_num=NUM_SHARDS, codec="jpeg").write()
+    Writer(photo_dir / "data_list.txt", out, db_num=NUM_SHARDS, codec="jpeg", shuffle=False).write()
     return out
 
 
@@ -543,7 +543,7 @@ def test_readers_created_and_dropped_leave_nothing_behind(records, expected):
     reference = [fingerprint(TRDataset(records, transform=None)[i]) for i in range(NUM_RECORDS)]
     assert sorted(reference) == expected
     # once per process, torch sets up what a DataLoader with workers needs: not a leak
-    warm = TorchRecord(records, batch_size=8, num_workers=2, transform=fingerprint)
+    warm = TorchRecord(records, batch_size=8, num_workers=2, transform=fingerprint, shuffle=False)
     assert sorted(one_epoch(warm)) == expected
     warm_pids = worker_pids(warm)
     del warm
@@ -568,7 +568,9 @@ def test_readers_created_and_dropped_leave_nothing_behind(records, expected):
 
     pids = []
     for i in range(10):  # loaders with persistent workers
-        loader = TorchRecord(records, seed=i, batch_size=8, num_workers=2, transform=fingerprint)
+        loader = TorchRecord(
+            records, seed=i, batch_size=8, num_workers=2, transform=fingerprint, shuffle=False
+        )
         assert sorted(one_epoch(loader)) == expected
         pids += worker_pids(loader)
         del loader

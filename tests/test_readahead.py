@@ -318,6 +318,7 @@ def test_readahead_can_be_turned_off(many_photos, tmp_path, monkeypatch, workers
         num_workers=workers,
         progress=False,
         readahead=False,
+        shuffle=False,
     ).write()
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(rows) == (2 if workers == 2 else 1)

@@ -23,7 +23,7 @@ def records(photo_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("resume")
     data_list = out / "data_list.txt"
     data_list.write_text("".join(f"{path} {label}\n" for path, label in entries))
-    Writer(data_list, out / "records", db_num=4, codec="jpeg").write()
+    Writer(data_list, out / "records", db_num=4, codec="jpeg", shuffle=False).write()
     return out / "records"
 
 
@@ -231,13 +231,13 @@ def test_load_state_dict_refuses_a_state_from_another_dataset(records, index_of,
     entries = [line for line in (records.parent / "data_list.txt").read_text().splitlines()]
     data_list = tmp_path / "list.txt"
     data_list.write_text("\n".join(entries) + "\n")
-    Writer(data_list, tmp_path / "five", db_num=5, codec="jpeg").write()
+    Writer(data_list, tmp_path / "five", db_num=5, codec="jpeg", shuffle=False).write()
     swapped = tmp_path / "swapped.txt"  # the same count, two labels swapped
     first, last = entries[0].rsplit(" ", 1), entries[-1].rsplit(" ", 1)
     assert first[1] != last[1]
     entries[0], entries[-1] = f"{first[0]} {last[1]}", f"{last[0]} {first[1]}"
     swapped.write_text("\n".join(entries) + "\n")
-    Writer(swapped, tmp_path / "other", db_num=4, codec="jpeg").write()
+    Writer(swapped, tmp_path / "other", db_num=4, codec="jpeg", shuffle=False).write()
 
     for mode in ("block", "global"):
         source = make(records, mode)

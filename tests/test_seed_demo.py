@@ -75,7 +75,7 @@ def test_seed_demo_runs_unchanged(photo_dir, tmp_path):
     # ./testdb: the dataset the seed's loader line reads, written from the same photographs
     lines = [f"{p} {i % 11}" for i, p in enumerate(sorted((work / "testdata").rglob("*.jpg")))]
     (work / "testdb_list.txt").write_text("\n".join(lines) + "\n")
-    Writer(work / "testdb_list.txt", work / "testdb", db_num=4).write()
+    Writer(work / "testdb_list.txt", work / "testdb", db_num=4, shuffle=False).write()
 
     result = subprocess.run(
         [sys.executable, "-c", SEED_DEMO + CHECK],
@@ -110,3 +110,23 @@ def test_seed_demo_runs_unchanged(photo_dir, tmp_path):
         record = written[i]
         got[record.protos[0].byte_data] = int(record.protos[1].byte_data)
     assert got == expected
+
+
+def test_the_defaults_are_0_1s_both_writer_and_loader_shuffle(photo_dir, tmp_path):
+    """TorchRecord 0.1.1's Writer and TorchRecord() shuffled unless told not to: a 0.1 script
+    that leaves shuffle out still trains on shuffled data (TRDataset and TRSampler kept
+    shuffle=False in 0.1, and here)."""
+    from torchrecord import TorchRecord, TRSampler
+
+    data_list = photo_dir / "data_list.txt"
+    lines = data_list.read_text().splitlines()
+    manifest = Writer(data_list, tmp_path / "records", 2).write()
+    assert manifest.extra["shuffle"] is True and manifest.extra["seed"] == 0
+    stored = [int(r.protos[1].byte_data) for r in TRDataset(tmp_path / "records", transform=None)]
+    listed = [int(line.rsplit(" ", 1)[1]) for line in lines]
+    assert sorted(stored) == sorted(listed) and stored != listed  # the seed's shuffle, seeded
+    loader = TorchRecord(tmp_path / "records", 2)
+    assert loader.sampler.mode == "block" and loader.sampler.pool_size > 0
+    order = list(loader.sampler)
+    assert sorted(order) == list(range(len(lines))) and order != sorted(order)
+    assert TRSampler(tmp_path / "records").mode == "none"

@@ -37,7 +37,7 @@ def test_seed_signature_positional(photos, tmp_path):
 
 
 def test_unequal_split_is_contiguous(photos, tmp_path):
-    manifest = Writer(photos, tmp_path / "r", db_num=5).write()
+    manifest = Writer(photos, tmp_path / "r", db_num=5, shuffle=False).write()
     assert [s.num_records for s in manifest.shards] == [5, 5, 5, 5, 4]
     dataset = TRDataset(tmp_path / "r", transform=None)
     expected = [label for _, label in read_list(photos)]
@@ -90,7 +90,8 @@ def test_paths_with_spaces_csv_and_root(photos, tmp_path):
     txt = tmp_path / "list.txt"
     txt.write_text(f"my photos/a b.jpg 3\n\n{samples[1][0]} 4\n")  # blank line ignored
     dataset = TRDataset(
-        Writer(txt, tmp_path / "t", codec="jpeg").write() and tmp_path / "t", transform=None
+        Writer(txt, tmp_path / "t", codec="jpeg", shuffle=False).write() and tmp_path / "t",
+        transform=None,
     )
     assert [dataset[i].protos[0].byte_data for i in range(2)] == [
         spaced.read_bytes(),
@@ -101,7 +102,7 @@ def test_paths_with_spaces_csv_and_root(photos, tmp_path):
     csv_list = tmp_path / "lists" / "train.csv"
     csv_list.parent.mkdir()
     csv_list.write_text('path,label\n"my photos/a b.jpg",5\n')
-    Writer(csv_list, tmp_path / "c", codec="jpeg", root=tmp_path).write()
+    Writer(csv_list, tmp_path / "c", codec="jpeg", root=tmp_path, shuffle=False).write()
     record = TRDataset(tmp_path / "c", transform=None)[0]
     assert record.protos[0].byte_data == spaced.read_bytes()
     assert int(record.protos[1].byte_data) == 5
@@ -150,7 +151,7 @@ def test_bad_line_names_list_and_line(photos, tmp_path, make_bad, expected, code
     make_bad(photos)
     out = tmp_path / "out"
     with pytest.raises(DataListError, match=expected) as info:
-        Writer(photos, out, db_num=2, codec=codec, num_workers=num_workers).write()
+        Writer(photos, out, db_num=2, codec=codec, num_workers=num_workers, shuffle=False).write()
     assert info.value.data_list == str(photos)
     # nothing published, no staging left behind, and not even the directory it created
     assert not out.exists()
@@ -161,38 +162,38 @@ def test_truncated_image_names_line(photos, tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[:200])
     with pytest.raises(DataListError, match=r"data_list\.txt:10: cannot encode"):
-        Writer(photos, tmp_path / "out").write()
+        Writer(photos, tmp_path / "out", shuffle=False).write()
 
 
 def test_empty_and_missing_list(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     with pytest.raises(DataListError, match="empty.txt: the data list is empty"):
-        Writer(empty, tmp_path / "o").write()
+        Writer(empty, tmp_path / "o", shuffle=False).write()
     with pytest.raises(DataListError, match="nothere.txt: the data list does not exist"):
-        Writer(tmp_path / "nothere.txt", tmp_path / "o").write()
+        Writer(tmp_path / "nothere.txt", tmp_path / "o", shuffle=False).write()
 
 
 def test_refuses_to_overwrite_and_keeps_the_old_dataset(photos, tmp_path):
     out = tmp_path / "records"
-    Writer(photos, out, codec="jpeg").write()
+    Writer(photos, out, codec="jpeg", shuffle=False).write()
     before = all_bytes(out)
     with pytest.raises(DatasetExistsError, match="overwrite=True"):
-        Writer(photos, out, codec="raw_rgb").write()
+        Writer(photos, out, codec="raw_rgb", shuffle=False).write()
     assert all_bytes(out) == before
 
     # a failing overwrite leaves the old dataset readable and unchanged
     _break_line(photos, 20, "gone.jpg 1")
     with pytest.raises(DataListError):
-        Writer(photos, out, overwrite=True).write()
+        Writer(photos, out, overwrite=True, shuffle=False).write()
     assert all_bytes(out) == before
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
 
 
 def test_overwrite_replaces_every_shard(photos, tmp_path):
     out = tmp_path / "records"
-    Writer(photos, out, db_num=4, codec="jpeg").write()
-    Writer(photos, out, db_num=2, codec="raw_rgb", overwrite=True).write()
+    Writer(photos, out, db_num=4, codec="jpeg", shuffle=False).write()
+    Writer(photos, out, db_num=2, codec="raw_rgb", overwrite=True, shuffle=False).write()
     assert sorted(p.name for p in out.iterdir()) == [
         "manifest.json",
         "shard-00000.lmdb",
@@ -207,17 +208,19 @@ def test_overwrite_replaces_every_shard(photos, tmp_path):
 
 def test_refuses_bad_arguments(photos, tmp_path):
     with pytest.raises(ValueError, match="db_num=25 is more than the 24 samples"):
-        Writer(photos, tmp_path / "o", db_num=25).write()
+        Writer(photos, tmp_path / "o", db_num=25, shuffle=False).write()
     with pytest.raises(ValueError, match="db_num must be at least 1"):
-        Writer(photos, tmp_path / "o", db_num=0)
+        Writer(photos, tmp_path / "o", db_num=0, shuffle=False)
     with pytest.raises(ValueError, match="either a codec or a custom data_process_func"):
-        Writer(photos, tmp_path / "o", codec="jpeg", data_process_func=lambda line: None)
+        Writer(
+            photos, tmp_path / "o", codec="jpeg", data_process_func=lambda line: None, shuffle=False
+        )
     assert not (tmp_path / "o").exists()
 
 
 def test_shards_are_readable_from_a_read_only_directory(photos, tmp_path):
     out = tmp_path / "records"
-    Writer(photos, out, db_num=2).write()
+    Writer(photos, out, db_num=2, shuffle=False).write()
     os.chmod(out, 0o555)
     try:
         # no lock file is created next to the shards
@@ -307,7 +310,7 @@ def test_parallel_shards_report_the_first_bad_line_in_input_order(photos, tmp_pa
     out = tmp_path / "out"
     for _ in range(3):
         with pytest.raises(DataListError, match=r"data_list\.txt:12: file .*late\.jpg"):
-            Writer(photos, out, db_num=2, num_workers=2).write()
+            Writer(photos, out, db_num=2, num_workers=2, shuffle=False).write()
         assert not out.exists() or list(out.iterdir()) == []
 
 
@@ -315,7 +318,7 @@ def test_every_sample_skipped_leaves_nothing_behind(photos, tmp_path):
     photos.write_text("missing/a.jpg 1\nmissing/b.jpg 2\n")
     out = tmp_path / "out"
     with pytest.raises(DataListError, match="every one of the 2 samples was skipped"):
-        Writer(photos, out, on_error="skip").write()
+        Writer(photos, out, on_error="skip", shuffle=False).write()
     assert not out.exists() or list(out.iterdir()) == []
 
 
@@ -363,16 +366,16 @@ def test_a_sealed_shard_starts_going_to_disk_before_its_fsync(photos, tmp_path, 
     if multiprocessing.get_start_method() != "fork":
         return  # (spawned workers would not see the patch)
     monkeypatch.setattr(writer, "_start_writeback", noting)
-    Writer(photos, tmp_path / "records", db_num=3, num_workers=2).write()
+    Writer(photos, tmp_path / "records", db_num=3, num_workers=2, shuffle=False).write()
     assert sorted(calls.read_text().split()) == [f"shard-0000{k}.lmdb" for k in range(3)]
 
 
 def test_an_empty_output_dir_is_refused(photos, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="output_dir is empty"):
-        Writer(photos, "")
+        Writer(photos, "", shuffle=False)
     with pytest.raises(ValueError, match="data_list is empty"):
-        Writer("", tmp_path / "out")  # (it would have packed the current directory)
+        Writer("", tmp_path / "out", shuffle=False)  # (it would have packed the current directory)
     with pytest.raises(ValueError, match="root is empty"):
-        Writer(photos, tmp_path / "out", root=" ")
+        Writer(photos, tmp_path / "out", root=" ", shuffle=False)
     assert list(tmp_path.iterdir()) == [photos.parent]  # nothing written here

@@ -35,7 +35,7 @@ def test_file_size_limit_is_a_disk_full_error_and_the_write_resumes(
     photos, tmp_path, when, workers
 ):
     reference = tmp_path / "reference"
-    Writer(photos, reference, db_num=3, codec="raw_rgb").write()
+    Writer(photos, reference, db_num=3, codec="raw_rgb", shuffle=False).write()
     sizes = [(reference / f"shard-{i:05d}.lmdb").stat().st_size for i in range(3)]
     # the first shard cannot be finished under the limit, or not even created (LMDB writes two
     # 4 KiB meta pages when it creates a file)
@@ -63,7 +63,7 @@ except DiskFullError as exc:
     assert "run the same write again" in result.stdout
     assert not (out / "manifest.json").exists()
     assert staged_files(out) == []  # the unfinished shard gave its space back
-    Writer(photos, out, db_num=3, codec="raw_rgb").write()
+    Writer(photos, out, db_num=3, codec="raw_rgb", shuffle=False).write()
     assert shard_hashes(out) == shard_hashes(reference)
     assert content(out) == content(reference)
 
@@ -96,11 +96,11 @@ def small_tmpfs(tmp_path):
 def test_a_full_disk_keeps_the_old_dataset_and_the_finished_shards(photos, tmp_path, small_tmpfs):
     mount, resize = small_tmpfs
     reference = tmp_path / "reference"
-    Writer(photos, reference, db_num=4, codec="raw_rgb").write()
+    Writer(photos, reference, db_num=4, codec="raw_rgb", shuffle=False).write()
     raw_total = sum(p.stat().st_size for p in reference.glob("shard-*.lmdb"))
     resize(max(4, (raw_total >> 20) + 8))
     out = mount / "records"
-    Writer(photos, out, db_num=2, codec="jpeg").write()
+    Writer(photos, out, db_num=2, codec="jpeg", shuffle=False).write()
     old = content(out)
     used = os.statvfs(mount)
     room = used.f_bavail * used.f_frsize
@@ -111,7 +111,7 @@ def test_a_full_disk_keeps_the_old_dataset_and_the_finished_shards(photos, tmp_p
     with open(filler, "wb") as f:
         f.write(b"\0" * (room - free_target))
     with pytest.raises(DiskFullError, match=r"disk full: the disk is full \(\d[\d,]* bytes free"):
-        Writer(photos, out, db_num=4, codec="raw_rgb", overwrite=True).write()
+        Writer(photos, out, db_num=4, codec="raw_rgb", overwrite=True, shuffle=False).write()
     # the old dataset is whole and unchanged; the new one is not published
     assert content(out) == old
     assert list(verify(RecordReader(out))) == []
@@ -122,7 +122,7 @@ def test_a_full_disk_keeps_the_old_dataset_and_the_finished_shards(photos, tmp_p
     assert all(name + ".done" in staged for name in staged if name.endswith(".lmdb"))
     # free space and run the same write again: it completes, equal to an uninterrupted one
     filler.unlink()
-    Writer(photos, out, db_num=4, codec="raw_rgb", overwrite=True).write()
+    Writer(photos, out, db_num=4, codec="raw_rgb", overwrite=True, shuffle=False).write()
     assert shard_hashes(out) == shard_hashes(reference)
     assert content(out) == content(reference)
     assert sorted(p.name for p in out.iterdir()) == [
@@ -135,12 +135,12 @@ def test_a_tiny_map_grows_and_keeps_every_record(photos, tmp_path, monkeypatch):
     import torchrecord.writer as writer
 
     reference = tmp_path / "reference"
-    Writer(photos, reference, codec="raw_rgb").write()
+    Writer(photos, reference, codec="raw_rgb", shuffle=False).write()
     # a map smaller than one record: every batch has to grow it, some more than once
     monkeypatch.setattr(writer, "_INITIAL_MAP_SIZE", 64 << 10)
     monkeypatch.setattr(writer, "_BATCH_RECORDS", 1)
     out = tmp_path / "records"
-    Writer(photos, out, codec="raw_rgb").write()
+    Writer(photos, out, codec="raw_rgb", shuffle=False).write()
     assert content(out) == content(reference)
     assert len(content(out)) == 24
     assert list(verify(RecordReader(out))) == []

@@ -24,7 +24,7 @@ def contents(path):
 
 def test_image_folder_input(photo_dir, tmp_path):
     out = tmp_path / "folder"
-    manifest = Writer(photo_dir, out, db_num=2, codec="jpeg").write()
+    manifest = Writer(photo_dir, out, db_num=2, codec="jpeg", shuffle=False).write()
     classes = sorted(p.name for p in photo_dir.iterdir() if p.is_dir())
     assert manifest.extra["label_names"] == classes and len(classes) == 4
     dataset = TRDataset(out)
@@ -40,7 +40,7 @@ def test_iterable_of_pairs_with_string_labels(photos, tmp_path):
     samples = read_list(photos)
     pairs = [(str(path), names[label]) for path, label in samples]
     out = tmp_path / "pairs"
-    manifest = Writer(pairs, out, codec="jpeg").write()
+    manifest = Writer(pairs, out, codec="jpeg", shuffle=False).write()
     assert manifest.extra["label_names"] == sorted(names)
     dataset = TRDataset(out)
     assert dataset.label_names == ["bird", "cat", "dog", "eel"]
@@ -56,25 +56,30 @@ def test_dicts_with_extra_fields_round_trip(photos, tmp_path):
         for i, (path, label) in enumerate(samples)
     ]
     out = tmp_path / "extras"
-    manifest = Writer(items, out, db_num=2, codec="jpeg").write()
+    manifest = Writer(items, out, db_num=2, codec="jpeg", shuffle=False).write()
     assert manifest.extra["extra_fields"] == ["bbox", "caption"]
     dataset = TRDataset(out)
     image, label, extras = dataset[5]
     assert image.shape == (3, 224, 224) and label == samples[5][1]
     assert extras == {"bbox": [5, 6, 30, 40], "caption": "photo number 5"}
     # and through the loader's default collation, in worker processes
-    loader = TorchRecord(out, batch_size=24, num_workers=2)
+    loader = TorchRecord(out, batch_size=24, num_workers=2, shuffle=False)
     images, labels, batch_extras = next(iter(loader))
     assert batch_extras["caption"] == [f"photo number {i}" for i in range(24)]
     assert labels.tolist() == [label for _, label in samples]
     with pytest.raises(DataListError, match=r"<iterable>:2: a dict needs 'path' and 'label'"):
-        Writer([items[0], {"label": 1}], tmp_path / "bad", codec="jpeg").write()
+        Writer([items[0], {"label": 1}], tmp_path / "bad", codec="jpeg", shuffle=False).write()
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_records_per_shard(photos, tmp_path, num_workers):
     manifest = Writer(
-        photos, tmp_path / "r", records_per_shard=10, codec="jpeg", num_workers=num_workers
+        photos,
+        tmp_path / "r",
+        records_per_shard=10,
+        codec="jpeg",
+        num_workers=num_workers,
+        shuffle=False,
     ).write()
     assert [s.num_records for s in manifest.shards] == [10, 10, 4]
     assert [b for b, _ in contents(tmp_path / "r")] == [
@@ -108,9 +113,9 @@ def test_bytes_per_shard_is_the_same_for_any_num_workers(photos, tmp_path):
 
 def test_only_one_way_to_shard(photos, tmp_path):
     with pytest.raises(ValueError, match="choose one way to shard"):
-        Writer(photos, tmp_path / "o", db_num=2, records_per_shard=5)
+        Writer(photos, tmp_path / "o", db_num=2, records_per_shard=5, shuffle=False)
     with pytest.raises(ValueError, match="choose one way to shard"):
-        Writer(photos, tmp_path / "o", records_per_shard=5, bytes_per_shard=10)
+        Writer(photos, tmp_path / "o", records_per_shard=5, bytes_per_shard=10, shuffle=False)
 
 
 def test_skip_policy_reports_every_skipped_line(photos, tmp_path):
@@ -120,7 +125,7 @@ def test_skip_policy_reports_every_skipped_line(photos, tmp_path):
     lines[10] = "text.jpg 2"
     photos.write_text("\n".join(lines) + "\n")
     out = tmp_path / "skip"
-    manifest = Writer(photos, out, db_num=2, on_error="skip", num_workers=2).write()
+    manifest = Writer(photos, out, db_num=2, on_error="skip", num_workers=2, shuffle=False).write()
     assert manifest.num_records == 22 and manifest.extra["skipped"] == 2
     report = (out / "skipped.tsv").read_text().splitlines()
     assert report[0] == "line\tpath\treason"
@@ -129,7 +134,7 @@ def test_skip_policy_reports_every_skipped_line(photos, tmp_path):
     assert len(TRDataset(out)) == 22
     # the default still stops at the first bad line
     with pytest.raises(DataListError, match=r"data_list\.txt:4"):
-        Writer(photos, tmp_path / "raise").write()
+        Writer(photos, tmp_path / "raise", shuffle=False).write()
 
 
 def test_a_planned_shard_whose_samples_are_all_skipped(photos, tmp_path):
@@ -143,7 +148,9 @@ def test_a_planned_shard_whose_samples_are_all_skipped(photos, tmp_path):
     for workers in (0, 2):
         out = tmp_path / f"w{workers}"
         with pytest.warns(UserWarning, match="1 of the db_num=4 shards came out empty"):
-            manifest = Writer(photos, out, db_num=4, on_error="skip", num_workers=workers).write()
+            manifest = Writer(
+                photos, out, db_num=4, on_error="skip", num_workers=workers, shuffle=False
+            ).write()
         results.append(
             (
                 [(s.file, s.num_records, s.sha256) for s in manifest.shards],
@@ -166,7 +173,7 @@ def test_a_planned_shard_whose_samples_are_all_skipped(photos, tmp_path):
 def test_manifest_records_each_shard_hash(photos, tmp_path, workers):
     """Hashed by the writing process's hash thread (0 workers) or in each shard's worker (2)."""
     out = tmp_path / "hash"
-    Writer(photos, out, db_num=3, codec="jpeg", num_workers=workers).write()
+    Writer(photos, out, db_num=3, codec="jpeg", num_workers=workers, shuffle=False).write()
     doc = json.loads((out / "manifest.json").read_text())
     for shard in doc["shards"]:
         assert shard["sha256"] == hashlib.sha256((out / shard["file"]).read_bytes()).hexdigest()
@@ -174,7 +181,7 @@ def test_manifest_records_each_shard_hash(photos, tmp_path, workers):
 
 
 def test_label_mapping_keeps_integer_labels(photos, tmp_path):
-    manifest = Writer(photos, tmp_path / "ints", codec="jpeg").write()
+    manifest = Writer(photos, tmp_path / "ints", codec="jpeg", shuffle=False).write()
     assert "label_names" not in manifest.extra
     assert TRDataset(tmp_path / "ints").label_names is None
     assert torch.tensor([label for _, label in contents(tmp_path / "ints")]).tolist() == [
@@ -185,7 +192,13 @@ def test_label_mapping_keeps_integer_labels(photos, tmp_path):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_progress_bar_shows_images_bytes_and_rate(photos, tmp_path, capsys, num_workers):
     Writer(
-        photos, tmp_path / "r", db_num=3, codec="jpeg", num_workers=num_workers, progress=True
+        photos,
+        tmp_path / "r",
+        db_num=3,
+        codec="jpeg",
+        num_workers=num_workers,
+        progress=True,
+        shuffle=False,
     ).write()
     err = capsys.readouterr().err
     final = err.replace("\r", "\n").strip().splitlines()[-1]
@@ -228,7 +241,7 @@ def test_the_job_id_is_the_json_of_every_entry(tmp_path):
         for i in range(9000)
     ]
     entries += [Entry(9001, "/d/int.jpg", 7, ""), Entry(9002, "/d/x.jpg", "1", "", {"b": 1})]
-    writer = Writer(tmp_path / "list.txt", tmp_path / "out")
+    writer = Writer(tmp_path / "list.txt", tmp_path / "out", shuffle=False)
     digest = hashlib.sha256()
     digest.update(json.dumps(writer._job_params(0)).encode())
     for e in entries:
@@ -258,7 +271,7 @@ def test_whole_number_labels_of_any_type_are_class_indices(photos, tmp_path, kin
         source.write_text(
             "path,label\n" + "".join(f"{path},{label * 5}.0\n" for path, label in samples)
         )
-    manifest = Writer(source, tmp_path / "out", codec="jpeg").write()
+    manifest = Writer(source, tmp_path / "out", codec="jpeg", shuffle=False).write()
     assert "label_names" not in manifest.extra
     got = [label for _, label in contents(tmp_path / "out")]
     assert got == [label * 5 for _, label in samples] and max(got) == 15
@@ -268,7 +281,7 @@ def test_names_that_are_numbers_sort_by_value_and_a_mix_is_warned_about(photos, 
     samples = read_list(photos)
     names = ["2.5", "10.5", "0.5", "1"]  # not integers: names, in numeric order
     pairs = [(str(path), names[label]) for path, label in samples]
-    manifest = Writer(pairs, tmp_path / "numbers", codec="jpeg").write()
+    manifest = Writer(pairs, tmp_path / "numbers", codec="jpeg", shuffle=False).write()
     assert manifest.extra["label_names"] == ["0.5", "1", "2.5", "10.5"]
     got = [label for _, label in contents(tmp_path / "numbers")]
     assert [manifest.extra["label_names"][i] for i in got] == [n for _, n in pairs]
@@ -279,7 +292,7 @@ def test_names_that_are_numbers_sort_by_value_and_a_mix_is_warned_about(photos, 
         for i, (path, label) in enumerate(samples)
     ]
     with pytest.warns(UserWarning, match=r"<iterable>: \d+ labels are numbers .* and 8 are not"):
-        manifest = Writer(mixed, tmp_path / "mixed", codec="jpeg").write()
+        manifest = Writer(mixed, tmp_path / "mixed", codec="jpeg", shuffle=False).write()
     present = sorted({label for _, label in mixed if label != "unknown"}, key=int)
     assert manifest.extra["label_names"] == [*present, "unknown"]
 
@@ -298,14 +311,16 @@ def test_numpy_and_tensor_extra_fields_are_stored_as_lists(photos, tmp_path):
         }
         for i, (path, label) in enumerate(samples)
     ]
-    Writer(items, tmp_path / "np", codec="jpeg").write()
+    Writer(items, tmp_path / "np", codec="jpeg", shuffle=False).write()
     _, _, extras = TRDataset(tmp_path / "np")[3]
     assert extras == {"boxes": [[3.0] * 4, [3.0] * 4], "score": 0.75, "ids": [3, 4]}
 
     items[2]["score"] = object()  # not JSON data: a bad line, named, or skipped on request
     with pytest.raises(DataListError, match=r"<iterable>:3: extra field 'score' is not JSON"):
-        Writer(items, tmp_path / "bad", codec="jpeg").write()
-    manifest = Writer(items, tmp_path / "skip", codec="jpeg", on_error="skip").write()
+        Writer(items, tmp_path / "bad", codec="jpeg", shuffle=False).write()
+    manifest = Writer(
+        items, tmp_path / "skip", codec="jpeg", on_error="skip", shuffle=False
+    ).write()
     assert manifest.num_records == len(samples) - 1 and manifest.extra["skipped"] == 1
 
 
@@ -322,7 +337,9 @@ def test_a_class_whose_every_sample_is_skipped_keeps_its_index_and_is_warned_abo
     ] + ["broken.jpg bird"]
     (root / "names.txt").write_text("\n".join(lines) + "\n")
     with pytest.warns(UserWarning, match=r"class\(es\) 'bird' have no records"):
-        manifest = Writer(root / "names.txt", tmp_path / "out", on_error="skip").write()
+        manifest = Writer(
+            root / "names.txt", tmp_path / "out", on_error="skip", shuffle=False
+        ).write()
     assert manifest.extra["label_names"] == ["bird", "cat", "dog"]
     got = [label for _, label in contents(tmp_path / "out")]
     assert got == [1 if label < 2 else 2 for _, label in read_list(photos)]
@@ -342,7 +359,7 @@ def test_image_folders_follow_symlinked_folders_once(photo_dir, tmp_path):
     shutil.copy(first, extra / "linked.jpg")
     (root / classes[1] / "more").symlink_to(extra, target_is_directory=True)
     (root / classes[1] / "loop").symlink_to(root / classes[1], target_is_directory=True)
-    Writer(root, tmp_path / "out", codec="jpeg").write()
+    Writer(root, tmp_path / "out", codec="jpeg", shuffle=False).write()
     got = sorted(contents(tmp_path / "out"))
     expected = sorted(
         [(p.read_bytes(), classes.index(p.parent.name)) for p in photo_dir.rglob("*.jpg")]
@@ -371,10 +388,10 @@ def test_extra_fields_of_any_length_batch_by_kind(photos, tmp_path):
         for i, (path, label) in enumerate(samples)
     ]
     out = tmp_path / "boxes"
-    Writer(items, out, codec="jpeg").write()
+    Writer(items, out, codec="jpeg", shuffle=False).write()
     seen = []
     for workers in (0, 2):
-        loader = TorchRecord(out, batch_size=5, num_workers=workers)
+        loader = TorchRecord(out, batch_size=5, num_workers=workers, shuffle=False)
         for images, labels, extras in loader:
             assert images.shape[0] == labels.shape[0] == len(extras["boxes"])
             assert extras["area"].dtype == torch.float64 and isinstance(extras["note"], list)

@@ -161,9 +161,9 @@ def test_append_adds_shards_and_leaves_the_published_ones(photos, tmp_path):
     samples = read_list(photos)
     first = [(p, names[label]) for p, label in samples[:16]]
     second = [(p, names[label]) for p, label in samples[16:]]
-    Writer(first, out, db_num=2, codec="jpeg").write()
+    Writer(first, out, db_num=2, codec="jpeg", shuffle=False).write()
     before = {p.name: sha(p) for p in out.glob("shard-*.lmdb")}
-    manifest = Writer(second, out, db_num=1, codec="jpeg", append=True).write()
+    manifest = Writer(second, out, db_num=1, codec="jpeg", append=True, shuffle=False).write()
     assert [s.num_records for s in manifest.shards] == [8, 8, 8]
     assert {p.name: sha(p) for p in out.glob("shard-*.lmdb") if p.name in before} == before
     dataset = TRDataset(out)
@@ -178,20 +178,20 @@ def test_append_adds_shards_and_leaves_the_published_ones(photos, tmp_path):
     assert doc["appended"] == 1 and doc["num_records"] == 24
     # appending needs the same codec, and a dataset to append to
     with pytest.raises(ValueError, match="append with the same ones"):
-        Writer(second, out, codec="raw_rgb", append=True).write()
+        Writer(second, out, codec="raw_rgb", append=True, shuffle=False).write()
     with pytest.raises(DatasetExistsError, match="holds no dataset to append to"):
-        Writer(second, tmp_path / "nothing", codec="jpeg", append=True).write()
+        Writer(second, tmp_path / "nothing", codec="jpeg", append=True, shuffle=False).write()
 
 
 def test_an_overwrite_leaves_only_the_new_dataset_behind(photos, tmp_path):
     out = tmp_path / "records"
-    Writer(photos, out, codec="jpeg").write()
+    Writer(photos, out, codec="jpeg", shuffle=False).write()
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-00000.lmdb"]
     # a staging directory left by a killed write of different content is cleaned up
     (out / ".tmp-0123456789abcdef").mkdir()
     (out / ".tmp-0123456789abcdef" / ".lock").touch()
     (out / ".tmp-0123456789abcdef" / "shard-00000.lmdb").write_bytes(b"partial")
-    Writer(photos, out, codec="raw_rgb", overwrite=True).write()
+    Writer(photos, out, codec="raw_rgb", overwrite=True, shuffle=False).write()
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-00000.lmdb"]
 
 
@@ -236,7 +236,7 @@ def test_join_refuses_gaps_and_foreign_parts(photos, tmp_path):
     from torchrecord.writer import join_parts
 
     a, b = tmp_path / "a", tmp_path / "b"
-    Writer(photos, a, codec="jpeg", db_num=4, shard_range=(0, 2)).write()
+    Writer(photos, a, codec="jpeg", db_num=4, shard_range=(0, 2), shuffle=False).write()
     with pytest.raises(
         ValueError,
         match=r"shards 2..3 are missing: write them with "
@@ -247,16 +247,16 @@ def test_join_refuses_gaps_and_foreign_parts(photos, tmp_path):
     with pytest.raises(ValueError, match="different writes"):
         join_parts(tmp_path / "out", [a, b])
     with pytest.raises(ValueError, match="shard_range needs a plan"):
-        Writer(photos, a, codec="jpeg", shard_range=(0, 1))
+        Writer(photos, a, codec="jpeg", shard_range=(0, 1), shuffle=False)
 
 
 def test_an_append_run_again_is_a_no_op(photos, tmp_path):
     out = tmp_path / "records"
     samples = read_list(photos)
-    Writer([(p, label) for p, label in samples[:12]], out, codec="jpeg").write()
+    Writer([(p, label) for p, label in samples[:12]], out, codec="jpeg", shuffle=False).write()
     more = [(p, label) for p, label in samples[12:]]
-    Writer(more, out, codec="jpeg", append=True).write()
-    again = Writer(more, out, codec="jpeg", append=True)  # e.g. a retried job
+    Writer(more, out, codec="jpeg", append=True, shuffle=False).write()
+    again = Writer(more, out, codec="jpeg", append=True, shuffle=False)  # e.g. a retried job
     manifest = again.write()
     assert again.already_written
     assert manifest.num_records == 24 and len(TRDataset(out)) == 24
@@ -267,11 +267,13 @@ def test_join_over_an_existing_dataset_replaces_it_whole(photos, tmp_path):
     from torchrecord.writer import join_parts
 
     old = tmp_path / "joined"
-    Writer(photos, old, codec="raw_rgb", db_num=5).write()
+    Writer(photos, old, codec="raw_rgb", db_num=5, shuffle=False).write()
     parts = []
     for first, stop in ((0, 1), (1, 3)):
         part = tmp_path / f"p{first}"
-        Writer(photos, part, codec="jpeg", db_num=3, shard_range=(first, stop)).write()
+        Writer(
+            photos, part, codec="jpeg", db_num=3, shard_range=(first, stop), shuffle=False
+        ).write()
         parts.append(part)
     with pytest.raises(DatasetExistsError):
         join_parts(old, parts)
@@ -296,10 +298,12 @@ def test_join_takes_parts_from_machines_that_keep_the_images_elsewhere(photos, t
     elsewhere = tmp_path / "mnt" / "other_machine" / "photos"
     shutil.copytree(photos.parent, elsewhere)
     whole = tmp_path / "whole"
-    Writer(photos, whole, codec="jpeg", db_num=4).write()
+    Writer(photos, whole, codec="jpeg", db_num=4, shuffle=False).write()
     a, b = tmp_path / "a", tmp_path / "b"
-    Writer(photos, a, codec="jpeg", db_num=4, shard_range=(0, 2)).write()
-    Writer(elsewhere / "data_list.txt", b, codec="jpeg", db_num=4, shard_range=(2, 4)).write()
+    Writer(photos, a, codec="jpeg", db_num=4, shard_range=(0, 2), shuffle=False).write()
+    Writer(
+        elsewhere / "data_list.txt", b, codec="jpeg", db_num=4, shard_range=(2, 4), shuffle=False
+    ).write()
     join_parts(tmp_path / "joined", [a, b])
     assert dataset_state(tmp_path / "joined") == dataset_state(whole)
 
@@ -308,13 +312,13 @@ def test_join_says_what_makes_parts_different_writes(photos, tmp_path):
     from torchrecord.writer import join_parts
 
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    Writer(photos, a, codec="jpeg", db_num=4, shard_range=(0, 2)).write()
+    Writer(photos, a, codec="jpeg", db_num=4, shard_range=(0, 2), shuffle=False).write()
     Writer(photos, b, codec="jpeg", db_num=4, shuffle=True, shard_range=(2, 4)).write()
     with pytest.raises(ValueError, match=r"a was written with shuffle=False and .*b with shuf"):
         join_parts(tmp_path / "out", [a, b])
     shorter = photos.parent / "shorter.txt"
     shorter.write_text("".join(photos.read_text().splitlines(keepends=True)[:-1]))
-    Writer(shorter, c, codec="jpeg", db_num=4, shard_range=(2, 4)).write()
+    Writer(shorter, c, codec="jpeg", db_num=4, shard_range=(2, 4), shuffle=False).write()
     with pytest.raises(ValueError, match=r"a was written from 24 samples and .*c from 23"):
         join_parts(tmp_path / "out", [a, c])
     assert (a / "manifest.json").exists()  # refused parts are left as they were
@@ -326,10 +330,10 @@ def test_join_checks_every_part_shard_before_moving_anything(photos, tmp_path, d
     from torchrecord.writer import join_parts
 
     whole = tmp_path / "whole"
-    Writer(photos, whole, codec="jpeg", db_num=4).write()
+    Writer(photos, whole, codec="jpeg", db_num=4, shuffle=False).write()
     a, b = tmp_path / "a", tmp_path / "b"
-    Writer(photos, a, codec="jpeg", db_num=4, shard_range=(0, 2)).write()
-    Writer(photos, b, codec="jpeg", db_num=4, shard_range=(2, 4)).write()
+    Writer(photos, a, codec="jpeg", db_num=4, shard_range=(0, 2), shuffle=False).write()
+    Writer(photos, b, codec="jpeg", db_num=4, shard_range=(2, 4), shuffle=False).write()
     shard = b / "shard-00003.lmdb"
     good = shard.read_bytes()
     if damage == "truncated":
@@ -363,12 +367,14 @@ def test_join_over_a_dataset_with_a_part_shard_missing_keeps_the_dataset(
     from torchrecord.writer import join_parts
 
     out = tmp_path / "joined"
-    Writer(photos, out, codec="raw_rgb", db_num=2).write()
+    Writer(photos, out, codec="raw_rgb", db_num=2, shuffle=False).write()
     before = dataset_state(out)
     parts = []
     for first, stop in ((0, 1), (1, 2)):
         part = tmp_path / f"p{first}"
-        Writer(photos, part, codec="jpeg", db_num=2, shard_range=(first, stop)).write()
+        Writer(
+            photos, part, codec="jpeg", db_num=2, shard_range=(first, stop), shuffle=False
+        ).write()
         parts.append(part)
     (parts[1] / "shard-00001.lmdb").unlink()
     with pytest.raises(DatasetError, match=r"p1/shard-00001\.lmdb is missing"):
@@ -383,7 +389,9 @@ def test_a_refused_join_leaves_no_directory(photos, tmp_path):
     parts = []
     for first, stop in ((0, 1), (1, 2)):
         part = tmp_path / f"p{first}"
-        Writer(photos, part, codec="jpeg", db_num=2, shard_range=(first, stop)).write()
+        Writer(
+            photos, part, codec="jpeg", db_num=2, shard_range=(first, stop), shuffle=False
+        ).write()
         parts.append(part)
     (parts[0] / "shard-00000.lmdb").write_bytes(b"cut")
     with pytest.raises(Exception, match="bytes but the part's manifest recorded"):

@@ -37,13 +37,13 @@ def test_files_of_the_user_in_the_output_directory_are_never_removed(photos, tmp
     (out / "README.txt").write_text("mine too")
     (out / "shard-00007.lmdb").write_text("my file, unluckily named")
     with pytest.raises(DatasetExistsError, match=r"shard-00007\.lmdb exists and was not written"):
-        Writer(photos, out, codec="jpeg").write()
+        Writer(photos, out, codec="jpeg", shuffle=False).write()
     (out / "shard-00007.lmdb").rename(out / "moved-away")
     with pytest.raises(DatasetExistsError, match=r"skipped\.tsv exists and was not written"):
-        Writer(photos, out, codec="jpeg").write()
+        Writer(photos, out, codec="jpeg", shuffle=False).write()
     (out / "skipped.tsv").rename(out / "my-table.tsv")
 
-    Writer(photos, out, db_num=2, codec="jpeg").write()
+    Writer(photos, out, db_num=2, codec="jpeg", shuffle=False).write()
     for name, text in [
         (".tmp-build/notes.txt", "mine"),
         ("my-table.tsv", "my own table\n"),
@@ -53,7 +53,7 @@ def test_files_of_the_user_in_the_output_directory_are_never_removed(photos, tmp
     ]:
         assert (out / name).read_text() == text
     # an overwrite replaces the dataset's own files and only those
-    Writer(photos, out, db_num=1, codec="raw_rgb", overwrite=True).write()
+    Writer(photos, out, db_num=1, codec="raw_rgb", overwrite=True, shuffle=False).write()
     assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.lmdb"]
     assert (out / ".tmp-build" / "notes.txt").read_text() == "mine"
     assert (out / "README.txt").read_text() == "mine too"
@@ -62,7 +62,7 @@ def test_files_of_the_user_in_the_output_directory_are_never_removed(photos, tmp
 
 def test_a_killed_writes_staging_directory_is_removed_but_a_lookalike_is_not(photos, tmp_path):
     out = tmp_path / "records"
-    Writer(photos, out, codec="jpeg").write()
+    Writer(photos, out, codec="jpeg", shuffle=False).write()
     killed = out / ".tmp-0123456789abcdef"  # what a killed write leaves: its lock file, a shard
     killed.mkdir()
     (killed / ".lock").touch()
@@ -70,7 +70,7 @@ def test_a_killed_writes_staging_directory_is_removed_but_a_lookalike_is_not(pho
     lookalike = out / ".tmp-fedcba9876543210"  # named alike, but not a staging directory
     lookalike.mkdir()
     (lookalike / "data.bin").write_bytes(b"keep")
-    Writer(photos, out, codec="raw_rgb", overwrite=True).write()
+    Writer(photos, out, codec="raw_rgb", overwrite=True, shuffle=False).write()
     assert not killed.exists()
     assert (lookalike / "data.bin").read_bytes() == b"keep"
 
@@ -85,7 +85,7 @@ def gate(line):
         time.sleep(0.02)
     return default_data_process_func(line)
 
-Writer(sys.argv[1], sys.argv[2], data_process_func=gate).write()
+Writer(sys.argv[1], sys.argv[2], shuffle=False, data_process_func=gate).write()
 """
 
 
@@ -107,11 +107,11 @@ def test_two_writes_into_one_directory_at_once_are_refused(photos, tmp_path):
             assert time.monotonic() < deadline, "the first write did not start"
             time.sleep(0.05)
         with pytest.raises(DatasetExistsError, match="another write into .* is running"):
-            Writer(photos, out, codec="jpeg").write()
+            Writer(photos, out, codec="jpeg", shuffle=False).write()
         with pytest.raises(DatasetExistsError, match="another write into .* is running"):
-            Writer(photos, out, codec="jpeg", overwrite=True).write()
+            Writer(photos, out, codec="jpeg", overwrite=True, shuffle=False).write()
         part = tmp_path / "part"
-        Writer(photos, part, codec="jpeg", db_num=2, shard_range=(0, 2)).write()
+        Writer(photos, part, codec="jpeg", db_num=2, shard_range=(0, 2), shuffle=False).write()
         with pytest.raises(DatasetExistsError, match="another write into .* is running"):
             join_parts(out, [part])
         go.touch()
@@ -137,7 +137,9 @@ def test_a_process_forked_during_a_write_does_not_keep_the_directory_locked(phot
         forked.wait(60)
         return default_data_process_func(line)
 
-    writer = threading.Thread(target=Writer(photos, out, data_process_func=slow).write)
+    writer = threading.Thread(
+        target=Writer(photos, out, data_process_func=slow, shuffle=False).write
+    )
     writer.start()
     deadline = time.monotonic() + 60
     while not list(out.glob(".tmp-*")):
@@ -151,7 +153,9 @@ def test_a_process_forked_during_a_write_does_not_keep_the_directory_locked(phot
         forked.set()
         writer.join(120)
         assert (out / "manifest.json").exists()
-        Writer(photos, out, codec="jpeg", overwrite=True).write()  # while the child lives
+        Writer(
+            photos, out, codec="jpeg", overwrite=True, shuffle=False
+        ).write()  # while the child lives
         assert json.loads((out / "manifest.json").read_text())["codec"] == "jpeg"
     finally:
         os.kill(child, 9)
@@ -161,7 +165,7 @@ def test_a_process_forked_during_a_write_does_not_keep_the_directory_locked(phot
 def test_a_truncated_file_named_like_a_shard_is_refused_not_read(photos, tmp_path):
     """Reading a truncated LMDB file through its map would kill the writer with SIGBUS."""
     whole = tmp_path / "whole"
-    Writer(photos, whole, db_num=2, codec="jpeg").write()
+    Writer(photos, whole, db_num=2, codec="jpeg", shuffle=False).write()
     out = tmp_path / "out"
     out.mkdir()
     data = (whole / "shard-00001.lmdb").read_bytes()
@@ -181,14 +185,14 @@ except DatasetExistsError as exc:
 def test_append_refuses_files_of_the_user_too(photos, tmp_path):
     samples = read_list(photos)
     out = tmp_path / "records"
-    Writer(samples[:12], out, codec="jpeg", db_num=2).write()
+    Writer(samples[:12], out, codec="jpeg", db_num=2, shuffle=False).write()
     (out / "shard-00002.lmdb").write_text("user data")
     with pytest.raises(DatasetExistsError, match=r"shard-00002\.lmdb exists and was not written"):
-        Writer(samples[12:], out, codec="jpeg", append=True).write()
+        Writer(samples[12:], out, codec="jpeg", append=True, shuffle=False).write()
     (out / "shard-00002.lmdb").rename(out / "kept")
     (out / "skipped.tsv").write_text("my notes\nimportant line\n")
     with pytest.raises(DatasetExistsError, match=r"skipped\.tsv exists and was not written"):
-        Writer(samples[12:], out, codec="jpeg", append=True, on_error="skip").write()
+        Writer(samples[12:], out, codec="jpeg", append=True, on_error="skip", shuffle=False).write()
     assert (out / "skipped.tsv").read_text() == "my notes\nimportant line\n"
     assert (out / "kept").read_text() == "user data"
 
@@ -201,7 +205,9 @@ def test_a_common_named_label_among_integers_is_a_class(photos, tmp_path):
         "".join(f"{p} {'0' if i < 14 else 'background'}\n" for i, (p, _) in enumerate(samples))
     )
     with pytest.warns(UserWarning, match="14 labels are numbers .* and 10 are not"):
-        manifest = Writer(listing, tmp_path / "out", codec="jpeg", on_error="skip").write()
+        manifest = Writer(
+            listing, tmp_path / "out", codec="jpeg", on_error="skip", shuffle=False
+        ).write()
     assert manifest.extra["label_names"] == ["0", "background"]
     assert manifest.extra["skipped"] == 0
     assert labels_of(tmp_path / "out") == [0] * 14 + [1] * 10
@@ -214,7 +220,7 @@ def test_a_spreadsheet_csv_with_a_byte_order_mark_and_a_header(photos, tmp_path)
     csv_path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(rows).encode() + b"\r\n")
     for on_error in ("raise", "skip"):
         out = tmp_path / on_error
-        manifest = Writer(csv_path, out, codec="jpeg", on_error=on_error).write()
+        manifest = Writer(csv_path, out, codec="jpeg", on_error=on_error, shuffle=False).write()
         assert "label_names" not in manifest.extra and manifest.extra["skipped"] == 0
         assert labels_of(out) == [label for _, label in samples]
 
@@ -226,10 +232,10 @@ def test_a_non_integer_label_among_integers_is_a_bad_line_not_a_new_label_scheme
     bad = photos.parent / "typo.txt"
     bad.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataListError, match=r"typo\.txt:6: label 'cat' is not an integer"):
-        Writer(bad, tmp_path / "raise", codec="jpeg").write()
+        Writer(bad, tmp_path / "raise", codec="jpeg", shuffle=False).write()
     assert not (tmp_path / "raise" / "manifest.json").exists()
     out = tmp_path / "skip"
-    manifest = Writer(bad, out, codec="jpeg", on_error="skip").write()
+    manifest = Writer(bad, out, codec="jpeg", on_error="skip", shuffle=False).write()
     assert "label_names" not in manifest.extra and manifest.extra["skipped"] == 1
     assert labels_of(out) == [label for i, (_, label) in enumerate(samples) if i != 5]
     report = (out / "skipped.tsv").read_text().splitlines()
@@ -243,7 +249,7 @@ def test_a_skipped_header_line_does_not_become_a_class(photos, tmp_path):
     rows = ["filename,class", *(f"{p},{names[label]}" for p, label in samples)]
     listing.write_text("\n".join(rows) + "\n")
     out = tmp_path / "named"
-    manifest = Writer(listing, out, codec="jpeg", on_error="skip").write()
+    manifest = Writer(listing, out, codec="jpeg", on_error="skip", shuffle=False).write()
     assert manifest.extra["label_names"] == names  # not "class" among them
     assert labels_of(out) == [label for _, label in samples]
     assert manifest.extra["skipped"] == 1
@@ -257,8 +263,8 @@ def test_skip_goes_past_lines_without_a_label_or_with_extra_columns(photos, tmp_
     txt = photos.parent / "holes.txt"
     txt.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataListError, match=r"holes\.txt:4: missing label"):
-        Writer(txt, tmp_path / "raise", codec="jpeg").write()
-    manifest = Writer(txt, tmp_path / "txt", codec="jpeg", on_error="skip").write()
+        Writer(txt, tmp_path / "raise", codec="jpeg", shuffle=False).write()
+    manifest = Writer(txt, tmp_path / "txt", codec="jpeg", on_error="skip", shuffle=False).write()
     assert manifest.extra["skipped"] == 1
     assert labels_of(tmp_path / "txt") == [label for _, label in samples]
 
@@ -267,7 +273,9 @@ def test_skip_goes_past_lines_without_a_label_or_with_extra_columns(photos, tmp_
     rows.insert(5, f'"{samples[2][0]}\nsecond line",2')  # a quoted cell over two lines
     csv_path = photos.parent / "holes.csv"
     csv_path.write_text("\n".join(rows) + "\n")
-    manifest = Writer(csv_path, tmp_path / "csv", codec="jpeg", on_error="skip").write()
+    manifest = Writer(
+        csv_path, tmp_path / "csv", codec="jpeg", on_error="skip", shuffle=False
+    ).write()
     report = (tmp_path / "csv" / "skipped.tsv").read_text().splitlines()[1:]
     assert [row.split("\t")[0] for row in report] == ["3", "6"]  # where each row starts
     assert "expected two columns" in report[0] and "does not exist" in report[1]
@@ -278,7 +286,7 @@ def test_when_every_sample_is_skipped_the_error_says_why(tmp_path):
     listing = tmp_path / "allbad.txt"
     listing.write_text("/nope/a.jpg 1\n/nope/b.jpg 2\n")
     with pytest.raises(DataListError) as caught:
-        Writer(listing, tmp_path / "out", on_error="skip").write()
+        Writer(listing, tmp_path / "out", on_error="skip", shuffle=False).write()
     message = str(caught.value)
     assert "every one of the 2 samples was skipped" in message
     assert "line 1: file /nope/a.jpg does not exist" in message
@@ -288,7 +296,9 @@ def test_when_every_sample_is_skipped_the_error_says_why(tmp_path):
 def test_writing_twice_with_one_writer_counts_skips_once(photos, tmp_path):
     with photos.open("a") as f:
         f.write("missing.jpg 0\n")
-    writer = Writer(photos, tmp_path / "out", codec="jpeg", on_error="skip", overwrite=True)
+    writer = Writer(
+        photos, tmp_path / "out", codec="jpeg", on_error="skip", overwrite=True, shuffle=False
+    )
     assert writer.write().extra["skipped"] == 1
     assert writer.write().extra["skipped"] == 1
     assert len((tmp_path / "out" / "skipped.tsv").read_text().splitlines()) == 2
@@ -300,26 +310,30 @@ def test_renamed_classes_are_a_new_write_not_a_finished_one(photos, tmp_path):
     first.write_text("".join(f"{p} l{label}\n" for p, label in samples))
     second.write_text("".join(f"{p} k{label}\n" for p, label in samples))
     out = tmp_path / "named"
-    Writer(first, out, codec="jpeg").write()
+    Writer(first, out, codec="jpeg", shuffle=False).write()
     with pytest.raises(DatasetExistsError, match="already holds a dataset"):
-        Writer(second, out, codec="jpeg").write()
-    Writer(first, out, codec="jpeg").write()  # the very same write: done already, a no-op
+        Writer(second, out, codec="jpeg", shuffle=False).write()
+    Writer(
+        first, out, codec="jpeg", shuffle=False
+    ).write()  # the very same write: done already, a no-op
     assert TRDataset(out).classes == ["l0", "l1", "l2", "l3"]
 
 
 def test_append_needs_the_same_image_policy_and_extra_fields(photos, tmp_path):
     samples = read_list(photos)
     out = tmp_path / "records"
-    Writer(samples[:12], out, codec="jpeg", max_size=64).write()
+    Writer(samples[:12], out, codec="jpeg", max_size=64, shuffle=False).write()
     with pytest.raises(ValueError, match="image policy"):
-        Writer(samples[12:], out, codec="jpeg", max_size=128, append=True).write()
-    Writer(samples[12:], out, codec="jpeg", max_size=64, append=True).write()
+        Writer(samples[12:], out, codec="jpeg", max_size=128, append=True, shuffle=False).write()
+    Writer(samples[12:], out, codec="jpeg", max_size=64, append=True, shuffle=False).write()
     assert len(labels_of(out)) == len(samples)
 
     boxed = tmp_path / "boxed"
-    Writer([{"path": p, "label": y, "box": [1, 2]} for p, y in samples[:12]], boxed).write()
+    Writer(
+        [{"path": p, "label": y, "box": [1, 2]} for p, y in samples[:12]], boxed, shuffle=False
+    ).write()
     with pytest.raises(ValueError, match=r"extra fields \[\]"):
-        Writer(samples[12:], boxed, append=True).write()
+        Writer(samples[12:], boxed, append=True, shuffle=False).write()
 
 
 def test_append_takes_the_datasets_codec_serializer_and_image_policy(photos, tmp_path):
@@ -328,7 +342,9 @@ def test_append_takes_the_datasets_codec_serializer_and_image_policy(photos, tmp
     first.write_text("".join(f"{p} {y}\n" for p, y in samples[:12]))
     second.write_text("".join(f"{p} {y}\n" for p, y in samples[12:]))
     out = tmp_path / "records"
-    Writer(first, out, codec="jpeg", serializer="msgpack", max_size=64, quality=80).write()
+    Writer(
+        first, out, codec="jpeg", serializer="msgpack", max_size=64, quality=80, shuffle=False
+    ).write()
     result = subprocess.run(  # as `torchrecord write --help` shows it: no codec given
         [sys.executable, "-m", "torchrecord.cli", "write", str(second), str(out), "--append"],
         capture_output=True,
@@ -344,9 +360,11 @@ def test_append_takes_the_datasets_codec_serializer_and_image_policy(photos, tmp
     sizes = [Image.open(io.BytesIO(data)).size for data in image_bytes(out)]
     assert len(sizes) == 24 and max(max(size) for size in sizes) == 64  # all scaled down
     with pytest.raises(ValueError, match="append with the same ones"):
-        Writer(second, out, codec="raw_rgb", append=True).write()
+        Writer(second, out, codec="raw_rgb", append=True, shuffle=False).write()
     with pytest.raises(ValueError, match="append with the same max_size, quality and raw_below"):
-        Writer(second, out, append=True, quality=70).write()  # given: not the dataset's 80
+        Writer(
+            second, out, append=True, quality=70, shuffle=False
+        ).write()  # given: not the dataset's 80
 
 
 def test_every_sample_needs_the_same_extra_fields(photos, tmp_path):
@@ -354,9 +372,9 @@ def test_every_sample_needs_the_same_extra_fields(photos, tmp_path):
     items = [{"path": p, "label": y, "box": [0, 0, 5, 5]} for p, y in samples]
     del items[4]["box"]
     with pytest.raises(DataListError, match=r"<iterable>:5: its extra fields \[\] differ"):
-        Writer(items, tmp_path / "raise", codec="jpeg").write()
+        Writer(items, tmp_path / "raise", codec="jpeg", shuffle=False).write()
     out = tmp_path / "skip"
-    manifest = Writer(items, out, codec="jpeg", on_error="skip").write()
+    manifest = Writer(items, out, codec="jpeg", on_error="skip", shuffle=False).write()
     assert manifest.extra["skipped"] == 1 and manifest.extra["extra_fields"] == ["box"]
     images, labels, extras = next(iter(TorchRecord(out, shuffle=False, batch_size=32)))
     assert len(labels) == len(samples) - 1  # the default collation batches every field
@@ -370,17 +388,19 @@ def test_an_image_folder_around_its_output_and_with_an_empty_class(photo_dir, tm
     shutil.copytree(photo_dir, root, ignore=shutil.ignore_patterns("*.txt"))
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     out = root / "records"  # the dataset written inside the folder it reads
-    Writer(root, out, codec="jpeg").write()
-    Writer(root, out, codec="jpeg").write()  # the same write again: a no-op, not a new class
-    Writer(root, out, codec="jpeg", overwrite=True).write()
+    Writer(root, out, codec="jpeg", shuffle=False).write()
+    Writer(
+        root, out, codec="jpeg", shuffle=False
+    ).write()  # the same write again: a no-op, not a new class
+    Writer(root, out, codec="jpeg", overwrite=True, shuffle=False).write()
     assert TRDataset(out).classes == classes
     assert len(labels_of(out)) == len(list(root.glob("*/*.jpg")))
     (root / "empty-class").mkdir()
     with pytest.raises(DataListError, match="'empty-class' hold no images"):
-        Writer(root, root / "records", codec="jpeg", overwrite=True).write()
+        Writer(root, root / "records", codec="jpeg", overwrite=True, shuffle=False).write()
     # elsewhere, the dataset's folder is one more folder without images: named too
     with pytest.raises(DataListError, match="'empty-class', 'records' hold no images"):
-        Writer(root, tmp_path / "other", codec="jpeg").write()
+        Writer(root, tmp_path / "other", codec="jpeg", shuffle=False).write()
 
 
 def jpeg_with_thumbnail(photo: bytes) -> bytes:
@@ -403,7 +423,7 @@ def test_a_truncated_jpeg_with_an_embedded_thumbnail_is_refused(photos, tmp_path
     path.write_bytes(whole)
     with Image.open(path) as img:  # the whole file is a JPEG Pillow reads
         img.load()
-    Writer(photos, tmp_path / "whole", codec="jpeg").write()
+    Writer(photos, tmp_path / "whole", codec="jpeg", shuffle=False).write()
     assert image_bytes(tmp_path / "whole")[0] == whole
     path.write_bytes(whole[: len(whole) * 2 // 3])
     for codec, options in [("jpeg", {}), ("smart", {"raw_below": 0})]:
@@ -416,15 +436,21 @@ def test_a_jpeg_with_a_large_trailer_is_stored_as_it_is(photos, tmp_path):
     path, _ = read_list(photos)[0]
     whole = path.read_bytes() + bytes(range(256)).replace(b"\xff", b"\x00") * 400  # 100 KB
     path.write_bytes(whole)
-    Writer(photos, tmp_path / "out", codec="jpeg").write()
+    Writer(photos, tmp_path / "out", codec="jpeg", shuffle=False).write()
     assert image_bytes(tmp_path / "out")[0] == whole
 
 
 def test_options_that_cannot_work_are_refused_before_any_work(photos, tmp_path):
     with pytest.raises(ValueError, match="quality must be between 1 and 100"):
-        Writer(photos, tmp_path / "q", codec="jpeg", max_size=64, quality=150)
+        Writer(photos, tmp_path / "q", codec="jpeg", max_size=64, quality=150, shuffle=False)
     with pytest.raises(ValueError, match="can be pickled"):
-        Writer(photos, tmp_path / "l", data_process_func=lambda line: line, num_workers=2)
+        Writer(
+            photos,
+            tmp_path / "l",
+            data_process_func=lambda line: line,
+            num_workers=2,
+            shuffle=False,
+        )
     assert not (tmp_path / "q").exists() and not (tmp_path / "l").exists()
 
 
@@ -432,7 +458,9 @@ def test_join_names_overlapping_and_missing_parts(photos, tmp_path):
     parts = []
     for first, stop in [(0, 2), (1, 3), (3, 4)]:
         parts.append(tmp_path / f"part{first}")
-        Writer(photos, parts[-1], codec="jpeg", db_num=4, shard_range=(first, stop)).write()
+        Writer(
+            photos, parts[-1], codec="jpeg", db_num=4, shard_range=(first, stop), shuffle=False
+        ).write()
     with pytest.raises(ValueError, match=r"part1 holds shards 1\.\.2 and .*part0 holds shards"):
         join_parts(tmp_path / "joined", parts)
     with pytest.raises(ValueError, match=r"shards 2\.\.2 are missing before .*part3"):

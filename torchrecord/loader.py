@@ -45,7 +45,7 @@ class TorchRecord(DataLoader):
         self,
         record_path: str | os.PathLike,
         record_num: int | None = None,
-        shuffle: bool | str = False,
+        shuffle: bool | str = True,  # (0.1's default: its shuffle, "block")
         batch_size: int = 1,
         num_workers: int = 0,
         transform: Callable[[Any], Any] | str | None = "auto",

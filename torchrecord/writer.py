@@ -87,7 +87,7 @@ class Writer:
         data_list: str | os.PathLike | Iterable[Any],
         output_dir: str | os.PathLike,
         db_num: int = 1,
-        shuffle: bool = False,
+        shuffle: bool = True,  # (0.1's default)
         data_process_func: Callable[[str], Any] | None = None,
         *,
         codec: str | None = None,

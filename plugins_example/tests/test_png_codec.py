@@ -34,16 +34,16 @@ def _photo_crops():
 
     astronaut, chelsea, coffee = data.astronaut(), data.chelsea(), data.coffee()
     boxes = [
-        (astronaut, 60, 180),   # face
+        (astronaut, 60, 180),  # face
         (astronaut, 300, 100),  # suit and flag
         (astronaut, 150, 400),  # background
-        (chelsea, 80, 150),     # fur
-        (chelsea, 200, 300),    # whiskers
-        (coffee, 100, 200),     # cup rim
-        (coffee, 250, 300),     # coffee
-        (coffee, 20, 500),      # table
+        (chelsea, 80, 150),  # fur
+        (chelsea, 200, 300),  # whiskers
+        (coffee, 100, 200),  # cup rim
+        (coffee, 250, 300),  # coffee
+        (coffee, 20, 500),  # table
     ]
-    return [img[top:top + 40, left:left + 48] for img, top, left in boxes]
+    return [img[top : top + 40, left : left + 48] for img, top, left in boxes]
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ def data_list(tmp_path):
 @pytest.fixture
 def dataset_dir(tmp_path, data_list):
     out = tmp_path / "records"
-    torchrecord.Writer(data_list[0], out, db_num=2, codec="png").write()
+    torchrecord.Writer(data_list[0], out, db_num=2, codec="png", shuffle=False).write()
     return out
 
 
@@ -142,7 +142,7 @@ def test_default_transform(data_list, dataset_dir):
 
 def test_loader_with_workers(data_list, dataset_dir):
     _, samples = data_list
-    loader = torchrecord.TorchRecord(dataset_dir, batch_size=4, num_workers=2)
+    loader = torchrecord.TorchRecord(dataset_dir, batch_size=4, num_workers=2, shuffle=False)
     labels = []
     for images, batch_labels in loader:
         assert images.shape[1:] == (3, 224, 224)
@@ -159,7 +159,7 @@ def test_non_integer_label_is_refused_by_the_codec(tmp_path):
     # the Writer maps string labels to indices before the codec sees them
     data_list = tmp_path / "names.txt"
     data_list.write_text("cat.jpg tabby\ncat.jpg siamese\n", encoding="utf-8")
-    torchrecord.Writer(data_list, tmp_path / "out", codec="png").write()
+    torchrecord.Writer(data_list, tmp_path / "out", codec="png", shuffle=False).write()
     dataset = torchrecord.TRDataset(tmp_path / "out")
     assert dataset.label_names == ["siamese", "tabby"]
     assert [dataset[i][1] for i in range(2)] == [1, 0]
