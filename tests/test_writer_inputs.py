@@ -198,7 +198,6 @@ def test_progress_bar_shows_images_bytes_and_rate(photos, tmp_path, capsys, num_
         codec="jpeg",
         num_workers=num_workers,
         progress=True,
-        shuffle=False,
     ).write()
     err = capsys.readouterr().err
     final = err.replace("\r", "\n").strip().splitlines()[-1]
