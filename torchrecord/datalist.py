@@ -349,6 +349,8 @@ def _integer(text: str) -> str | None:
 
 
 def _is_int(text: str) -> bool:
+    if text.isascii() and text.isdigit():  # (the common case, at a glance: 0.2 s a million)
+        return True
     return _integer(text) is not None
 
 
@@ -378,7 +380,9 @@ def index_labels(
     ints = [e for e in valid if _is_int(e.label)]
     if len(ints) == len(valid):
         return [
-            replace(e, label=_integer(e.label)) if e.error is None and not e.label.isdigit() else e
+            e
+            if e.error is not None or (e.label.isascii() and e.label.isdigit())
+            else replace(e, label=_integer(e.label))
             for e in entries
         ], None
     if ints and len(valid) - len(ints) <= max(1, len(valid) // STRAY_SHARE):
