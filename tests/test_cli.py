@@ -375,12 +375,12 @@ def test_sizes_are_read_as_du_and_dd_write_them():
     from torchrecord.cli import _size
 
     assert [_size(t) for t in ("15M", "15MB", "1.5GiB", "2k", "500000", "3T")] == [
-        15 * 10**6,
+        15 * 2**20,  # du -h's 15M, dd's 15M
         15 * 10**6,
         3 * 2**29,
-        2000,
+        2048,
         500000,
-        3 * 10**12,
+        3 * 2**40,
     ]
 
 
@@ -411,3 +411,8 @@ def test_errors_name_the_flags_not_the_python_parameters(photo_dir, tmp_path):
         proc = run_cli("write", listing, tmp_path / "out", *args)
         assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
         assert not any(name in proc.stderr for name in ("max_size", "shard_range", "db_num"))
+    from torchrecord.cli import _in_flags
+
+    assert _in_flags(ValueError("/data/db_num/out already holds a dataset; db_num=2")) == (
+        "/data/db_num/out already holds a dataset; --db-num 2"
+    )

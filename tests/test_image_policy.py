@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import pytest
 from conftest import read_list
@@ -136,3 +138,56 @@ def test_a_record_beyond_the_pixel_limit_of_the_reader_says_which_setting(
     assert not isinstance(info.value, RecordCorruptedError)
     image, label = TRDataset(tmp_path / "out")[0]  # the tensor decoder has no such limit
     assert image.shape == (3, 224, 224) and label == read_list(photos)[0][1]
+
+
+def test_the_writing_processs_pixel_limit_holds_in_spawned_workers(photos, tmp_path):
+    """Spawned workers start with Pillow's default limit: they take the writer's."""
+    code = f"""
+import multiprocessing
+from PIL import Image
+from torchrecord import Writer, DataListError
+if __name__ == "__main__":
+    multiprocessing.set_start_method("spawn")
+    Image.MAX_IMAGE_PIXELS = 10_000
+    try:
+        Writer({str(photos)!r}, {str(tmp_path / "out")!r}, db_num=2, num_workers=2).write()
+    except DataListError as exc:
+        print("REFUSED", exc)
+"""
+    script = tmp_path / "spawned.py"
+    script.write_text(code)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "REFUSED" in result.stdout and "decompression-bomb limit of 20,000" in result.stdout
+
+
+def test_lifting_the_pixel_limit_in_one_thread_keeps_it_for_the_others(photos):
+    import threading
+
+    from torchrecord.codecs.base import open_image
+
+    path = read_list(photos)[0][0]
+    width, height = Image.open(path).size
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = width * height // 3  # the photos are beyond it
+    errors, opened = [], []
+
+    def work(max_size):
+        for _ in range(50):
+            try:
+                with open_image(path, max_size) as img:
+                    opened.append(img.size)
+            except Exception as exc:  # (the thread without max_size: refused)
+                errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=work, args=(m,)) for m in (64, 64, None)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert Image.MAX_IMAGE_PIXELS == width * height // 3  # restored
+        assert len(opened) == 100  # the two max_size threads, every time
+        assert len(errors) == 50 and all("decompression-bomb" in str(e) for e in errors)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved

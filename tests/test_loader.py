@@ -432,6 +432,12 @@ def test_a_second_iteration_while_one_is_in_use_is_refused_with_persistent_worke
     assert sorted((int(c), int(y)) for cs, ys in loader for c, y in zip(cs, ys)) == (
         expected_fingerprints(photos)
     )
+    outer = []  # another iteration inside the last batch: this one had all its batches
+    for _, labels in loader:
+        outer.append(len(labels))
+        if len(outer) == 6:
+            assert len(list(loader)) == 6
+    assert outer == [4] * 6
     plain = TorchRecord(
         records, batch_size=4, num_workers=2, persistent_workers=False, shuffle=False
     )

@@ -147,10 +147,12 @@ def test_a_planned_shard_whose_samples_are_all_skipped(photos, tmp_path):
     results = []
     for workers in (0, 2):
         out = tmp_path / f"w{workers}"
+        writer = Writer(photos, out, db_num=4, on_error="skip", num_workers=workers, shuffle=False)
         with pytest.warns(UserWarning, match="1 of the db_num=4 shards came out empty"):
-            manifest = Writer(
-                photos, out, db_num=4, on_error="skip", num_workers=workers, shuffle=False
-            ).write()
+            manifest = writer.write()
+        # the shards written in parallel before going on in one process were not kept from
+        # an earlier run: none ran
+        assert writer.kept_shards == [] and writer.new_shards == manifest.shards
         results.append(
             (
                 [(s.file, s.num_records, s.sha256) for s in manifest.shards],
@@ -403,3 +405,37 @@ def test_extra_fields_of_any_length_batch_by_kind(photos, tmp_path):
     plain = DataLoader(TRDataset(out), batch_size=24, collate_fn=torchrecord.collate)
     _, labels, extras = next(iter(plain))
     assert extras["boxes"] == [item["boxes"] for item in items]
+
+
+def test_a_dict_from_a_users_transform_is_collated_as_pytorch_collates(photos, tmp_path):
+    """Only the stored extra fields batch by kind: tensors in a dict a user's transform returns
+    are stacked by default_collate, as before."""
+    Writer(photos, tmp_path / "out", codec="jpeg").write()
+
+    def transform(record):
+        label = int(record.protos[1].byte_data)
+        return torch.zeros(2), label, {"mask": torch.full((3,), label)}
+
+    loader = TorchRecord(tmp_path / "out", batch_size=4, transform=transform, shuffle=False)
+    images, labels, extras = next(iter(loader))
+    assert images.shape == (4, 2) and extras["mask"].shape == (4, 3)
+    assert extras["mask"][:, 0].tolist() == labels.tolist()
+
+
+def test_appending_integers_to_a_dataset_whose_names_are_numbers(photos, tmp_path):
+    """Before 2.0 was the integer 2, a CSV of 2.0-style labels gave class names "0.0", "1.0"...
+    (stood in for here by editing the manifest). Appending the same kind of list now maps its
+    integer labels to those names by value, instead of refusing them."""
+    samples = read_list(photos)
+    out = tmp_path / "out"
+    first = [(str(p), "abcd"[y]) for p, y in samples[:12]]
+    Writer(first, out, codec="jpeg", shuffle=False).write()
+    manifest_path = out / "manifest.json"
+    doc = json.loads(manifest_path.read_text())
+    doc["label_names"] = ["0.0", "1.0", "2.0", "3.0"]
+    manifest_path.write_text(json.dumps(doc))
+    more = [(str(p), f"{y}.0") for p, y in samples[12:]]
+    manifest = Writer(more, out, codec="jpeg", append=True, shuffle=False).write()
+    assert manifest.extra["label_names"] == ["0.0", "1.0", "2.0", "3.0"]
+    got = [label for _, label in contents(out)]
+    assert got[12:] == [y for _, y in samples[12:]]

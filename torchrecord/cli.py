@@ -95,10 +95,10 @@ def _size(text: str) -> int:
         "MIB": 2**20,
         "GIB": 2**30,
         "TIB": 2**40,
-        "K": 10**3,  # (as du and dd write them: 15M is 15MB)
-        "M": 10**6,
-        "G": 10**9,
-        "T": 10**12,
+        "K": 2**10,  # (as du -h and dd write them: 15M is 15 MiB)
+        "M": 2**20,
+        "G": 2**30,
+        "T": 2**40,
     }
     try:
         digits = text.strip().upper()
@@ -602,9 +602,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"torchrecord: warning: {message}", file=sys.stderr if file is None else file)
 
 
-_PYTHON_NAMES = re.compile(
-    r"\b(max_size|raw_below|db_num|records_per_shard|bytes_per_shard|num_workers|"
-    r"format_version|on_error|shard_range|quality|codec|serializer)\b(=| )?"
+_PYTHON_NAMES = re.compile(  # (not inside a path: db_num/out stays as it is)
+    r"(?<![/\w.-])(max_size|raw_below|db_num|records_per_shard|bytes_per_shard|num_workers|"
+    r"format_version|on_error|shard_range|quality|codec|serializer)(?![/\w.-])(=| )?"
 )
 
 

@@ -51,7 +51,12 @@ class _WithExtras:
         self.transform = transform
 
     def __call__(self, record: Any) -> tuple[Any, ...]:
-        return (*self.transform(record), record_extras(record))
+        return (*self.transform(record), Extras(record_extras(record)))
+
+
+class Extras(dict):
+    """A record's extra fields as the built-in transforms return them: :func:`collate`
+    batches them by kind (a dict a user's transform returns goes to ``default_collate``)."""
 
 
 class Prebatched(Sequence):
@@ -92,7 +97,7 @@ def collate(batch: Any) -> Any:
         batch
         and isinstance(batch[0], tuple)
         and len(batch[0]) == 3
-        and isinstance(batch[0][2], dict)
+        and isinstance(batch[0][2], Extras)
     ):
         images, labels = data.default_collate([sample[:2] for sample in batch])
         return [images, labels, collate_extras([sample[2] for sample in batch])]

@@ -19,6 +19,7 @@ STATE_VERSION = 1
 # seed material (sampler._entropy); states saved before carry no "order" key
 ORDER_SCHEME = 2
 # what must match for a saved position to mean the same records in the same order
+_ENDED = object()  # (a batch that never came)
 _SETTINGS = ("seed", "mode", "pool_size", "block_shards", "num_records")
 
 
@@ -147,6 +148,12 @@ class TorchRecord(DataLoader):
         iterator = super().__iter__()
         try:
             while True:
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    if progress["samples"] >= progress["share"]:
+                        break  # this iteration had all its batches (whoever used up the rest)
+                    batch = _ENDED
                 if self._iterations != generation and self.persistent_workers:
                     raise RuntimeError(
                         "this loader was iterated again (iter(), a nested for, zip(loader, "
@@ -156,9 +163,7 @@ class TorchRecord(DataLoader):
                         "Finish or drop one iteration before starting the next, use two "
                         "loaders, or pass persistent_workers=False"
                     )
-                try:
-                    batch = next(iterator)
-                except StopIteration:
+                if batch is _ENDED:
                     break
                 # batches come back in sampler order whatever the number of workers
                 progress["samples"] = min(progress["samples"] + self.batch_size, progress["share"])
@@ -192,8 +197,11 @@ class TorchRecord(DataLoader):
             "num_records": sampler.num_records,
             "dataset": self.dataset.reader.fingerprint,
             "order": ORDER_SCHEME,
-            # the epoch's order itself, checked on resuming (and the numpy that drew it)
-            "order_digest": sampler.order_digest(epoch),
+            # the epoch's order itself, checked on resuming (and the numpy that drew it); at
+            # an epoch's start or end no order is needed to resume, and none is computed
+            "order_digest": (
+                sampler.order_digest(epoch) if 0 < consumed < sampler.num_records else None
+            ),
             "numpy": np.__version__,
         }
 

@@ -21,6 +21,7 @@ import time
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -339,8 +340,12 @@ class Writer:
                 if plan is not None:
                     shards = self._write_planned_shards(ordered, source, staging, first_index, plan)
                 if shards is None:  # one process writes (or a planned shard came out empty)
+                    # (after the parallel attempt, only what an earlier run left counts as kept)
+                    earlier = None if plan is None else {s.file for s in self.kept_shards}
                     resumed = _resumable_shards(staging, self.output_dir, first_index)
                     shards = self._write_shards(ordered, source, staging, first_index, resumed)
+                    if earlier is not None:
+                        self.kept_shards = [s for s in self.kept_shards if s.file in earlier]
             except OSError as exc:
                 _raise_if_no_room(exc, staging)
                 raise
@@ -368,7 +373,7 @@ class Writer:
                     f"came out empty (every sample of theirs was skipped, see {SKIPPED_REPORT}), "
                     f"so this write made {len(shards)} shards; give a loader record_num="
                     f"{len(shards)} or none",
-                    stacklevel=4,
+                    stacklevel=3,
                 )
             if label_names is not None and base is None and part is None:
                 _warn_empty_classes(label_names, ordered, self.skipped, source)
@@ -1280,6 +1285,9 @@ class _ShardWriter:
         self.env.close()
 
 
+_applied_pixel_limit: list[int | None] = [None]  # the process that set Pillow's limit from a job
+
+
 class _EncodeJob:
     """Encodes one entry to serialized bytes; picklable for worker processes.
 
@@ -1307,6 +1315,10 @@ class _EncodeJob:
         self.skip = skip
         self.libjpeg = libjpeg
         use_libjpeg(libjpeg)  # loaded here, once: forked workers inherit it
+        from PIL import Image
+
+        # the writing process's decompression-bomb limit, for spawned workers too
+        self.max_image_pixels = Image.MAX_IMAGE_PIXELS
 
     def run_chunk(self, entries: list[Entry]) -> list[tuple[bool, bytes, int]]:
         return [self(entry) for entry in entries]
@@ -1315,6 +1327,11 @@ class _EncodeJob:
         """``(True, bytes, CRC-32)``, computed here: in a worker, not in the writing process."""
         if libjpeg_on() is not self.libjpeg:  # in a spawned worker, the first time
             use_libjpeg(self.libjpeg)
+        if _applied_pixel_limit[0] != os.getpid():  # in each worker, the first time
+            from PIL import Image
+
+            Image.MAX_IMAGE_PIXELS = self.max_image_pixels
+            _applied_pixel_limit[0] = os.getpid()
         try:
             value = self.encode(entry)
             return True, value, zlib.crc32(value)
@@ -1792,6 +1809,20 @@ def _warn_empty_classes(
         )
 
 
+def _numeric_names(names: list[str]) -> dict[Decimal, int] | None:
+    """Class index by value, when every class name is a number (such as ``"2.0"``)."""
+    out = {}
+    for i, name in enumerate(names):
+        try:
+            value = Decimal(name)
+        except InvalidOperation:
+            return None
+        if not value.is_finite():
+            return None
+        out[value] = i
+    return out
+
+
 def _merge_label_names(
     base: fmt.Manifest, entries: list[Entry], names: list[str] | None, source: str
 ) -> tuple[list[Entry], list[str] | None]:
@@ -1799,16 +1830,24 @@ def _merge_label_names(
     old = base.extra.get("label_names")
     if old is None and names is None:
         return entries, None
+    if names is None and old is not None:
+        by_value = _numeric_names(old)  # (written before 2.0 was the integer 2: names "2.0")
+        if by_value is not None and all(
+            Decimal(e.label) in by_value for e in entries if e.error is None
+        ):
+            return [
+                e if e.error is not None else e.relabeled(str(by_value[Decimal(e.label)]))
+                for e in entries
+            ], old
     if old is None or names is None:
         raise ValueError(
             f"cannot append {source}: the dataset has "
             f"{'integer labels' if old is None else 'string labels'} and the new samples do not"
         )
     merged = list(old) + [name for name in names if name not in old]
-    from dataclasses import replace
 
     index = {str(i): str(merged.index(name)) for i, name in enumerate(names)}
-    return [replace(e, label=index[e.label]) for e in entries], merged
+    return [e.relabeled(index[e.label]) for e in entries], merged
 
 
 def _check_options(codec: Any, options: dict[str, Any]) -> None:

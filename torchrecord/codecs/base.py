@@ -14,6 +14,7 @@ and old 0.1 datasets are simply ``raw_rgb`` datasets.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -103,12 +104,20 @@ def parse_label(label: Any) -> int:
     return value
 
 
+# Pillow's limit is one global: while an image that max_size shrinks is opened without it,
+# the other threads' checks still use the limit saved here
+_LIMIT_LOCK = threading.Lock()
+_lifted = 0  # opens in progress without the limit
+_saved_limit: Any = None  # the limit they lifted
+
+
 def pixel_limit() -> int | None:
     """The pixels beyond which Pillow refuses to open an image (its decompression-bomb check:
     twice ``PIL.Image.MAX_IMAGE_PIXELS``), or None when that check is off."""
     from PIL import Image as PILImage
 
-    limit = PILImage.MAX_IMAGE_PIXELS
+    with _LIMIT_LOCK:
+        limit = _saved_limit if _lifted else PILImage.MAX_IMAGE_PIXELS
     return None if limit is None else 2 * int(limit)
 
 
@@ -130,13 +139,21 @@ def check_pixels(path: str, size: tuple[int, int], max_size: int | None) -> None
 
 @contextlib.contextmanager
 def _no_pixel_limit() -> Iterator[None]:
+    """Pillow's limit off while the block runs (in any thread: the last one out restores it)."""
+    global _lifted, _saved_limit
     from PIL import Image as PILImage
 
-    saved, PILImage.MAX_IMAGE_PIXELS = PILImage.MAX_IMAGE_PIXELS, None
+    with _LIMIT_LOCK:
+        if not _lifted:
+            _saved_limit, PILImage.MAX_IMAGE_PIXELS = PILImage.MAX_IMAGE_PIXELS, None
+        _lifted += 1
     try:
         yield
     finally:
-        PILImage.MAX_IMAGE_PIXELS = saved
+        with _LIMIT_LOCK:
+            _lifted -= 1
+            if not _lifted:
+                PILImage.MAX_IMAGE_PIXELS = _saved_limit
 
 
 def open_image(source: Any, max_size: int | None, name: str | None = None) -> Image:
@@ -146,18 +163,18 @@ def open_image(source: Any, max_size: int | None, name: str | None = None) -> Im
     from PIL import Image as PILImage
 
     try:
-        return PILImage.open(source)
+        img = PILImage.open(source)
     except PILImage.DecompressionBombError:
         if hasattr(source, "seek"):
             source.seek(0)
         with _no_pixel_limit():
             img = PILImage.open(source)
-        try:
-            check_pixels(name or str(source), img.size, max_size)
-        except EncodeError:
-            img.close()
-            raise
-        return img
+    try:  # (again when it opened: another thread may have lifted the limit meanwhile)
+        check_pixels(name or str(source), img.size, max_size)
+    except EncodeError:
+        img.close()
+        raise
+    return img
 
 
 def fit(img: Image, max_size: int | None) -> Image:
