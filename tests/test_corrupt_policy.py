@@ -39,9 +39,8 @@ def test_raise_is_the_default(damaged):
             pass
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_skip_keeps_the_epoch_length_and_counts(photos, damaged, num_workers):
-    out, bad_crc = damaged
+def read_skipping(out, num_workers):
+    """A loader with on_corrupt="skip" in stored order, and the (crc, label) of one epoch."""
     loader = TorchRecord(
         out,
         batch_size=5,
@@ -50,7 +49,13 @@ def test_skip_keeps_the_epoch_length_and_counts(photos, damaged, num_workers):
         on_corrupt="skip",
         shuffle=False,
     )
-    seen = [(int(c), int(label)) for crcs, labels in loader for c, label in zip(crcs, labels)]
+    return loader, [(int(c), int(y)) for crcs, labels in loader for c, y in zip(crcs, labels)]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_skip_keeps_the_epoch_length_and_counts(photos, damaged, num_workers):
+    out, bad_crc = damaged
+    loader, seen = read_skipping(out, num_workers)
     assert len(seen) == 24  # the epoch keeps its length, and every batch its shape
     assert bad_crc not in {c for c, _ in seen}
     expected = sorted((zlib.crc32(p.read_bytes()), label) for p, label in read_list(photos))
@@ -149,15 +154,7 @@ def test_skip_replaces_a_missing_shard_by_the_next_shards_records(photos, tmp_pa
     Writer(photos, out, db_num=4, codec="jpeg", shuffle=False).write()
     (out / "shard-00001.lmdb").unlink()
     with pytest.warns(RuntimeWarning, match="shard-00001.lmdb is missing"):
-        loader = TorchRecord(
-            out,
-            batch_size=5,
-            num_workers=num_workers,
-            transform=fingerprint,
-            on_corrupt="skip",
-            shuffle=False,
-        )
-    seen = [(int(c), int(label)) for crcs, labels in loader for c, label in zip(crcs, labels)]
+        loader, seen = read_skipping(out, num_workers)
     expected = [expected_of(photos, i) for i in range(24)]
     assert seen == expected[:6] + [expected[12]] * 6 + expected[12:]
     corrupt = loader.corrupt_records

@@ -250,6 +250,18 @@ def test_join_refuses_gaps_and_foreign_parts(photos, tmp_path):
         Writer(photos, a, codec="jpeg", shard_range=(0, 1), shuffle=False)
 
 
+def jpeg_parts(photos, tmp_path, db_num, ranges):
+    """``shard_range`` parts of one jpeg write of the photos, in list order: their folders."""
+    parts = []
+    for first, stop in ranges:
+        part = tmp_path / f"p{first}"
+        Writer(
+            photos, part, codec="jpeg", db_num=db_num, shard_range=(first, stop), shuffle=False
+        ).write()
+        parts.append(part)
+    return parts
+
+
 def test_an_append_run_again_is_a_no_op(photos, tmp_path):
     out = tmp_path / "records"
     samples = read_list(photos)
@@ -268,13 +280,7 @@ def test_join_over_an_existing_dataset_replaces_it_whole(photos, tmp_path):
 
     old = tmp_path / "joined"
     Writer(photos, old, codec="raw_rgb", db_num=5, shuffle=False).write()
-    parts = []
-    for first, stop in ((0, 1), (1, 3)):
-        part = tmp_path / f"p{first}"
-        Writer(
-            photos, part, codec="jpeg", db_num=3, shard_range=(first, stop), shuffle=False
-        ).write()
-        parts.append(part)
+    parts = jpeg_parts(photos, tmp_path, db_num=3, ranges=[(0, 1), (1, 3)])
     with pytest.raises(DatasetExistsError):
         join_parts(old, parts)
     join_parts(old, parts, overwrite=True)
@@ -369,13 +375,7 @@ def test_join_over_a_dataset_with_a_part_shard_missing_keeps_the_dataset(
     out = tmp_path / "joined"
     Writer(photos, out, codec="raw_rgb", db_num=2, shuffle=False).write()
     before = dataset_state(out)
-    parts = []
-    for first, stop in ((0, 1), (1, 2)):
-        part = tmp_path / f"p{first}"
-        Writer(
-            photos, part, codec="jpeg", db_num=2, shard_range=(first, stop), shuffle=False
-        ).write()
-        parts.append(part)
+    parts = jpeg_parts(photos, tmp_path, db_num=2, ranges=[(0, 1), (1, 2)])
     (parts[1] / "shard-00001.lmdb").unlink()
     with pytest.raises(DatasetError, match=r"p1/shard-00001\.lmdb is missing"):
         join_parts(out, parts, overwrite=True, check_hashes=check_hashes)
@@ -386,13 +386,7 @@ def test_join_over_a_dataset_with_a_part_shard_missing_keeps_the_dataset(
 def test_a_refused_join_leaves_no_directory(photos, tmp_path):
     from torchrecord.writer import join_parts
 
-    parts = []
-    for first, stop in ((0, 1), (1, 2)):
-        part = tmp_path / f"p{first}"
-        Writer(
-            photos, part, codec="jpeg", db_num=2, shard_range=(first, stop), shuffle=False
-        ).write()
-        parts.append(part)
+    parts = jpeg_parts(photos, tmp_path, db_num=2, ranges=[(0, 1), (1, 2)])
     (parts[0] / "shard-00000.lmdb").write_bytes(b"cut")
     with pytest.raises(Exception, match="bytes but the part's manifest recorded"):
         join_parts(tmp_path / "new" / "joined", parts)
