@@ -130,3 +130,25 @@ def test_the_defaults_are_0_1s_both_writer_and_loader_shuffle(photo_dir, tmp_pat
     order = list(loader.sampler)
     assert sorted(order) == list(range(len(lines))) and order != sorted(order)
     assert TRSampler(tmp_path / "records").mode == "none"
+
+
+def test_the_names_0_1_exported_are_there():
+    """TorchRecord 0.1.1's package exported these (its DataLoader was a copy of PyTorch's, which
+    stands in for it now); writer module names, as 0.1 code imported them."""
+    import torch.utils.data
+
+    import torchrecord
+    from torchrecord.writer import default_data_process_func
+
+    for name in (
+        "Writer",
+        "TorchRecord",
+        "TRSampler",
+        "TRDataset",
+        "TensorProtos",
+        "default_transform",
+        "default_data_process_func",
+    ):
+        assert name in torchrecord.__all__, name
+    assert torchrecord.DataLoader is torch.utils.data.DataLoader
+    assert default_data_process_func is torchrecord.default_data_process_func

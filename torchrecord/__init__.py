@@ -35,6 +35,7 @@ __version__ = "0.3.0"
 _LAZY = {
     "Writer": ".writer",
     "TorchRecord": ".loader",
+    "DataLoader": ".loader",  # (0.1 exported its DataLoader: PyTorch's is the one now)
     "TRDataset": ".dataset",
     "collate": ".dataset",
     "TRSampler": ".sampler",
