@@ -21,7 +21,7 @@ import time
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from .codecs.raw_rgb import default_data_process_func, libjpeg_on, use_libjpeg
 from .datalist import (
     ITERABLE_NAME,
     Entry,
+    _name_order,
     index_labels,
     missing_file,
     read_data_list,
@@ -1813,11 +1814,8 @@ def _numeric_names(names: list[str]) -> dict[Decimal, int] | None:
     """Class index by value, when every class name is a number (such as ``"2.0"``)."""
     out = {}
     for i, name in enumerate(names):
-        try:
-            value = Decimal(name)
-        except InvalidOperation:
-            return None
-        if not value.is_finite():
+        kind, value, _ = _name_order(name)  # (kind 0: a finite number)
+        if kind:
             return None
         out[value] = i
     return out
