@@ -338,12 +338,15 @@ def test_good_plugin_is_listed_with_its_distribution(tmp_path, photos):
 
 # -- 5. duplicate names -----------------------------------------------------------------------
 
-DUP_SOURCE = """
+
+def clashing_source(name: str) -> str:
+    """A plugin module that registers a codec named ``name`` (which does nothing)."""
+    return f"""
 import torchrecord
 
 
-class NotReallyJPEG(torchrecord.Codec):
-    name = "jpeg"
+class Clashing(torchrecord.Codec):
+    name = {name!r}
 
     def encode(self, path, label):
         raise NotImplementedError
@@ -354,15 +357,20 @@ class NotReallyJPEG(torchrecord.Codec):
 
 @torchrecord.hookimpl
 def torchrecord_register_codecs(register):
-    register(NotReallyJPEG())
+    register(Clashing())
 """
+
+
+DUP_SOURCE = clashing_source("twin")
 
 
 def test_duplicate_name_from_an_entry_point_names_both_owners(tmp_path):
     """Two installed packages registering one name: that name cannot be used (its lookup names
-    both owners), every other name still works, and `torchrecord plugins` shows the clash."""
+    both owners), every other name still works, and `torchrecord plugins` shows the clash.
+    (A plugin cannot take a built-in's name at all: test_plugin_contract.)"""
     site = tmp_path / "site"
-    make_distribution(site, "dupplug", "dupplug_mod", DUP_SOURCE, "dup")
+    make_distribution(site, "dupplug_a", "dupplug_a_mod", DUP_SOURCE, "dup")
+    make_distribution(site, "dupplug_b", "dupplug_b_mod", DUP_SOURCE, "dup")
     result = run_json(
         """
         import json, warnings
@@ -371,7 +379,7 @@ def test_duplicate_name_from_an_entry_point_names_both_owners(tmp_path):
             warnings.simplefilter("always")
             raw = plugins.get_codec("raw_rgb").name
         try:
-            plugins.get_codec("jpeg")
+            plugins.get_codec("twin")
             error = None
         except torchrecord.DuplicatePluginError as exc:
             error = str(exc)
@@ -385,13 +393,13 @@ def test_duplicate_name_from_an_entry_point_names_both_owners(tmp_path):
         site_env(site),
     )
     assert result["raw"] == "raw_rgb"
-    assert result["error"] is not None and "'jpeg'" in result["error"]
-    assert BUILTIN in result["error"] and "dupplug" in result["error"]
-    assert any("'jpeg' is registered twice" in w for w in result["warnings"])
-    assert "jpeg" not in result["listed"] and "raw_rgb" in result["listed"]
+    assert result["error"] is not None and "'twin'" in result["error"]
+    assert "dupplug_a 1.0" in result["error"] and "dupplug_b 1.0" in result["error"]
+    assert any("'twin' is registered twice" in w for w in result["warnings"])
+    assert "twin" not in result["listed"] and {"raw_rgb", "jpeg"} <= set(result["listed"])
 
     proc = plugins_command(site)
-    assert "unusable: codec name 'jpeg' is registered twice" in proc.stdout
+    assert "unusable: codec name 'twin' is registered twice" in proc.stdout
     assert any(line.split()[:2] == ["codec", "raw_rgb"] for line in proc.stdout.splitlines())
 
     strict = run_python(
@@ -677,10 +685,12 @@ def test_invalid_codec_registered_at_run_time_raises(recwarn, codec_class, words
 
 
 def test_run_time_registration_next_to_a_clash_among_installed_plugins(tmp_path):
-    """The installed clash (dupplug's 'jpeg') stays a warning; an unrelated plugin registered at
-    run time works; one that registers a name twice, or misspells a hook, is told so."""
+    """The installed clash (two packages' 'twin') stays a warning; an unrelated plugin
+    registered at run time works; one that registers a name twice, or misspells a hook, is told
+    so."""
     site = tmp_path / "site"
-    make_distribution(site, "dupplug", "dupplug_mod", DUP_SOURCE, "dup")
+    make_distribution(site, "dupplug_a", "dupplug_a_mod", DUP_SOURCE, "dup")
+    make_distribution(site, "dupplug_b", "dupplug_b_mod", DUP_SOURCE, "dup")
     result = run_json(
         """
         import json, warnings
@@ -728,6 +738,6 @@ def test_run_time_registration_next_to_a_clash_among_installed_plugins(tmp_path)
     )
     assert result["mine"] == "mine"
     assert "registered twice by one plugin, twice" in (result["twice"] or "")
-    clash = [w for w in result["warnings"] if "'jpeg' is registered twice" in w]
+    clash = [w for w in result["warnings"] if "'twin' is registered twice" in w]
     assert len(clash) == 1  # said once, not again at each registration
     assert any("misspelled" in w and "torchrecord_register_codec," in w for w in result["warnings"])

@@ -306,6 +306,11 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     checked = tally["records"]
     records = f"{len(reader)}" if checked == len(reader) else f"{checked} of the {len(reader)}"
     what = "sizes, pages, keys and metadata of" if args.quick else f"{records} records in"
+    if not args.quick and not tally.get("parsed", 1):
+        what = (
+            f"{records} records (by CRC-32 only: serializer {reader.serializer_name!r} is not "
+            "installed here, so they were not parsed) in"
+        )
     if args.decode and not args.quick:
         if reader.codec_name == CUSTOM_CODEC:
             what = f"{records} records (not decoded: written by a custom data_process_func) in"

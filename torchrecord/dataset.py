@@ -16,7 +16,7 @@ from typing import Any
 import torch.utils.data as data
 
 from .batchpool import Recycled, shared_tensor
-from .codecs.base import record_label
+from .codecs.base import plugin_bug, plugin_hint, record_label
 from .codecs.jpeg import JPEGCodec
 from .codecs.raw_rgb import RawRGBCodec
 from .codecs.smart import SmartCodec
@@ -294,12 +294,13 @@ class TRDataset(data.Dataset):
             return [self[index] for index in indices]
         import torch
 
+        from .codecs.base import decoded_tensor
         from .transforms import resize_224
 
         codec = self.reader.codec
 
         def decode(record: Any) -> tuple[Any, int]:
-            return resize_224(codec.decode_tensor(record)), record_label(record)
+            return resize_224(decoded_tensor(codec, record)), record_label(record)
 
         dtype = self.batch_dtype
         shape = (len(indices), 3, 224, 224)
@@ -377,6 +378,13 @@ class TRDataset(data.Dataset):
             ) from exc
         except Exception as exc:  # the stored image does not decode: name the record
             shard, local = self.reader.locate(index)
+            bug = plugin_bug(
+                self.reader.codec_name,
+                exc,
+                f"record {local} of {self.reader.shard_label(shard)} (record {index})",
+            )
+            if bug is not None:  # the plugin's, not the data's: never skipped as corrupt
+                raise bug from exc
             if type(exc).__name__ == "DecompressionBombError":  # stored sound, refused here
                 raise TorchRecordError(
                     f"{self.reader.shard_label(shard)}: record {local} "
@@ -393,7 +401,8 @@ class TRDataset(data.Dataset):
                 f"its image does not decode ({type(exc).__name__}: {exc})",
                 hint="Run `torchrecord verify --decode` on the dataset to list every record "
                 "that does not decode (an image that was bad when written is stored as it "
-                "was), then fix or remove their source images and write the dataset again.",
+                "was), then fix or remove their source images and write the dataset again."
+                + plugin_hint(self.reader.codec_name),
             ) from exc
 
     def _log_corrupt(self, index: int, exc: DatasetError) -> None:

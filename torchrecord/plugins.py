@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import re
 import threading
 import warnings
 from dataclasses import dataclass
@@ -147,12 +148,9 @@ class _Registry:
         for name, plugin in self.pm.list_name_plugin():
             if only is not None and name != only:
                 continue
-            unknown = sorted(
-                caller.name
-                for caller in self.pm.get_hookcallers(plugin) or []
-                if not caller.has_spec()
-            )
-            if not unknown:
+            callers = self.pm.get_hookcallers(plugin) or []
+            unknown = sorted(caller.name for caller in callers if not caller.has_spec())
+            if callers and not unknown:
                 continue
             owner = self._owners.get(name, (_RUNTIME_OWNER, "-"))
             what = "is no hook" if len(unknown) == 1 else "are no hooks"
@@ -160,6 +158,10 @@ class _Registry:
                 f"TorchRecord plugin {name} ({owner[0]} {owner[1]}) implements "
                 f"{', '.join(unknown)}, which {what}, so nothing is registered through it; "
                 "the hooks are torchrecord_register_codecs and torchrecord_register_serializers"
+                if unknown
+                else f"TorchRecord plugin {name} ({owner[0]} {owner[1]}) implements no hook, "
+                "so nothing is registered through it: mark its torchrecord_register_codecs or "
+                "torchrecord_register_serializers function with @torchrecord.hookimpl"
             )
             if _strict():
                 raise PluginError(message)
@@ -179,6 +181,7 @@ class _Registry:
         codecs: dict[str, PluginInfo] = {}
         serializers: dict[str, PluginInfo] = {}
         clashes: dict[tuple[str, str], str] = {}
+        shadowed: list[str] = []  # plugins' names that are built-ins' (ignored)
         owners_of: dict[tuple[str, str], list[str]] = {}
         plugins_of: dict[tuple[str, str], list[str]] = {}
         strict = _env_flag("TORCHRECORD_STRICT_PLUGINS")
@@ -186,7 +189,13 @@ class _Registry:
             ("codec", self.pm.hook.torchrecord_register_codecs, codecs),
             ("serializer", self.pm.hook.torchrecord_register_serializers, serializers),
         ):
-            for impl in hook.get_hookimpls():  # registration order
+            # TorchRecord's own first, so that no plugin can take a built-in's name; then in
+            # registration order
+            impls = sorted(
+                hook.get_hookimpls(),
+                key=lambda impl: self._owners.get(impl.plugin_name, ("",))[0] != _BUILTIN_OWNER,
+            )
+            for impl in impls:
                 owner = self._owners.get(impl.plugin_name, (_RUNTIME_OWNER, "-"))
                 pending: dict[str, PluginInfo] = {}
 
@@ -220,6 +229,25 @@ class _Registry:
                 for name, info in pending.items():
                     key = (kind, name)
                     who = f"{info.distribution} {info.version} (plugin {info.plugin})"
+                    if name in table and table[name].distribution == _BUILTIN_OWNER:
+                        builtin = table[name]
+                        message = (
+                            f"TorchRecord plugin {info.plugin} ("
+                            + (
+                                "registered at run time"
+                                if info.distribution == _RUNTIME_OWNER
+                                else f"{info.distribution} {info.version}"
+                            )
+                            + f") registers a {kind} named {name!r}, the name of TorchRecord's "
+                            f"own {kind} ({builtin.distribution} {builtin.version})"
+                        )
+                        if raise_clashes is True or raise_clashes == info.plugin:
+                            raise DuplicatePluginError(message + ": choose another name")
+                        shadowed.append(
+                            f"{message}, so its {kind} is ignored: the plugin must choose "
+                            "another name"
+                        )
+                        continue
                     if name not in table and key not in clashes:
                         table[name] = info
                         owners_of[key], plugins_of[key] = [who], [info.plugin]
@@ -235,6 +263,10 @@ class _Registry:
                         raise DuplicatePluginError(message)
                     table.pop(name, None)
                     clashes[key] = message
+        for message in shadowed:
+            if message not in self.failures:  # (said once, not at every registration)
+                self.failures.append(message)
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
         for key, message in clashes.items():
             if key not in self._clashes:  # (said once, not at every registration)
                 warnings.warn(
@@ -285,6 +317,11 @@ class _Registry:
 
 
 def _validate(kind: str, obj: Any, plugin_name: str) -> None:
+    if isinstance(obj, type):
+        raise PluginError(
+            f"plugin {plugin_name} registered the class {obj.__name__} as a {kind}; register "
+            f"an instance: register({obj.__name__}())"
+        )
     required = ("name", "encode", "decode_image") if kind == "codec" else ("name", "dumps", "loads")
     missing = [attr for attr in required if not hasattr(obj, attr)]
     if kind == "codec":  # a Codec subclass inherits the base's, which only raise
@@ -301,11 +338,14 @@ def _validate(kind: str, obj: Any, plugin_name: str) -> None:
         )
     if kind == "codec" and getattr(obj, "name", None) == "custom":
         raise PluginError(f"plugin {plugin_name}: the codec name 'custom' is reserved")
-    if not isinstance(obj.name, str) or not obj.name or not obj.name.replace("_", "a").isalnum():
+    if not isinstance(obj.name, str) or not _NAME.fullmatch(obj.name):
         raise PluginError(
             f"plugin {plugin_name} registered a {kind} with an invalid name {obj.name!r}: "
-            "use letters, digits and underscores"
+            "use ASCII letters, digits and underscores"
         )
+
+
+_NAME = re.compile(r"[A-Za-z0-9_]+")  # FORMAT.md 9.5: names written to disk
 
 
 def _own_version() -> str:
@@ -353,6 +393,27 @@ def provider(kind: str, name: str) -> dict[str, str]:
     return {"distribution": info.distribution, "version": info.version}
 
 
+def describe_provider(kind: str, name: str) -> str:
+    """Who provides a registered codec or serializer, for messages: ``"built in"``,
+    ``"registered at run time"`` or ``"from <package> <version>"``."""
+    table = _registry.codecs() if kind == "codec" else _registry.serializers()
+    info = table.get(name)
+    if info is None:
+        return "not registered"
+    if info.distribution == _BUILTIN_OWNER:
+        return "built in"
+    if info.distribution == _RUNTIME_OWNER:
+        return "registered at run time"
+    return f"from {info.distribution} {info.version}"
+
+
+def is_builtin(kind: str, name: str) -> bool:
+    """Whether a registered codec or serializer is one of TorchRecord's own."""
+    table = _registry.codecs() if kind == "codec" else _registry.serializers()
+    info = table.get(name)
+    return info is not None and info.distribution == _BUILTIN_OWNER
+
+
 def _raise_if_clash(kind: str, name: str) -> None:
     message = _registry.clashes().get((kind, name))
     if message is not None:
@@ -398,6 +459,53 @@ def list_codecs() -> list[PluginInfo]:
 
 def list_serializers() -> list[PluginInfo]:
     return [info for _, info in sorted(_registry.serializers().items())]
+
+
+def carried(names: Any) -> list[tuple[str, Any]]:
+    """For a process about to be started by spawn or forkserver: the ``(kind, object)`` of
+    each ``(kind, name)`` in ``names`` that was registered at run time here (a new process
+    does not have it) and can be pickled; :func:`adopt` registers them there. Built-ins and
+    installed plugins are found by the new process itself."""
+    import pickle
+
+    found = []
+    for kind, name in names:
+        table = _registry.codecs() if kind == "codec" else _registry.serializers()
+        info = table.get(name)
+        if info is None or info.distribution != _RUNTIME_OWNER:
+            continue
+        try:
+            pickle.dumps(info.obj)
+        except Exception:  # (the new process then says to register it there)
+            continue
+        found.append((kind, info.obj))
+    return found
+
+
+def adopt(objects: list[tuple[str, Any]]) -> None:
+    """Register codecs and serializers :func:`carried` from the process that registered them
+    at run time, unless this process knows their names already (a forked one does)."""
+    for kind, obj in objects:
+        table = _registry.codecs() if kind == "codec" else _registry.serializers()
+        if obj.name not in table:
+            _registry.register(_Carried(kind, obj), name=f"carried {kind} {obj.name}")
+
+
+class _Carried:
+    """A plugin that registers one codec or serializer carried from another process."""
+
+    def __init__(self, kind: str, obj: Any):
+        self.kind, self.obj = kind, obj
+
+    @hookspecs.hookimpl
+    def torchrecord_register_codecs(self, register: Any) -> None:
+        if self.kind == "codec":
+            register(self.obj)
+
+    @hookspecs.hookimpl
+    def torchrecord_register_serializers(self, register: Any) -> None:
+        if self.kind == "serializer":
+            register(self.obj)
 
 
 def register_plugin(plugin: Any, name: str | None = None) -> str:

@@ -19,16 +19,18 @@ from typing import Any
 import numpy as np
 
 from . import format as fmt
+from .codecs.base import plugin_bug, plugin_hint
 from .environments import SHARED
 from .errors import (
     DatasetError,
+    PluginError,
     RecordCorruptedError,
     SerializationError,
     ShardCorruptedError,
     TorchRecordError,
     UnknownPluginError,
 )
-from .plugins import fast_method, get_codec, get_serializer
+from .plugins import adopt, carried, fast_method, get_codec, get_serializer
 
 
 class RecordReader:
@@ -68,9 +70,14 @@ class RecordReader:
             "_generation",
         ):
             state.pop(key, None)
+        # a codec or serializer registered at run time goes along (spawned workers)
+        state["_carried"] = carried(
+            (("codec", self.codec_name), ("serializer", self.serializer_name))
+        )
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        adopt(state.pop("_carried", []))
         self.__dict__.update(state)
         self._state_init()
 
@@ -429,12 +436,20 @@ def verify(
     other checks: it was stored that way). ``decode`` needs the dataset's codec installed, and
     skips datasets written by a custom ``data_process_func`` (their records hold whatever the
     function made, which only the user's own transform knows how to read). ``tally["records"]``
-    counts the records checked (not those of a shard that cannot be read).
+    counts the records checked (not those of a shard that cannot be read); ``tally["parsed"]``
+    is 0 when the serializer is not installed, and the records were checked by their CRC-32
+    only (neither it nor the codec is needed for that).
     """
     tally = {} if tally is None else tally
     tally["records"] = 0
+    tally["parsed"] = 1  # 0: the serializer is not installed, records checked by CRC-32 only
     try:
         decoder = _decoder(reader) if decode and not quick else None
+        if decoder is None and not quick:
+            try:
+                _ = reader.serializer  # (installed here?)
+            except UnknownPluginError:
+                tally["parsed"] = 0
         for shard in range(reader.num_shards):
             try:
                 with SHARED.reading():
@@ -458,7 +473,10 @@ def verify(
             for index in range(int(reader.offsets[shard]), int(reader.offsets[shard + 1])):
                 tally["records"] += 1
                 try:
-                    record = reader.read_record(index)
+                    if tally["parsed"]:
+                        record = reader.read_record(index)
+                    else:
+                        reader.read_bytes(index)
                 except ShardCorruptedError as exc:
                     yield exc
                     break  # the rest of this shard cannot be read either
@@ -469,6 +487,8 @@ def verify(
                     continue
                 try:
                     decoder(record)
+                except PluginError:
+                    raise  # (a bug in the codec, not damage: checking the rest says no more)
                 except NotImplementedError:
                     raise TorchRecordError(
                         f"{reader.path}: the codec {reader.codec_name!r} cannot decode its "
@@ -477,13 +497,20 @@ def verify(
                     ) from None
                 except Exception as exc:
                     local = index - int(reader.offsets[shard])
+                    bug = plugin_bug(
+                        reader.codec_name,
+                        exc,
+                        f"record {local} of {reader.shard_label(shard)} (record {index})",
+                    )
+                    if bug is not None:
+                        raise bug from exc
                     yield RecordCorruptedError(
                         reader.shard_label(shard),
                         reader.key_of(shard, local),
                         local,
                         f"its image does not decode ({type(exc).__name__}: {exc})",
                         hint="It was stored as it was written: fix or remove its source image "
-                        "and write the dataset again.",
+                        "and write the dataset again." + plugin_hint(reader.codec_name),
                     )
     finally:
         reader.close()
@@ -494,7 +521,10 @@ def _decoder(reader: RecordReader) -> Callable[[Any], Any] | None:
     None for records of a custom ``data_process_func``."""
     if reader.codec_name == fmt.CUSTOM_CODEC:
         return None
-    return reader.codec.decode_tensor
+    from .codecs.base import decoded_tensor
+
+    codec = reader.codec
+    return lambda record: decoded_tensor(codec, record)
 
 
 def shard_file_problems(root: Path, manifest: fmt.Manifest) -> list[str]:

@@ -34,9 +34,10 @@ def decode_image(record: Any) -> Any:
     proto = record.protos[0]
     if not proto.name:  # raw RGB pixels, as TorchRecord 0.1 wrote them
         return Image.frombytes("RGB", tuple(proto.dims), proto.byte_data)
+    from .codecs.base import decoded_image
     from .plugins import get_codec
 
-    return get_codec(proto.name).decode_image(record)
+    return decoded_image(get_codec(proto.name), record)
 
 
 def default_transform(tensor_protos: Any) -> tuple[Any, int]:

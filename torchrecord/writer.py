@@ -45,9 +45,10 @@ from .errors import (
     DatasetError,
     DatasetExistsError,
     DiskFullError,
+    PluginError,
     TorchRecordError,
 )
-from .plugins import fast_method, get_codec, get_serializer
+from .plugins import adopt, carried, fast_method, get_codec, get_serializer
 from .readahead import SourceReadahead
 
 _INITIAL_MAP_SIZE = 256 << 20
@@ -215,16 +216,20 @@ class Writer:
         quality = DEFAULT_QUALITY if quality is None else quality
         if not 1 <= int(quality) <= 100:
             raise ValueError(f"quality must be between 1 and 100 (JPEG quality), got {quality}")
+        codec = None if custom else get_codec(self.codec_name)
         if self.image_policy and self.codec_name != "raw_rgb":
-            self.image_policy["quality"] = int(quality)
+            # a codec of a plugin that takes no quality gets none, unless it was asked for
+            # (then _check_options refuses it by name)
+            if asked_quality is not None or codec is None or _takes_option(codec, "quality"):
+                self.image_policy["quality"] = int(quality)
         if asked_quality is not None and "quality" not in self.image_policy:
             raise ValueError(
                 f"quality={asked_quality} would not be used: it is the JPEG quality of images "
                 "re-encoded because of max_size (jpeg codec) or stored as JPEG by the smart "
                 "codec; give max_size too, or leave quality out"
             )
-        if not custom:
-            _check_options(get_codec(self.codec_name), self.image_policy)
+        if codec is not None:
+            _check_options(codec, self.image_policy)
         elif self.image_policy:
             raise ValueError(
                 "max_size, quality and raw_below need a codec, not a custom data_process_func"
@@ -1322,6 +1327,16 @@ class _EncodeJob:
         # the writing process's decompression-bomb limit, for spawned workers too
         self.max_image_pixels = Image.MAX_IMAGE_PIXELS
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        # a codec or serializer registered at run time goes along (spawned workers)
+        state["_carried"] = carried((("codec", self.codec), ("serializer", self.serializer)))
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        adopt(state.pop("_carried", []))
+        self.__dict__.update(state)
+
     def run_chunk(self, entries: list[Entry]) -> list[tuple[bool, bytes, int]]:
         return [self(entry) for entry in entries]
 
@@ -1361,16 +1376,18 @@ class _EncodeJob:
             raise DataListError(self.source, entry.line_no, missing) from None
 
     def _encode(self, entry: Entry) -> bytes:
+        serializer = get_serializer(self.serializer)  # (a missing plugin is no bad line)
+        codec = None if self.data_process_func is not None else get_codec(self.codec)
         try:
-            serializer = get_serializer(self.serializer)
-            if self.data_process_func is not None:
-                return serializer.dumps(self.data_process_func(f"{entry.path} {entry.label}"))
-            codec = get_codec(self.codec)
+            if codec is None:
+                record = self.data_process_func(f"{entry.path} {entry.label}")
+                return _serialized(serializer, serializer.dumps(record))
+            label = _label_value(entry.label)
             encode_parts = fast_method(codec, "encode", "encode_parts")
-            parts = encode_parts and encode_parts(entry.path, entry.label, **self.options)
+            parts = encode_parts and encode_parts(entry.path, label, **self.options)
             dumps_parts = parts and fast_method(serializer, "dumps", "dumps_parts")
             if parts is None:
-                record = codec.encode(entry.path, entry.label, **self.options)
+                record = codec.encode(entry.path, label, **self.options)
             elif dumps_parts:  # the image copied once, straight into the record's bytes
                 more = None
                 if entry.extras:
@@ -1378,12 +1395,14 @@ class _EncodeJob:
 
                     more = TensorProtos()
                     add_extras(more, entry.extras)
-                return dumps_parts(parts, more)
+                return _serialized(serializer, dumps_parts(parts, more))
             else:
                 record = parts.record()
             if entry.extras:
                 add_extras(record, entry.extras)
-            return serializer.dumps(record)
+            return _serialized(serializer, serializer.dumps(record))
+        except PluginError:  # a plugin's fault, not the line's: never skipped
+            raise
         except TorchRecordError as exc:
             raise DataListError(self.source, entry.line_no, str(exc)) from None
         except PermissionError as exc:
@@ -1398,6 +1417,30 @@ class _EncodeJob:
                 entry.line_no,
                 f"cannot encode {entry.path}{hint}: {kind}: {exc}; fix or remove the line",
             ) from None
+
+
+def _label_value(label: str) -> int | str:
+    """A data list's label as codecs get it: the integer it writes (``"07"`` and ``"+3"`` are
+    7 and 3), or the text as it is if it is none (the codec says what is wrong with it)."""
+    try:
+        return int(label)
+    except (TypeError, ValueError):
+        return label
+
+
+def _serialized(serializer: Any, value: Any) -> bytes:
+    """What a serializer's ``dumps`` gave, if it is bytes; a :class:`PluginError` naming the
+    serializer and its package otherwise (a plugin's bug, not a bad line)."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    from .plugins import describe_provider
+
+    raise PluginError(
+        f"serializer {serializer.name!r} ({describe_provider('serializer', serializer.name)}) "
+        f"returned {type(value).__name__}, not bytes, from dumps(); its package needs fixing"
+    )
 
 
 class _DoneShard:
@@ -1872,18 +1915,24 @@ def _merge_label_names(
 
 def _check_options(codec: Any, options: dict[str, Any]) -> None:
     """Refuse image-policy options the codec does not take, before any work is done."""
-    if not options:
-        return
-    import inspect
-
-    accepted = inspect.signature(codec.encode).parameters
-    missing = [name for name in options if name not in accepted]
+    missing = [name for name in options if not _takes_option(codec, name)]
     if missing:
         raise ValueError(
             f"codec {codec.name!r} does not support {', '.join(missing)}; the built-in codecs "
             "raw_rgb, jpeg and smart take max_size (and jpeg and smart take quality, smart "
-            "raw_below)"
+            "raw_below), and a plugin's codec takes the options its encode() has parameters "
+            "for (or **options)"
         )
+
+
+def _takes_option(codec: Any, name: str) -> bool:
+    """Whether a codec's ``encode`` takes the keyword ``name`` (by name, or ``**options``)."""
+    import inspect
+
+    parameters = inspect.signature(codec.encode).parameters
+    return name in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
 
 
 def _func_name(func: Callable[..., Any] | None) -> str | None:

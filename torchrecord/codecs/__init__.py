@@ -4,6 +4,6 @@ Each codec module registers itself through the ``torchrecord_register_codecs`` h
 third-party plugin does. :class:`Codec` is the base class both use.
 """
 
-from .base import Codec, make_record, record_label
+from .base import Codec, RecordParts, builds_record, make_record, record_label
 
-__all__ = ["Codec", "make_record", "record_label"]
+__all__ = ["Codec", "RecordParts", "builds_record", "make_record", "record_label"]

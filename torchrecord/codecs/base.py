@@ -233,20 +233,117 @@ class Codec:
         """0.1's transform, exactly: PIL image, ``Resize((224, 224))``, ``ToTensor()``."""
         from ..transforms import to_seed_tensor
 
-        return to_seed_tensor(self.decode_image(record)), record_label(record)
+        return to_seed_tensor(decoded_image(self, record)), record_label(record)
 
     def fast_transform(self, record: TensorProtos) -> tuple[Any, int]:
         """The same output as :meth:`transform` (3x224x224 float in [0, 1], int label) through
         tensor decode and an antialiased tensor resize; values differ from PIL's by rounding."""
         from ..transforms import resize_224
 
-        return resize_224(self.decode_tensor(record)).float().div_(255), record_label(record)
+        return resize_224(decoded_tensor(self, record)).float().div_(255), record_label(record)
 
     def uint8_transform(self, record: TensorProtos) -> tuple[Any, int]:
         """3x224x224 uint8 and the int label: convert to float on the GPU, in the batch."""
         from ..transforms import resize_224
 
-        return resize_224(self.decode_tensor(record)), record_label(record)
+        return resize_224(decoded_tensor(self, record)), record_label(record)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} codec {self.name!r}>"
+
+
+# -- what a codec's decode gives, checked -------------------------------------------------------
+# A codec of a plugin that breaks the contract (a tensor of the wrong type or layout, no PIL
+# image) would otherwise fail far away, in the resize or in collation, or give batches of other
+# shapes under another transform. The checks cost a few microseconds an image.
+
+
+def decoded_tensor(codec: Codec, record: TensorProtos) -> Any:
+    """``codec.decode_tensor(record)``, which must be a uint8 ``3 x H x W`` torch tensor; a
+    :class:`~torchrecord.errors.PluginError` naming the codec and its package otherwise."""
+    import torch
+
+    image = codec.decode_tensor(record)
+    if (
+        isinstance(image, torch.Tensor)
+        and image.dtype == torch.uint8
+        and image.dim() == 3
+        and image.shape[0] == 3
+    ):
+        return image
+    got = (
+        f"a {str(image.dtype).removeprefix('torch.')} tensor of shape {tuple(image.shape)}"
+        if isinstance(image, torch.Tensor)
+        else f"{type(image).__name__}"
+    )
+    raise _contract_error(codec, f"decode_tensor() returned {got}", "a uint8 tensor 3 x H x W")
+
+
+def decoded_image(codec: Codec, record: TensorProtos) -> Image:
+    """``codec.decode_image(record)`` as an RGB PIL image (another mode is converted, as the
+    tensor paths convert it); a :class:`~torchrecord.errors.PluginError` naming the codec and
+    its package when it is no PIL image."""
+    from PIL import Image as PILImage
+
+    image = codec.decode_image(record)
+    if not isinstance(image, PILImage.Image):
+        raise _contract_error(
+            codec, f"decode_image() returned {type(image).__name__}", "an RGB PIL.Image.Image"
+        )
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _contract_error(codec: Codec, what: str, must: str) -> Exception:
+    from ..errors import PluginError
+    from ..plugins import describe_provider
+
+    return PluginError(
+        f"codec {codec.name!r} ({describe_provider('codec', codec.name)}): {what}, but it must "
+        f"return {must}. This is a bug in the codec, not damage to the dataset: its package "
+        "needs fixing"
+    )
+
+
+# Exceptions that, raised by a plugin's decode of a record whose bytes passed their checksum,
+# mean a bug in the plugin rather than a bad image
+_BUG_TYPES = (
+    TypeError,
+    AttributeError,
+    NameError,
+    ImportError,
+    AssertionError,
+    LookupError,
+    ArithmeticError,
+    RecursionError,
+)
+
+
+def plugin_bug(codec_name: str, exc: BaseException, where: str) -> Exception | None:
+    """For a codec of a plugin (not TorchRecord's own), a :class:`PluginError` when ``exc``,
+    raised while it decoded a sound record (``where`` names it), looks like a bug in it; None
+    for TorchRecord's own codecs and for errors that bad image data gives (``OSError``,
+    ``ValueError``, ``RuntimeError``...), which are the record's."""
+    from ..errors import PluginError
+    from ..plugins import describe_provider, is_builtin
+
+    if isinstance(exc, PluginError):
+        return exc
+    if is_builtin("codec", codec_name) or not isinstance(exc, _BUG_TYPES):
+        return None
+    return PluginError(
+        f"codec {codec_name!r} ({describe_provider('codec', codec_name)}) failed on {where} "
+        f"with {type(exc).__name__}: {exc}. The record's bytes match their checksum, and this "
+        "kind of error is a bug in the codec rather than a bad image: its package needs fixing"
+    )
+
+
+def plugin_hint(codec_name: str) -> str:
+    """For a record a plugin's codec cannot decode: who to ask when every record fails."""
+    from ..plugins import describe_provider, is_builtin
+
+    if is_builtin("codec", codec_name):
+        return ""
+    return (
+        f" It was decoded by the codec {codec_name!r} ({describe_provider('codec', codec_name)}):"
+        " if every record fails so, the codec cannot read back what it wrote; ask its author."
+    )
