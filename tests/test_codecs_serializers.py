@@ -385,6 +385,26 @@ def test_raw_rgb_gives_pillows_pixels_for_what_it_leaves_to_pillow(
     assert record.protos[0].byte_data == expected.tobytes()
 
 
+@pytest.mark.parametrize("codec, options", [("raw_rgb", {}), ("smart", {"raw_below": 10**7})])
+def test_a_16_bit_greyscale_png_is_scaled_not_clipped(photos, tmp_path, codec, options):
+    """Pillow opens a 16-bit greyscale PNG as one 32-bit integer channel, and its own
+    conversion to RGB clips every value above 255 (a photograph comes out white). The codecs
+    scale it: a photograph's grey levels, written as 16 bits (v * 257), come back exactly."""
+    import numpy as np
+
+    path, label = read_list(photos)[2]
+    with Image.open(path) as img:
+        grey = np.asarray(img.convert("L"))
+    deep = tmp_path / "deep.png"
+    Image.fromarray(grey.astype(np.uint16) * 257).save(deep)
+    with Image.open(deep) as img:
+        assert img.mode.startswith("I") and np.asarray(img).max() > 255
+    record = get_codec(codec).encode(str(deep), label, **options)
+    assert record.protos[0].name == ""  # raw pixels
+    image = get_codec(codec).decode_image(record)
+    assert np.array_equal(np.asarray(image), np.repeat(grey[:, :, None], 3, axis=2))
+
+
 def test_raw_rgb_reports_a_truncated_jpeg_as_pillow_does(photos, tmp_path):
     """The fast decoder refuses a truncated JPEG; Pillow then decodes it, and its error (naming
     the file and line) is the one the user sees."""

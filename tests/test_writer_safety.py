@@ -479,3 +479,69 @@ def test_cli_reports_a_system_error_without_a_traceback(photos, tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "torchrecord write: error:" in result.stderr and str(blocker) in result.stderr
+
+
+def test_a_shard_of_another_write_of_the_same_shape_is_refused(photos, tmp_path):
+    """Two writes of the same images in other orders give shards of the same size; one copied
+    over the other's used to pass `verify --quick` and be read as if it belonged. Each shard's
+    manifest entry now names its records (the CRC-32 of its checksum table), checked whenever
+    the shard is opened."""
+    from PIL import Image
+
+    from torchrecord.errors import ShardCorruptedError
+    from torchrecord.reader import RecordReader, verify
+
+    lines = []
+    for i, (path, label) in enumerate(read_list(photos)[:12]):
+        with Image.open(path) as img:
+            small = img.convert("RGB").resize((40, 30))
+        small.save(tmp_path / f"same_{i}.png")
+        lines.append(f"{tmp_path / f'same_{i}.png'} {label}\n")
+    (tmp_path / "same.txt").write_text("".join(lines))
+    first, second = tmp_path / "first", tmp_path / "second"
+    Writer(tmp_path / "same.txt", first, db_num=2, codec="raw_rgb", seed=1).write()
+    Writer(tmp_path / "same.txt", second, db_num=2, codec="raw_rgb", seed=2).write()
+    shard = "shard-00000.lmdb"
+    assert (first / shard).stat().st_size == (second / shard).stat().st_size
+    assert labels_of(first) != labels_of(second)  # (other orders: other records)
+    (first / shard).write_bytes((second / shard).read_bytes())
+
+    problems = list(verify(RecordReader(first), quick=True))
+    assert len(problems) == 1 and isinstance(problems[0], ShardCorruptedError)
+    assert shard in str(problems[0]) and "other records than the ones the manifest" in str(
+        problems[0]
+    )
+    with pytest.raises(ShardCorruptedError, match="other records than the ones the manifest"):
+        TRDataset(first)[0]
+    assert TRDataset(first)[8][1] == labels_of(second)[8]  # the other shard is sound
+
+
+def test_a_shard_the_manifest_does_not_list_is_named_and_never_replaced(photos, tmp_path):
+    """An append's shard, left beside a manifest restored from before the append, is named by
+    info and verify, and a new append refuses to replace it; a staging directory of an
+    interrupted write is named too."""
+    from torchrecord.cli import main
+
+    out = tmp_path / "out"
+    Writer(photos, out, codec="jpeg", shuffle=False).write()
+    before = (out / "manifest.json").read_bytes()
+    Writer(photos, out, append=True).write()
+    appended = (out / "shard-00001.lmdb").read_bytes()
+    (out / "manifest.json").write_bytes(before)  # a backup restored
+    (out / ".tmp-0123456789abcdef").mkdir()
+    (out / ".tmp-0123456789abcdef" / "shard-00005.lmdb").write_bytes(b"\0" * 3_000_000)
+
+    for command in (["info", str(out)], ["verify", str(out)]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "torchrecord.cli", *command],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "shard-00001.lmdb is a shard file the manifest does not list" in proc.stderr
+        assert ".tmp-0123456789abcdef holds an interrupted write (3.0 MB)" in proc.stderr
+    with pytest.raises(DatasetExistsError, match="shard-00001.lmdb is a TorchRecord shard that"):
+        Writer(photos, out, append=True).write()
+    assert (out / "shard-00001.lmdb").read_bytes() == appended
+    assert main(["verify", "--quick", str(out)]) == 0

@@ -211,7 +211,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     missing = _missing_plugins(RecordReader(args.path))
     if args.json:
         print(json.dumps({**info, "missing_plugins": missing}, indent=2))
-        _warn(missing, info["problems"])
+        _warn(missing, info["problems"], info["notes"])
         return 0
     written = info.get("plugins", {}) if isinstance(info.get("plugins"), dict) else {}
 
@@ -248,7 +248,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             print(
                 f"  {shard['file']:<24} {shard['records']:>10} records {shard['bytes']:>14} bytes"
             )
-    _warn(missing, info["problems"])
+    _warn(missing, info["problems"], info["notes"])
     return 0
 
 
@@ -269,12 +269,15 @@ def _missing_plugins(reader: Any) -> list[str]:
     return missing
 
 
-def _warn(missing: list[str], problems: list[str] = ()) -> None:
-    """Warnings for plugins missing here and for shards missing or cut."""
+def _warn(missing: list[str], problems: list[str] = (), notes: list[str] = ()) -> None:
+    """Warnings for plugins missing here, for shards missing or cut, and for files beside the
+    dataset (shards the manifest does not list, staging of interrupted writes)."""
     for message in missing:
         print(f"warning: this dataset cannot be read here: {message}", file=sys.stderr)
     for problem in problems:
         print(f"warning: {problem}; run `torchrecord verify`", file=sys.stderr)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
 
 
 def _problem_line(problem: Exception) -> str:
@@ -322,7 +325,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             "Restore the shards named from a copy, or write the dataset again from its source "
             "(with --overwrite); then verify again"
         )
-    _warn(_missing_plugins(reader))  # sound bytes, but nothing here decodes them
+    from .reader import stray_files
+
+    # sound bytes, but nothing here decodes them; files beside the dataset
+    _warn(_missing_plugins(reader), notes=stray_files(reader.path, reader.manifest))
     return 0 if problems == 0 else 1
 
 

@@ -106,6 +106,9 @@ class ShardInfo:
     bytes: int
     legacy_db: str | None = None  # sub-database name, for TorchRecord 0.1 datasets
     sha256: str | None = None  # of the whole shard file
+    # CRC-32 of the shard's checksum table: which records it holds, checked whenever the shard
+    # is opened (a shard of another write of the same shape has other records)
+    records_crc32: int | None = None
 
 
 @dataclass
@@ -134,6 +137,7 @@ class Manifest:
             "shards": [
                 {"file": s.file, "num_records": s.num_records, "bytes": s.bytes}
                 | ({"sha256": s.sha256} if s.sha256 else {})
+                | ({"records_crc32": s.records_crc32} if s.records_crc32 is not None else {})
                 for s in self.shards
             ],
             **self.extra,
@@ -215,12 +219,16 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
             or not all(c in "0123456789abcdef" for c in sha256)
         ):
             raise DatasetError(f"{where}: shard {name} sha256 must be 64 lowercase hex digits")
+        records_crc32 = item.get("records_crc32")
+        if records_crc32 is not None:
+            _count(records_crc32, where, f"shard {name} records_crc32")
         shards.append(
             ShardInfo(
                 name,
                 _count(item.get("num_records"), where, f"shard {name} num_records"),
                 _count(item.get("bytes"), where, f"shard {name} bytes"),
                 sha256=sha256,
+                records_crc32=records_crc32,
             )
         )
     if len({s.file for s in shards}) != len(shards):

@@ -218,13 +218,24 @@ class RecordReader:
                         raise ShardCorruptedError(
                             label, f"holds {entries} keys, expected {what} and 2 metadata keys"
                         )
-                    if self.verify_checksums:
+                    if self.verify_checksums or info.records_crc32 is not None:
                         raw = txn.get(fmt.CHECKSUMS_KEY)
                         if raw is None or len(raw) != 4 * info.num_records:
                             raise ShardCorruptedError(
                                 label, "its checksum table is missing or has the wrong length"
                             )
-                        self._checksums[shard] = np.frombuffer(bytes(raw), dtype="<u4")
+                        raw = bytes(raw)
+                        if info.records_crc32 is not None and (
+                            zlib.crc32(raw) != info.records_crc32
+                        ):
+                            raise ShardCorruptedError(
+                                label,
+                                "it holds other records than the ones the manifest lists (a "
+                                "shard of another write, copied or renamed over this one, or "
+                                "rewritten since)",
+                            )
+                        if self.verify_checksums:
+                            self._checksums[shard] = np.frombuffer(raw, dtype="<u4")
                 self._dbs[shard] = None
         except lmdb.Error as exc:
             self._release(shard)
@@ -544,6 +555,31 @@ def shard_file_problems(root: Path, manifest: fmt.Manifest) -> list[str]:
     return problems
 
 
+def stray_files(root: Path, manifest: fmt.Manifest) -> list[str]:
+    """What lies in a dataset's directory besides the dataset: shard files its manifest does
+    not list (never read, and an append refuses to run over them) and staging directories of
+    interrupted writes (their space is taken until they are resumed or removed)."""
+    from .writer import STAGING_PREFIX
+
+    listed = {s.file for s in manifest.shards}
+    notes = []
+    for path in sorted(root.glob("shard-*.lmdb")):
+        if path.name not in listed and not manifest.legacy:
+            notes.append(
+                f"{path.name} is a shard file the manifest does not list, so its records are "
+                "not read (was manifest.json restored from an earlier copy?); restore the "
+                "manifest that lists it, or move the file away"
+            )
+    for path in sorted(root.glob(STAGING_PREFIX + "*")):
+        if path.is_dir():
+            size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+            notes.append(
+                f"{path.name} holds an interrupted write ({size / 1e6:.1f} MB): run the same "
+                "write again to resume it, or delete the directory"
+            )
+    return notes
+
+
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """A summary for ``torchrecord info``."""
     manifest = fmt.read_manifest(path)
@@ -570,5 +606,6 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         ],
         "bytes": total,
         "problems": problems,
+        "notes": stray_files(root, manifest),
         **{k: v for k, v in manifest.extra.items()},
     }

@@ -435,7 +435,13 @@ class Writer:
             manifest = fmt.read_manifest(self.output_dir)
         else:  # a part is not readable as a dataset; describe it from its manifest
             shards = [
-                fmt.ShardInfo(s["file"], s["num_records"], s["bytes"], sha256=s.get("sha256"))
+                fmt.ShardInfo(
+                    s["file"],
+                    s["num_records"],
+                    s["bytes"],
+                    sha256=s.get("sha256"),
+                    records_crc32=s.get("records_crc32"),
+                )
                 for s in doc["shards"]
             ]
             manifest = fmt.Manifest(
@@ -534,6 +540,7 @@ class Writer:
                     f"{base.serializer!r}; append with the same ones"
                 )
             _refuse_foreign_files(out, _listed_files(out / fmt.MANIFEST_NAME))
+            _refuse_unlisted_shards(out, _listed_files(out / fmt.MANIFEST_NAME))
             if (base.extra.get("image_policy") or None) != (self.image_policy or None):
                 raise ValueError(
                     f"{out} was written with the image policy "
@@ -1165,7 +1172,11 @@ def _join_locked(out: Path, docs: list[tuple[Path, dict[str, Any]]]) -> fmt.Mani
                     _fsync(target)
             shards.append(
                 fmt.ShardInfo(
-                    item["file"], item["num_records"], item["bytes"], sha256=item.get("sha256")
+                    item["file"],
+                    item["num_records"],
+                    item["bytes"],
+                    sha256=item.get("sha256"),
+                    records_crc32=item.get("records_crc32"),
                 )
             )
         report = part / SKIPPED_REPORT
@@ -1470,7 +1481,13 @@ def _done_shards(staging: Path, out: Path, first_index: int) -> dict[int, _DoneS
             or file_sha256(path) != done["sha256"]
         ):
             continue
-        info = fmt.ShardInfo(name, done["num_records"], done["bytes"], sha256=done["sha256"])
+        info = fmt.ShardInfo(
+            name,
+            done["num_records"],
+            done["bytes"],
+            sha256=done["sha256"],
+            records_crc32=done.get("records_crc32"),
+        )
         kept[index] = _DoneShard(info, done["input_end"], done["skipped"])
     return kept
 
@@ -1605,12 +1622,15 @@ def _mark_done(
         if isinstance(exc, OSError):
             raise _write_failure(path, exc) from exc
         raise exc
-    info = fmt.ShardInfo(path.name, count, path.stat().st_size, sha256=sha256)
+    info = fmt.ShardInfo(
+        path.name, count, path.stat().st_size, sha256=sha256, records_crc32=_records_crc32(path)
+    )
     done = {
         "file": info.file,
         "num_records": info.num_records,
         "bytes": info.bytes,
         "sha256": info.sha256,
+        "records_crc32": info.records_crc32,
         "input_end": input_end,
         "skipped": skipped,
     }
@@ -1619,6 +1639,14 @@ def _mark_done(
     except OSError as exc:  # name the shard, and say why when the disk is full
         raise _write_failure(path, exc) from exc
     return info
+
+
+def _records_crc32(path: Path) -> int:
+    """The CRC-32 of a sealed shard's checksum table (see ``fmt.ShardInfo.records_crc32``)."""
+    import lmdb
+
+    with lmdb.open(str(path), subdir=False, **fmt.READ_OPTIONS) as env, env.begin() as txn:
+        return zlib.crc32(txn.get(fmt.CHECKSUMS_KEY) or b"")
 
 
 def _write_planned_shard(
@@ -1853,6 +1881,23 @@ def _refuse_foreign_files(out: Path, old_files: set[str]) -> None:
             raise DatasetExistsError(
                 f"{path} exists and was not written by TorchRecord; a dataset written here "
                 "could replace it. Move it away, or choose another output directory."
+            )
+
+
+def _refuse_unlisted_shards(out: Path, listed: set[str]) -> None:
+    """Refuse to append where a shard the manifest does not list lies (a manifest restored
+    from an earlier copy leaves the shards of later appends so): the append's new shards take
+    the same names and would replace it. The shards of an append whose publish was killed are
+    listed by the manifest it staged, and are no reason to refuse."""
+    staged: set[str] = set()
+    for staging in out.glob(STAGING_PREFIX + "*"):
+        staged |= _listed_files(staging / fmt.MANIFEST_NAME)
+    for path in sorted(out.glob("shard-*.lmdb")):
+        if path.name not in listed and path.name not in staged and _written_here(path):
+            raise DatasetExistsError(
+                f"{path} is a TorchRecord shard that {out / fmt.MANIFEST_NAME} does not list "
+                "(was the manifest restored from an earlier copy?); this append would replace "
+                "it. Restore the manifest that lists it, or move the file away, then append."
             )
 
 

@@ -177,6 +177,26 @@ def open_image(source: Any, max_size: int | None, name: str | None = None) -> Im
     return img
 
 
+def to_rgb(img: Image) -> Image:
+    """``img`` as RGB. Images of 16 bits a channel that Pillow opens as one integer channel
+    (16-bit greyscale PNG and TIFF: modes ``I;16...`` and ``I``) are scaled to 8 bits first:
+    Pillow's own conversion clips every value above 255, which turns a 16-bit photograph
+    white. (Pillow reduces 16-bit RGB PNGs to 8 bits itself.)"""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        import numpy as np
+        from PIL import Image as PILImage
+
+        values = np.asarray(img).astype(np.uint32)
+        if img.mode == "I" and values.max(initial=0) <= 255:
+            grey = values.astype(np.uint8)  # (an 8-bit image kept in a 32-bit mode)
+        else:
+            grey = ((np.minimum(values, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+        return PILImage.fromarray(grey, "L").convert("RGB")
+    return img.convert("RGB")
+
+
 def fit(img: Image, max_size: int | None) -> Image:
     """``img`` scaled down (Lanczos) so that its longer side is at most ``max_size``."""
     if not max_size or max(img.size) <= max_size:
@@ -290,7 +310,7 @@ def decoded_image(codec: Codec, record: TensorProtos) -> Image:
         raise _contract_error(
             codec, f"decode_image() returned {type(image).__name__}", "an RGB PIL.Image.Image"
         )
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return to_rgb(image)
 
 
 def _contract_error(codec: Codec, what: str, must: str) -> Exception:

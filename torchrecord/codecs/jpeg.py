@@ -23,6 +23,7 @@ from .base import (
     fit,
     open_image,
     parse_label,
+    to_rgb,
 )
 
 JPEG_SOI = b"\xff\xd8\xff"
@@ -135,7 +136,7 @@ class JPEGCodec(Codec):
         check_pixels(path, size, max_size)
         if max_size and max(size) > max_size:
             with open_image(io.BytesIO(data), max_size, path) as img:
-                small = fit(img.convert("RGB"), max_size)
+                small = fit(to_rgb(img), max_size)
             return RecordParts(encode_jpeg(small, quality), small.size, label, self.name)
         return RecordParts(data, size, label, self.name)
 

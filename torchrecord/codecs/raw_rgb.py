@@ -20,7 +20,7 @@ from functools import lru_cache
 from typing import Any
 
 from ..hookspecs import hookimpl
-from .base import Codec, RecordParts, builds_record, fit, open_image, parse_label
+from .base import Codec, RecordParts, builds_record, fit, open_image, parse_label, to_rgb
 
 
 class RawRGBCodec(Codec):
@@ -37,8 +37,7 @@ class RawRGBCodec(Codec):
                     pixels = _libjpeg_rgb(img.fp.read(), img.size)
                     if pixels is not None:
                         return RecordParts(pixels, img.size, label)
-            # (convert() of an RGB image would copy it: skip that)
-            rgb = fit(img if img.mode == "RGB" else img.convert("RGB"), max_size)
+            rgb = fit(to_rgb(img), max_size)
             return RecordParts(rgb.tobytes(), rgb.size, label)
 
     encode = builds_record(encode_parts)

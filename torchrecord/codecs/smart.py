@@ -12,7 +12,16 @@ from __future__ import annotations
 from typing import Any
 
 from ..hookspecs import hookimpl
-from .base import Codec, RecordParts, builds_record, encode_jpeg, fit, open_image, parse_label
+from .base import (
+    Codec,
+    RecordParts,
+    builds_record,
+    encode_jpeg,
+    fit,
+    open_image,
+    parse_label,
+    to_rgb,
+)
 from .jpeg import CODEC as JPEG
 from .jpeg import JPEG_SOI, jpeg_size
 from .raw_rgb import CODEC as RAW
@@ -53,7 +62,7 @@ class SmartCodec(Codec):
         if head == JPEG_SOI:
             return JPEG.encode_parts(path, label, max_size=max_size, quality=quality)
         with open_image(path, max_size) as img:
-            rgb = fit(img.convert("RGB"), max_size)
+            rgb = fit(to_rgb(img), max_size)
         return RecordParts(encode_jpeg(rgb, quality), rgb.size, label, JPEG.name)
 
     encode = builds_record(encode_parts)
