@@ -110,6 +110,18 @@ class ShardInfo:
     # is opened (a shard of another write of the same shape has other records)
     records_crc32: int | None = None
 
+    @classmethod
+    def from_entry(cls, item: dict[str, Any]) -> ShardInfo:
+        """From a shard's entry in a manifest (or a part's, or a resume's record), as written:
+        :func:`read_manifest` validates, this does not."""
+        return cls(
+            item["file"],
+            item["num_records"],
+            item["bytes"],
+            sha256=item.get("sha256"),
+            records_crc32=item.get("records_crc32"),
+        )
+
 
 @dataclass
 class Manifest:

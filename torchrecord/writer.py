@@ -434,16 +434,7 @@ class Writer:
         if "part" not in doc:
             manifest = fmt.read_manifest(self.output_dir)
         else:  # a part is not readable as a dataset; describe it from its manifest
-            shards = [
-                fmt.ShardInfo(
-                    s["file"],
-                    s["num_records"],
-                    s["bytes"],
-                    sha256=s.get("sha256"),
-                    records_crc32=s.get("records_crc32"),
-                )
-                for s in doc["shards"]
-            ]
+            shards = [fmt.ShardInfo.from_entry(s) for s in doc["shards"]]
             manifest = fmt.Manifest(
                 doc["codec"],
                 doc["serializer"],
@@ -1170,15 +1161,7 @@ def _join_locked(out: Path, docs: list[tuple[Path, dict[str, Any]]]) -> fmt.Mani
                 except OSError:  # another file system: copy, then sync
                     shutil.copy2(source, target)
                     _fsync(target)
-            shards.append(
-                fmt.ShardInfo(
-                    item["file"],
-                    item["num_records"],
-                    item["bytes"],
-                    sha256=item.get("sha256"),
-                    records_crc32=item.get("records_crc32"),
-                )
-            )
+            shards.append(fmt.ShardInfo.from_entry(item))
         report = part / SKIPPED_REPORT
         if report.exists():
             skipped_lines += report.read_text(encoding="utf-8").splitlines()[1:]
@@ -1481,13 +1464,7 @@ def _done_shards(staging: Path, out: Path, first_index: int) -> dict[int, _DoneS
             or file_sha256(path) != done["sha256"]
         ):
             continue
-        info = fmt.ShardInfo(
-            name,
-            done["num_records"],
-            done["bytes"],
-            sha256=done["sha256"],
-            records_crc32=done.get("records_crc32"),
-        )
+        info = fmt.ShardInfo.from_entry({**done, "file": name})
         kept[index] = _DoneShard(info, done["input_end"], done["skipped"])
     return kept
 
