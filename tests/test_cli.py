@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -279,7 +281,8 @@ def test_verify_decode_finds_an_image_that_was_bad_when_written(photos, tmp_path
     assert decoded.returncode == 1, decoded.stdout + decoded.stderr
     bad = [line for line in decoded.stdout.splitlines() if line.startswith("BAD")]
     assert len(bad) == 1
-    assert "shard-00000.lmdb, record key" in bad[0] and "(record 5 of the shard)" in bad[0]
+    assert "shard-00000.lmdb, record key" in bad[0]
+    assert "(record 5 of the shard, record 5 of the dataset)" in bad[0]
     assert "does not decode" in bad[0] and "fix or remove its source image" in bad[0]
     assert "1 problem(s): checked 24 records (decoded) in 1 shards" in decoded.stdout
 
@@ -326,10 +329,14 @@ def test_a_label_beyond_64_bits_is_refused_at_write_time(photos, tmp_path):
 
 def test_a_manifest_nested_thousands_deep_is_a_clear_error(tmp_path):
     (tmp_path / "manifest.json").write_text("[" * 100_000)
-    for command in ("info", "verify"):
-        proc = run_cli(command, tmp_path)
-        assert proc.returncode == 2, proc.stderr
-        assert "manifest.json is damaged" in proc.stderr and "Traceback" not in proc.stderr
+    info = run_cli("info", tmp_path)  # could not describe it
+    assert info.returncode == 2, info.stderr
+    assert "manifest.json is damaged" in info.stderr and "Traceback" not in info.stderr
+    verify = run_cli("verify", tmp_path)  # found a problem: a damaged manifest is one
+    assert verify.returncode == 1, verify.stdout + verify.stderr
+    assert verify.stdout.startswith("BAD  ") and "manifest.json is damaged" in verify.stdout
+    assert "Traceback" not in verify.stderr
+    assert run_cli("verify", tmp_path / "nothing").returncode == 2  # no dataset: could not run
 
 
 def test_info_warns_about_a_missing_or_cut_shard(photos, tmp_path):
@@ -416,3 +423,39 @@ def test_errors_name_the_flags_not_the_python_parameters(photo_dir, tmp_path):
     assert _in_flags(ValueError("/data/db_num/out already holds a dataset; db_num=2")) == (
         "/data/db_num/out already holds a dataset; --db-num 2"
     )
+
+
+def test_sigterm_stops_a_write_that_then_resumes(photos, tmp_path):
+    """SIGTERM (`timeout`, a scheduler preempting the job) is handled as Ctrl-C: exit 143, the
+    finished shards kept, the way to resume said; the same command then resumes."""
+    lines = photos.read_text().splitlines()
+    big = photos.parent / "big.txt"
+    big.write_text("".join(f"{line}\n" for line in lines * 40))  # 960 images
+    out = tmp_path / "out"
+    command = [str(TORCHRECORD), "write", str(big), str(out), "--records-per-shard", "60", "-q"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".tmp-*/shard-*.done")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "terminated; run the same command again to resume" in stderr
+    assert "Traceback" not in stderr
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resumed: " in again.stdout
+    assert run_cli("verify", out).stdout.startswith("OK: checked 960 records")
+
+
+def test_python_names_become_flags_and_quick_decode_is_refused(photos, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("write", photos, out, "--codec", "jpeg", "-q").returncode == 0
+    again = run_cli("write", photos, out, "--codec", "raw_rgb", "-q")  # another write
+    both = run_cli("write", photos, out, "--overwrite", "--append", "-q")
+    for proc in (again, both):
+        assert proc.returncode == 2
+        assert "overwrite=True" not in proc.stderr and "append=True" not in proc.stderr
+    assert "--overwrite" in again.stderr and "--append" in again.stderr
+    refused = run_cli("verify", out, "--quick", "--decode")
+    assert refused.returncode == 2 and "--decode decodes every record" in refused.stderr

@@ -88,7 +88,7 @@ def main(rank, world, config):
         dist.all_gather_object(out, obj)
         return out
 
-    results = {"shares": [], "phase1": [], "phase2": [], "early": []}
+    results = {"shares": [], "phase1": [], "phase2": [], "early": [], "disagree": []}
     if early is not None:
         try:
             next(iter(early))
@@ -96,6 +96,19 @@ def main(rank, world, config):
         except RuntimeError as exc:
             outcome = str(exc)
         results["early"] = gather(outcome)
+    if config.get("disagree"):
+        # ranks that disagree: a seed per rank (an augmentation habit), and a world size
+        # larger than the group's
+        for options in ({"seed": 7 + rank}, {"rank": rank, "world_size": world + 1}):
+            try:
+                loader = TorchRecord(
+                    config["disagree"], batch_size=2, transform=fingerprint, **options
+                )
+                read(loader)
+                outcome = "read"
+            except (RuntimeError, ValueError) as exc:
+                outcome = str(exc)
+            results["disagree"].append(gather(outcome))
     for run in config["shares"]:
         loader = make(run, rank, world)
         loader.set_epoch(run["epoch"])
@@ -252,7 +265,13 @@ def gloo(datasets, tmp_path_factory):
     ]
     two = launch(
         2,
-        {"shares": share_runs(datasets), "phase1": phase1, "phase2": [], "early": records},
+        {
+            "shares": share_runs(datasets),
+            "phase1": phase1,
+            "phase2": [],
+            "early": records,
+            "disagree": records,
+        },
         folder / "2",
     )
     phase2 = [
@@ -393,3 +412,18 @@ def test_a_loader_made_before_the_process_group_refuses_to_read(gloo):
     for rank, outcome in enumerate(outcomes):
         assert "created before torch.distributed.init_process_group()" in outcome
         assert f"this process is rank {rank} of 2" in outcome
+
+
+def test_ranks_that_disagree_refuse_to_read(gloo):
+    """A seed that differs by rank makes the ranks' shares overlap and miss records, silently:
+    the rank that compares second refuses, naming the setting. A world size larger than the
+    process group is refused on every rank when the loader is made."""
+    seeds, worlds = gloo[2]["disagree"]
+    refused = [outcome for outcome in seeds if outcome != "read"]
+    assert refused, seeds
+    for outcome in refused:
+        assert "TorchRecord loader disagrees with rank" in outcome
+        assert "seed: " in outcome and "Vary augmentation by rank" in outcome
+    assert len(worlds) == 2
+    for outcome in worlds:
+        assert "world_size=3 but the torch.distributed process group has 2 processes" in outcome

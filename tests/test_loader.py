@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 import zlib
 
 import numpy as np
@@ -12,6 +13,7 @@ from conftest import fingerprint, read_list
 from PIL import Image
 
 from torchrecord import TorchRecord, TRDataset, TRSampler, Writer
+from torchrecord.errors import PluginError
 from torchrecord.sampler import item_pool_size, pool_shuffle
 
 
@@ -99,6 +101,21 @@ def test_item_pool_is_a_permutation():
     positions[out] = np.arange(len(out))
     assert (positions >= data - 64).all()
     assert item_pool_size(8) == 32 and item_pool_size(100) == 64
+
+
+def test_the_item_pool_also_runs_over_the_unshuffled_order(records):
+    """0.1's item pool runs on top of every mode, "none" too (it used to be ignored there,
+    and still held a resumed state to its pool size): records in dataset order, passed
+    through a pool of 8, a permutation that moves no record ahead by more than the pool."""
+    plain = TRSampler(str(records), shuffle="none")
+    assert plain.order(0).tolist() == list(range(24))
+    pooled = TRSampler(str(records), shuffle="none", pool_size=8, seed=3)
+    first, second = pooled.order(0), pooled.order(1)
+    assert sorted(first.tolist()) == list(range(24)) and first.tolist() != list(range(24))
+    assert first.tolist() != second.tolist()  # a new pool draw every epoch
+    positions = np.empty_like(first)
+    positions[first] = np.arange(24)
+    assert (positions >= np.arange(24) - 8).all()
 
 
 def test_dataset_is_map_style_for_any_sampler(photos, records):
@@ -382,7 +399,7 @@ def test_in_place_batches_survive_pickling(records):
     assert isinstance(copy.__getitems__([0, 1]), list)
 
 
-def test_a_codec_whose_tensors_are_not_rgb_gets_per_sample_batches(photos, tmp_path):
+def test_a_codec_whose_tensors_are_not_rgb_is_named(photos, tmp_path):
     from torchrecord.codecs.jpeg import JPEGCodec
     from torchrecord.hookspecs import hookimpl
     from torchrecord.plugins import register_plugin, unregister_plugin
@@ -402,11 +419,14 @@ def test_a_codec_whose_tensors_are_not_rgb_gets_per_sample_batches(photos, tmp_p
     try:
         out = tmp_path / "grey"
         Writer(photos, out, db_num=2, codec="test_grey", shuffle=False).write()
-        loader = TorchRecord(out, batch_size=5, shuffle=False)
-        batches = list(loader)
-        assert [tuple(images.shape) for images, _ in batches][0] == (5, 1, 224, 224)
-        single = TRDataset(out)[0][0]
-        assert torch.equal(batches[0][0][0], single)
+        # batches of one channel under the tensor transforms and of three under "pil" (which
+        # converts to RGB), or a shape error in collation: refused, naming the codec
+        for transform in ("fast", "uint8"):
+            loader = TorchRecord(out, batch_size=5, shuffle=False, transform=transform)
+            with pytest.raises(PluginError, match=r"'test_grey' .*shape \(1, .*3 x H x W"):
+                next(iter(loader))
+        image, _ = TRDataset(out, transform="pil")[0]
+        assert image.shape == (3, 224, 224)
     finally:
         unregister_plugin(name="test-grey")
 
@@ -460,3 +480,16 @@ def test_trsampler_as_a_batch_sampler_says_how_to_use_it(records):
     assert [len(labels) for _, labels in new_way] == [8, 8, 8]
     with pytest.raises(ValueError, match="pool_size must be a non-negative integer"):
         TRSampler(records, pool_size=-5)
+
+
+def test_a_rank_left_without_batches_says_so(records):
+    """More ranks than records (or a share smaller than a batch) with drop_last=True: every
+    epoch of that rank is empty, which a training loop would run through without a step."""
+    with pytest.warns(RuntimeWarning, match=r"rank 3 of 30 reads no batch in an epoch: its share"):
+        empty = TorchRecord(records, rank=3, world_size=30, drop_last=True, batch_size=2)
+    assert len(empty) == 0 and list(empty) == []
+    with pytest.warns(RuntimeWarning, match=r"is 6, and drop_last=True drops all of it"):
+        TorchRecord(records, rank=0, world_size=4, drop_last=True, batch_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(TorchRecord(records, rank=0, world_size=4, drop_last=True, batch_size=6)) == 1

@@ -11,6 +11,9 @@ import gc
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -605,3 +608,46 @@ def test_legacy_readers_created_and_dropped_leave_nothing_behind(legacy_fixture)
         f"one dataset was dropped, {states[-1]} after {EPOCHS}"
     )
     assert fds == base_fds
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_workers_leave_with_a_training_process_killed_by_sigkill(records, tmp_path, method):
+    """A training process killed with SIGKILL (an OOM kill, a `kill -9` restart) takes its
+    loader's workers with it. Under forkserver they are children of the fork server, which
+    lives on, so PyTorch's own watch (the parent's pid) never fires: they used to run on,
+    hundreds of MB each."""
+    script = tmp_path / "trainer.py"
+    script.write_text(
+        f"""
+import json, os, signal
+from torchrecord import TorchRecord
+
+if __name__ == "__main__":
+    loader = TorchRecord({str(records)!r}, batch_size=2, num_workers=2,
+                         multiprocessing_context={method!r})
+    it = iter(loader)
+    next(it)
+    print(json.dumps(sorted(w.pid for w in loader._iterator._workers)), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    workers = json.loads(proc.stdout.splitlines()[-1])
+    assert len(workers) == 2
+
+    def alive(pid):
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 30
+    while any(map(alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in workers if alive(pid)]
+    for pid in left:  # (so that a failure leaves nothing running)
+        os.kill(pid, signal.SIGKILL)
+    assert left == []

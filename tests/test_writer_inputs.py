@@ -402,6 +402,18 @@ def test_extra_fields_of_any_length_batch_by_kind(photos, tmp_path):
             ]
     expected = [(i, item["boxes"], item["note"]) for i, item in enumerate(items)]
     assert seen == expected * 2
+    # batches are built in place (and their buffers reused) with extra fields too: the same
+    # images as sample by sample
+    from torchrecord.dataset import Prebatched
+
+    loader = TorchRecord(out, batch_size=5, num_workers=2, shuffle=False)
+    assert loader.dataset.batch_pool is not None
+    built = loader.dataset.__getitems__([3, 4])
+    assert isinstance(built, Prebatched) and built.extras[1]["note"] == "n4"
+    single = TRDataset(out)
+    for images, labels, extras in loader:
+        first = int(extras["area"][0] / 1.5)
+        assert torch.equal(images[0], single[first][0]) and labels[0] == single[first][1]
     plain = DataLoader(TRDataset(out), batch_size=24, collate_fn=torchrecord.collate)
     _, labels, extras = next(iter(plain))
     assert extras["boxes"] == [item["boxes"] for item in items]

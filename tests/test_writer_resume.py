@@ -14,7 +14,7 @@ import time
 import pytest
 from conftest import read_list
 
-from torchrecord import DatasetExistsError, TRDataset, Writer
+from torchrecord import DataListError, DatasetExistsError, TRDataset, Writer
 
 SLOW_MODULE = '''
 import os, time
@@ -418,3 +418,30 @@ def test_a_resume_tells_the_shards_it_kept_from_those_it_wrote(slow_list, tmp_pa
     assert (
         writer.new_shards == manifest.shards and writer.kept_shards == manifest.shards[: kept // 6]
     )
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_bad_line_keeps_the_finished_shards_for_the_fixed_rerun(photos, tmp_path, workers):
+    """A truncated JPEG near the end of a long write used to throw every finished shard away.
+    They stay, the error says so, and the same write after the file is fixed resumes from
+    them and gives the shards of a write that never failed."""
+    samples = read_list(photos)
+    bad_path = samples[21][0]
+    good = bad_path.read_bytes()
+    bad_path.write_bytes(good[: len(good) // 3])
+    out = tmp_path / "out"
+    options = {"codec": "jpeg", "shuffle": False, "num_workers": workers}
+    with pytest.raises(DataListError, match=r"data_list.txt:22: .*The \d+ shard\(s\) finished"):
+        Writer(photos, out, db_num=6, **options).write()
+    bad_path.write_bytes(good)
+    writer = Writer(photos, out, db_num=6, **options)
+    writer.write()
+    assert writer.kept_shards  # resumed, not started over
+    reference = tmp_path / "reference"
+    Writer(photos, reference, db_num=6, **options).write()
+    hashes = [
+        [s["sha256"] for s in json.loads((d / "manifest.json").read_text())["shards"]]
+        for d in (out, reference)
+    ]
+    assert hashes[0] == hashes[1] and len(hashes[0]) == 6
+    assert not list(out.glob(".tmp-*"))

@@ -176,16 +176,16 @@ def shared_tensor(shape: tuple[int, ...], dtype: Any) -> Any:
 
 
 class Recycled(list):
-    """``[images, labels]`` on its way from a worker to the training process, where it is
-    unpickled as a plain list, with a finalizer that hands the ticket back when the training
-    process drops the images."""
+    """``[images, labels]`` (and the batch's extra fields, if any) on its way from a worker to
+    the training process, where it is unpickled as a plain list, with a finalizer that hands
+    the ticket back when the training process drops the images."""
 
-    def __init__(self, images: Any, labels: Any, ticket: Ticket):
-        super().__init__((images, labels))
+    def __init__(self, images: Any, labels: Any, ticket: Ticket, *rest: Any):
+        super().__init__((images, labels, *rest))
         self.sent = ticket.send()
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return _arrived, (self[0], self[1], *self.sent)
+        return _arrived, (self[0], self[1], *self.sent, *self[2:])
 
 
 # finalizers of the batches the training process holds (withdrawn when it forks); finalize
@@ -193,7 +193,9 @@ class Recycled(list):
 _HELD: set[weakref.finalize] = set()
 
 
-def _arrived(images: Any, labels: Any, uid: str, worker: int, slot: int, token: int) -> list:
+def _arrived(
+    images: Any, labels: Any, uid: str, worker: int, slot: int, token: int, *rest: Any
+) -> list:
     from torch.utils.data import get_worker_info
 
     pool = _POOLS.get(uid)
@@ -205,7 +207,7 @@ def _arrived(images: Any, labels: Any, uid: str, worker: int, slot: int, token: 
         if len(_HELD) >= 64:
             _HELD.difference_update([f for f in _HELD if not f.alive])
         _HELD.add(done)
-    return [images, labels]
+    return [images, labels, *rest]
 
 
 def _release(pool: BatchPool, pid: int, worker: int, slot: int, token: int) -> None:

@@ -6,7 +6,9 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -19,7 +21,8 @@ WRITE_DESCRIPTION = """\
 Pack the images named by a data list into a TorchRecord dataset.
 
 DATA_LIST is a .txt file of 'path label' lines (the label is the last whitespace-separated
-token, so paths may contain spaces) or a .csv file with two columns, path and label. Relative
+token, so paths may contain spaces), a .csv file with two columns, path and label, or a folder
+of class folders (ImageFolder's layout: the sorted folder names are the classes). Relative
 paths resolve against the data list's folder, or against --root. OUTPUT_DIR receives the shards
 and, last of all, manifest.json: until the write succeeds no dataset is visible there, and an
 existing dataset is only replaced with --overwrite.
@@ -287,9 +290,11 @@ def _problem_line(problem: Exception) -> str:
 
     if isinstance(problem, RecordCorruptedError) and problem.shard:
         hint = f". {problem.hint}" if problem.hint else ""
+        where = getattr(problem, "dataset_index", None)
+        where = f", record {where} of the dataset" if where is not None else ""
         return (
             f"shard {problem.shard}, record key {problem.key.hex()} (record {problem.index} of "
-            f"the shard): {problem.message}{hint}"
+            f"the shard{where}): {problem.message}{hint}"
         )
     if isinstance(problem, ShardCorruptedError) and problem.shard:
         return f"shard {problem.shard}: {problem.message}"
@@ -297,10 +302,20 @@ def _problem_line(problem: Exception) -> str:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from .errors import DatasetError, DatasetNotFoundError
     from .format import CUSTOM_CODEC
     from .reader import RecordReader, verify
 
-    reader = RecordReader(args.path)
+    if args.quick and args.decode:
+        raise ValueError("--decode decodes every record, which --quick does not read: drop one")
+    try:
+        reader = RecordReader(args.path)
+    except DatasetNotFoundError:
+        raise
+    except DatasetError as exc:  # the manifest itself is damaged: a problem found
+        print(f"BAD  {exc}")
+        print(f"1 problem(s): the manifest of {args.path} cannot be used")
+        return 1
     problems, tally = 0, {"records": 0}
     for problem in verify(reader, quick=args.quick, decode=args.decode, tally=tally):
         problems += 1
@@ -383,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torchrecord",
         description="Pack image datasets into LMDB shards and inspect them.",
+        epilog="exit status: 0 done (verify: the dataset is sound); 1 verify found problems "
+        "(a damaged manifest, shard or record); 2 the command could not run (bad arguments, "
+        "no dataset there, a bad input line, a full disk); 130 interrupted with Ctrl-C, 143 "
+        "terminated (SIGTERM): a write run again resumes.",
     )
     parser.add_argument("--version", action="version", version=f"torchrecord {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -535,9 +554,19 @@ def build_parser() -> argparse.ArgumentParser:
         "nothing moves if one is damaged; then their shard files are moved (or copied across "
         "file systems) and the manifest is written last.",
     )
-    join.add_argument("output_dir", metavar="OUTPUT_DIR", type=_path)
-    join.add_argument("parts", metavar="PART", nargs="+", type=_path)
-    join.add_argument("--overwrite", action="store_true")
+    join.add_argument(
+        "output_dir", metavar="OUTPUT_DIR", type=_path, help="where the joined dataset goes"
+    )
+    join.add_argument(
+        "parts",
+        metavar="PART",
+        nargs="+",
+        type=_path,
+        help="the output directories of the --shard-range writes, in any order",
+    )
+    join.add_argument(
+        "--overwrite", action="store_true", help="replace a dataset already in OUTPUT_DIR"
+    )
     join.add_argument(
         "--quick",
         action="store_true",
@@ -545,8 +574,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     join.set_defaults(func=_cmd_join)
 
-    info = sub.add_parser("info", help="describe a dataset: shards, records, codec, bytes")
-    info.add_argument("path", metavar="PATH", type=_path)
+    info = sub.add_parser(
+        "info",
+        help="describe a dataset: shards, records, codec, bytes",
+        description="Describe a dataset from its manifest (no shard is read): codec, "
+        "serializer, records, shards, bytes, classes, extra fields, image policy and skipped "
+        "lines. Warns about shard files that are missing or cut, shard files the manifest does "
+        "not list, staging of interrupted writes, and plugins this machine lacks; exits 0 "
+        "even then (`torchrecord verify` checks).",
+    )
+    info.add_argument("path", metavar="PATH", type=_path, help="the dataset's directory")
     info.add_argument("--shards", action="store_true", help="list every shard")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_cmd_info)
@@ -556,10 +593,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="check every shard and record; exit 1 if anything is bad",
         description="Check a dataset: each shard's size, LMDB page count, key count, metadata "
         "and SHA-256 against the manifest, then every record's CRC-32 and deserialization. "
-        "Every problem is reported with its shard file and record key. Safe on datasets from "
-        "strangers: nothing in a dataset is executed or unpickled.",
+        "Every problem is reported with its shard file, record key and the record's index "
+        "in the dataset (TRDataset's). Safe on datasets from strangers: nothing in a dataset "
+        "is executed or unpickled. Exit status 0: sound; 1: problems found (a damaged "
+        "manifest too); 2: no dataset there, or bad arguments. A damaged shard can be "
+        "rewritten alone: the same write with --shard-range I:I+1 into another directory "
+        "gives the same shard file, to copy over the damaged one.",
     )
-    verify.add_argument("path", metavar="PATH", type=_path)
+    verify.add_argument("path", metavar="PATH", type=_path, help="the dataset's directory")
     verify.add_argument(
         "--quick",
         action="store_true",
@@ -601,7 +642,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--epochs", type=_positive, default=3, help="timed passes (default 3)")
     bench.set_defaults(func=_cmd_bench)
 
-    plugins = sub.add_parser("plugins", help="list codecs and serializers and who provides them")
+    plugins = sub.add_parser(
+        "plugins",
+        help="list codecs and serializers and who provides them",
+        description="List the codecs and serializers this machine has: built in, or from "
+        "which installed package; and installed plugins that failed to load or whose names "
+        "clash.",
+    )
     plugins.add_argument("--json", action="store_true", help="print JSON")
     plugins.set_defaults(func=_cmd_plugins)
     return parser
@@ -627,9 +674,15 @@ def _in_flags(exc: BaseException) -> str:
 
     text = str(exc)
     if isinstance(exc, (DataListError, FileNotFoundError)):
-        return text
+        # (only names no path holds: the rest of the text quotes the user's paths and labels)
+        text = re.sub(r"\bon_error='(\w+)'", r"--on-error \1", text)
+        return re.sub(r"\b(codec|serializer)='([\w.-]+)'", r"--\1 \2", text)
     text = re.sub(r" \(shard_range=\(\d+, \d+\)\)", "", text)  # (given as the flag already)
     text = re.sub(r"\bshard_range[ =]\((\d+), (\d+)\)", r"--shard-range \1:\2", text)
+    text = re.sub(r"\b(overwrite|append)=True \(--(overwrite|append)\)", r"--\1", text)
+    text = re.sub(r"--(overwrite|append) \((overwrite|append)=True\)", r"--\1", text)
+    text = re.sub(r"\b(overwrite|append)=True\b", r"--\1", text)
+    text = re.sub(r"^quality must be", "--quality must be", text)
     text = re.sub(r"\bon_error='(\w+)'", r"--on-error \1", text)
     text = re.sub(r"\b(codec|serializer)='([\w.-]+)'", r"--\1 \2", text)
 
@@ -645,6 +698,17 @@ def _in_flags(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except BrokenPipeError:  # `torchrecord info --json | head -1`: the reader has what it wanted
@@ -658,14 +722,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"torchrecord {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         hint = (
             "; run the same command again to resume (finished shards are kept)"
             if args.command == "write"
             else ""
         )
-        print(f"\ntorchrecord {args.command}: interrupted{hint}", file=sys.stderr)
-        return 130
+        what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
+        print(f"\ntorchrecord {args.command}: {what}{hint}", file=sys.stderr)
+        return 143 if isinstance(exc, _Terminated) else 130
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, a cluster scheduler's preemption), handled as Ctrl-C is: a write
+    stops its workers, keeps its finished shards and says how to resume."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated
 
 
 if __name__ == "__main__":

@@ -62,14 +62,17 @@ class Extras(dict):
 class Prebatched(Sequence):
     """The samples of one batch, built in place by :meth:`TRDataset.__getitems__`.
 
-    :func:`collate` takes its two tensors as they are. To anything else it is the sequence of
-    samples it stands for, ``(image, int label)``, so ``default_collate``, a user's
+    :func:`collate` takes its two tensors as they are (and batches the samples' extra fields,
+    if the dataset stores any). To anything else it is the sequence of samples it stands for,
+    ``(image, int label)`` (and :class:`Extras`), so ``default_collate``, a user's
     ``collate_fn`` or ``Subset`` over the same dataset still work."""
 
-    __slots__ = ("images", "labels", "ticket")
+    __slots__ = ("images", "labels", "ticket", "extras")
 
-    def __init__(self, images: Any, labels: Any, ticket: Any = None):
-        self.images, self.labels, self.ticket = images, labels, ticket
+    def __init__(
+        self, images: Any, labels: Any, ticket: Any = None, extras: list[Any] | None = None
+    ):
+        self.images, self.labels, self.ticket, self.extras = images, labels, ticket, extras
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -79,6 +82,8 @@ class Prebatched(Sequence):
             return [self[i] for i in range(*row.indices(len(self)))]
         if not -len(self) <= row < len(self):
             raise IndexError(row)
+        if self.extras is not None:
+            return self.images[row], int(self.labels[row]), Extras(self.extras[row])
         return self.images[row], int(self.labels[row])
 
     def __add__(self, other: Any) -> list[Any]:
@@ -90,9 +95,10 @@ def collate(batch: Any) -> Any:
     fields as ``[images, labels, {field: values}]`` (see :func:`collate_extras`); anything
     else through ``default_collate``."""
     if isinstance(batch, Prebatched):
+        rest = [] if batch.extras is None else [collate_extras(batch.extras)]
         if batch.ticket is not None:  # a reusable buffer: its ticket travels with it
-            return Recycled(batch.images, batch.labels, batch.ticket)
-        return [batch.images, batch.labels]
+            return Recycled(batch.images, batch.labels, batch.ticket, *rest)
+        return [batch.images, batch.labels, *rest]
     if (
         batch
         and isinstance(batch[0], tuple)
@@ -289,7 +295,7 @@ class TRDataset(data.Dataset):
                 "batch_sampler=. Pass it as DataLoader(dataset, sampler=TRSampler(...), "
                 "batch_size=N), or use TorchRecord(...), which does that for you"
             )
-        kind = self.tensor_kind if self.prebatch and not self.extra_fields else None
+        kind = self.tensor_kind if self.prebatch else None
         if kind is None or self.transform is not self._tensor_transform:  # (pickling keeps "is")
             return [self[index] for index in indices]
         import torch
@@ -298,9 +304,13 @@ class TRDataset(data.Dataset):
         from .transforms import resize_224
 
         codec = self.reader.codec
+        extras: list[Any] | None = [] if self.extra_fields else None
 
         def decode(record: Any) -> tuple[Any, int]:
-            return resize_224(decoded_tensor(codec, record)), record_label(record)
+            image, label = resize_224(decoded_tensor(codec, record)), record_label(record)
+            if extras is not None:  # last: a record that fails adds none (its stand-in does)
+                extras.append(record_extras(record))
+            return image, label
 
         dtype = self.batch_dtype
         shape = (len(indices), 3, 224, 224)
@@ -313,10 +323,8 @@ class TRDataset(data.Dataset):
             images = shared_tensor(shape, dtype)
         labels = torch.empty(len(indices), dtype=torch.int64)
         for row, index in enumerate(indices):
+            # (decoded_tensor made sure: a uint8 3 x H x W tensor, so 3 x 224 x 224 here)
             image, labels[row] = self._substituting(int(index), decode, self._views)
-            if image.shape != (3, 224, 224) or image.dtype != torch.uint8:  # a plugin's own
-                self.prebatch = False  # in this process; its samples go one by one
-                return [self[index] for index in indices]
             if kind == "fast":
                 # as .float().div_(255), bit for bit, in one pass over the row: a cast by
                 # copy_ then an in-place division took 218 against 197 us an image into batch
@@ -324,7 +332,7 @@ class TRDataset(data.Dataset):
                 torch.div(image, 255, out=images[row])
             else:
                 images[row].copy_(image)
-        return Prebatched(images, labels, ticket)
+        return Prebatched(images, labels, ticket, extras)
 
     prebatch = False  # set by TorchRecord when its collate_fn accepts a Prebatched batch
     batch_pool = None  # set by TorchRecord with workers: batch buffers reused (see batchpool)

@@ -152,3 +152,30 @@ if hasattr(os, "register_at_fork"):
         after_in_parent=SHARED._after_fork_in_parent,
         after_in_child=SHARED._after_fork_in_child,
     )
+
+
+_watching: list[int] = []  # the process that watches its parent (one thread each)
+
+
+def exit_with_parent() -> None:
+    """Leave this child process the moment the process that started it is gone.
+
+    A worker started by forkserver is a child of the fork server, which outlives a training
+    process killed with SIGKILL: PyTorch's DataLoader workers (which watch their parent's pid)
+    and the writer's workers would run on, holding their memory. ``multiprocessing`` gives
+    every child a sentinel of the process that asked for it, whatever the start method: a
+    daemon thread waits on it. Nothing happens in a process that no ``multiprocessing`` start
+    made, or twice in one process."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.sentinel is None or _watching == [os.getpid()]:
+        return
+    _watching[:] = [os.getpid()]
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="torchrecord-watch-parent", daemon=True).start()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -12,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from .batchpool import BatchPool
 from .dataset import TRDataset, collate
-from .sampler import TRSampler
+from .sampler import TRSampler, _process_group
 
 STATE_VERSION = 1
 # how orders are drawn from (seed, epoch): 2 since seeds of 2**32 or more got their own
@@ -21,6 +23,9 @@ ORDER_SCHEME = 2
 # what must match for a saved position to mean the same records in the same order
 _ENDED = object()  # (a batch that never came)
 _SETTINGS = ("seed", "mode", "pool_size", "block_shards", "num_records")
+# loaders created under torch.distributed with a world size above 1, in creation order: the
+# same loader of every rank has the same number (see TorchRecord._check_ranks_agree)
+_DISTRIBUTED_LOADERS = itertools.count()
 
 
 class TorchRecord(DataLoader):
@@ -97,6 +102,8 @@ class TorchRecord(DataLoader):
         )
         if sampler.mode == "block":
             dataset.reader.max_open_shards = block_mode_open_shards(dataset.reader, sampler)
+        if sampler.world_size > 1 and _process_group() is not None:
+            self._serial = next(_DISTRIBUTED_LOADERS)
         if loader_kwargs.get("collate_fn") is None:
             # our collate_fn takes the batches the dataset builds in place (see __getitems__)
             loader_kwargs["collate_fn"] = collate
@@ -121,6 +128,18 @@ class TorchRecord(DataLoader):
             **loader_kwargs,
         )
         self._progress: dict[str, int] | None = None  # the epoch being iterated
+        if sampler.num_records > 0 and len(self) == 0:  # (only drop_last empties a share)
+            import warnings
+
+            warnings.warn(
+                f"rank {sampler.rank} of {sampler.world_size} reads no batch in an epoch: its "
+                f"share of the {sampler.num_records} records is {len(sampler)}, and "
+                f"drop_last=True drops all of it (batch_size={batch_size}). Its epochs are "
+                "empty: use fewer ranks or a smaller batch, or drop_last=False (which repeats "
+                "records to fill every share and batch)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     @property
     def corrupt_records(self) -> list[dict[str, Any]]:
@@ -136,6 +155,9 @@ class TorchRecord(DataLoader):
     def __iter__(self) -> Iterator[Any]:
         sampler: TRSampler = self.sampler
         sampler.check_world()
+        if not self._ranks_checked:
+            self._check_ranks_agree()
+            self._ranks_checked = True
         progress = {
             "epoch": sampler.epoch,
             "start": sampler.start,
@@ -174,6 +196,62 @@ class TorchRecord(DataLoader):
         finally:
             progress["running"] = False
         self._progress = None  # the epoch is complete: the sampler has moved to the next one
+
+    _ranks_checked = False
+    _serial: int | None = None  # this loader's place among the distributed ones (see below)
+
+    def _agreed_settings(self) -> dict[str, Any]:
+        sampler: TRSampler = self.sampler
+        return {
+            "dataset": self.dataset.reader.fingerprint,
+            "records": sampler.num_records,
+            "world_size": sampler.world_size,
+            **{key: getattr(sampler, key) for key in _SETTINGS if key != "num_records"},
+            "drop_last": sampler.drop_last,
+            "batch_size": self.batch_size,
+        }
+
+    def _check_ranks_agree(self) -> None:
+        """Under ``torch.distributed``, at the first iteration: refuse to read when another rank's
+        loader reads another dataset or with other order settings, batch size or world size.
+        Each rank's share would then overlap others and miss records, silently, or the ranks
+        would count other numbers of batches and wait for each other forever.
+
+        Each rank leaves its settings in the process group's store and compares them with those
+        of the ranks that got there before it (it waits for none: a rank that iterates alone
+        never hangs here), so the last of two ranks that disagree raises. Loaders are matched by
+        the order in which each rank created its distributed loaders."""
+        group = _process_group()
+        if group is None or group[1] < 2 or self.sampler.world_size < 2 or self._serial is None:
+            return
+        try:
+            from torch.distributed import distributed_c10d
+
+            store = distributed_c10d._get_default_store()
+        except Exception:  # (no store to compare through: nothing is checked)
+            return
+        mine = self._agreed_settings()
+        key = f"torchrecord/loader/{self._serial}"
+        store.set(f"{key}/{group[0]}", json.dumps(mine, sort_keys=True))
+        for other in range(group[1]):
+            name = f"{key}/{other}"
+            if other == group[0] or not store.check([name]):
+                continue
+            theirs = json.loads(store.get(name))
+            differ = [k for k in sorted(mine) if mine.get(k) != theirs.get(k)]
+            if differ:
+                what = "; ".join(
+                    f"{k}: {theirs.get(k)!r} on rank {other}, {mine.get(k)!r} here" for k in differ
+                )
+                raise RuntimeError(
+                    f"rank {group[0]}'s TorchRecord loader disagrees with rank {other}'s ({what}). "
+                    "Every rank must read the same dataset with the same seed, shuffle "
+                    "settings, batch size and world size, or their shares overlap and miss "
+                    "records (and ranks that count other numbers of batches wait for each other "
+                    "forever). Vary augmentation by rank in the transform, not by the seed. "
+                    f"(This loader is the {self._serial + 1}. one this process created under "
+                    "torch.distributed: ranks are compared loader by loader, in that order.)"
+                )
 
     def state_dict(self) -> dict[str, Any]:
         """Where reading stands: the epoch and how many of its records all ranks consumed."""

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import format as fmt
 from .codecs.base import plugin_bug, plugin_hint
-from .environments import SHARED
+from .environments import SHARED, exit_with_parent
 from .errors import (
     DatasetError,
     PluginError,
@@ -170,6 +170,9 @@ class RecordReader:
         if env is not None:
             self._envs.move_to_end(shard)
             return env
+        # in a DataLoader worker: leave with the training process, which PyTorch's own watch
+        # misses under forkserver (see exit_with_parent; once a process, at its first read)
+        exit_with_parent()
         import lmdb
 
         info = self.manifest.shards[shard]
@@ -492,6 +495,7 @@ def verify(
                     yield exc
                     break  # the rest of this shard cannot be read either
                 except DatasetError as exc:
+                    exc.dataset_index = index  # (the index TRDataset and the loader use)
                     yield exc
                     continue
                 if decoder is None:
@@ -515,7 +519,7 @@ def verify(
                     )
                     if bug is not None:
                         raise bug from exc
-                    yield RecordCorruptedError(
+                    problem = RecordCorruptedError(
                         reader.shard_label(shard),
                         reader.key_of(shard, local),
                         local,
@@ -523,6 +527,8 @@ def verify(
                         hint="It was stored as it was written: fix or remove its source image "
                         "and write the dataset again." + plugin_hint(reader.codec_name),
                     )
+                    problem.dataset_index = index
+                    yield problem
     finally:
         reader.close()
 

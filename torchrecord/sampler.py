@@ -95,6 +95,14 @@ def distributed_rank_and_size(rank: int | None, world_size: int | None) -> tuple
     rank, world_size = _count(rank, "rank", 0), _count(world_size, "world_size", 1)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+    group = _process_group()
+    if group is not None and world_size > group[1]:
+        raise ValueError(
+            f"world_size={world_size} but the torch.distributed process group has "
+            f"{group[1]} processes: the shares of ranks {group[1]} to {world_size - 1} would "
+            "never be read. Leave rank and world_size out to take the group's (a smaller "
+            "world_size, for ranks that read the same data in groups, is allowed)"
+        )
     return rank, world_size
 
 
@@ -242,9 +250,11 @@ class TRSampler(data.Sampler[int]):
     def order(self, epoch: int) -> np.ndarray:
         """The whole order of one epoch over all ranks, as an int64 array."""
         n = self.num_records
-        if self.mode == "none":
+        if self.mode == "none" and self.pool_size <= 1:
             return np.arange(n, dtype=np.int64)
         rng = np.random.default_rng(_entropy(self.seed, epoch))
+        if self.mode == "none":  # the item pool alone, over the records in their order
+            return pool_shuffle(np.arange(n, dtype=np.int64), self.pool_size, rng)
         if self.mode == "global":
             order = rng.permutation(n).astype(np.int64)
         else:

@@ -40,6 +40,7 @@ from .datalist import (
     read_iterable,
     same_extra_fields,
 )
+from .environments import exit_with_parent
 from .errors import (
     DataListError,
     DatasetError,
@@ -356,9 +357,24 @@ class Writer:
             except OSError as exc:
                 _raise_if_no_room(exc, staging)
                 raise
-            except (DataListError, ValueError):
-                # bad input: the write cannot resume as it is, leave nothing behind. (After
-                # Ctrl-C or a crash the finished shards stay, and the same write resumes.)
+            except DataListError as exc:
+                # a bad line: the shards finished before it stay, as after Ctrl-C, so that the
+                # same write resumes once the file is fixed (a changed data list is another
+                # write, which removes them)
+                kept = len(list(staging.glob("shard-*" + DONE_SUFFIX)))
+                if not kept or exc.line_no is None:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    raise
+                raise DataListError(
+                    exc.data_list,
+                    exc.line_no,
+                    f"{exc.message}. The {kept} shard(s) finished before it are kept: fix the "
+                    "file and run the same write again to resume from them (with the line "
+                    "removed, or other lines, the write starts over), or skip bad lines with "
+                    "on_error='skip'",
+                ) from None
+            except ValueError:
+                # bad options: nothing of this write can be used, leave nothing behind
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
             if not shards:
@@ -1523,17 +1539,7 @@ def _init_worker(lock_fd: int | None, parent: int | None, shared: tuple | None) 
     # With forkserver the signal above is tied to the fork server, which outlives a killed
     # writer while its workers hold its pipe; so also watch the writer itself, whatever started
     # this process, and leave the moment it is gone.
-    import multiprocessing
-    from multiprocessing.connection import wait
-
-    writer = multiprocessing.parent_process()
-    if writer is not None and writer.sentinel is not None:
-
-        def watch() -> None:
-            wait([writer.sentinel])
-            os._exit(1)
-
-        threading.Thread(target=watch, name="torchrecord-watch-writer", daemon=True).start()
+    exit_with_parent()
 
 
 _SHARED: tuple | None = None  # (stop mark, progress counters) in shard workers
