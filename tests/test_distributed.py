@@ -38,6 +38,7 @@ import faulthandler
 import json
 import multiprocessing
 import sys
+import warnings
 import zlib
 
 import torch.distributed as dist
@@ -97,18 +98,27 @@ def main(rank, world, config):
             outcome = str(exc)
         results["early"] = gather(outcome)
     if config.get("disagree"):
+        # a loader one rank makes alone (a peek at a few samples) is no reason to refuse:
+        # loaders are compared by the line that made them
+        if rank == 0:
+            peek = TorchRecord(config["disagree"], batch_size=8, shuffle=False,
+                               transform=fingerprint)
+            next(iter(peek))
         # ranks that disagree: a seed per rank (an augmentation habit), and a world size
-        # larger than the group's
+        # larger than the group's (a warning: other groups may read the other shares)
         for options in ({"seed": 7 + rank}, {"rank": rank, "world_size": world + 1}):
-            try:
-                loader = TorchRecord(
-                    config["disagree"], batch_size=2, transform=fingerprint, **options
-                )
-                read(loader)
-                outcome = "read"
-            except (RuntimeError, ValueError) as exc:
-                outcome = str(exc)
-            results["disagree"].append(gather(outcome))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    loader = TorchRecord(
+                        config["disagree"], batch_size=2, transform=fingerprint, **options
+                    )
+                    read(loader)
+                    outcome = "read"
+                except (RuntimeError, ValueError) as exc:
+                    outcome = str(exc)
+            said = [str(w.message) for w in caught if "process group has" in str(w.message)]
+            results["disagree"].append(gather([outcome, said]))
     for run in config["shares"]:
         loader = make(run, rank, world)
         loader.set_epoch(run["epoch"])
@@ -416,14 +426,15 @@ def test_a_loader_made_before_the_process_group_refuses_to_read(gloo):
 
 def test_ranks_that_disagree_refuse_to_read(gloo):
     """A seed that differs by rank makes the ranks' shares overlap and miss records, silently:
-    the rank that compares second refuses, naming the setting. A world size larger than the
-    process group is refused on every rank when the loader is made."""
+    the rank that compares second refuses, naming the setting, while a loader that rank 0
+    made alone before (a peek) changes nothing. A world size larger than the process group
+    warns on every rank (another group may read the other shares)."""
     seeds, worlds = gloo[2]["disagree"]
-    refused = [outcome for outcome in seeds if outcome != "read"]
-    assert refused, seeds
-    for outcome in refused:
-        assert "TorchRecord loader disagrees with rank" in outcome
-        assert "seed: " in outcome and "Vary augmentation by rank" in outcome
+    refused = [outcome for outcome, _ in seeds if outcome != "read"]
+    assert len(refused) == 1, seeds  # the rank that compares second
+    assert "TorchRecord loader disagrees with rank" in refused[0]
+    assert "seed: " in refused[0] and "Vary augmentation by rank" in refused[0]
     assert len(worlds) == 2
-    for outcome in worlds:
-        assert "world_size=3 but the torch.distributed process group has 2 processes" in outcome
+    for outcome, said in worlds:
+        assert outcome == "read"
+        assert said and "world_size=3 but the torch.distributed process group has 2" in said[0]

@@ -153,8 +153,13 @@ def test_bad_line_names_list_and_line(photos, tmp_path, make_bad, expected, code
     with pytest.raises(DataListError, match=expected) as info:
         Writer(photos, out, db_num=2, codec=codec, num_workers=num_workers, shuffle=False).write()
     assert info.value.data_list == str(photos)
-    # nothing published, no staging left behind, and not even the directory it created
-    assert not out.exists()
+    # nothing published; a shard finished before the bad line is kept for the fixed rerun,
+    # and the error says so; without one, not even the directory it created is left
+    assert not (out / "manifest.json").exists()
+    kept = list(out.glob(".tmp-*/shard-*.done")) if out.exists() else []
+    assert ("finished so far are kept" in str(info.value)) == bool(kept)
+    if not kept:
+        assert not out.exists()
 
 
 def test_truncated_image_names_line(photos, tmp_path):

@@ -302,7 +302,7 @@ def _problem_line(problem: Exception) -> str:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .errors import DatasetError, DatasetNotFoundError
+    from .errors import DatasetError, DatasetNotFoundError, FormatVersionError
     from .format import CUSTOM_CODEC
     from .reader import RecordReader, verify
 
@@ -310,8 +310,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         raise ValueError("--decode decodes every record, which --quick does not read: drop one")
     try:
         reader = RecordReader(args.path)
-    except DatasetNotFoundError:
-        raise
+    except (DatasetNotFoundError, FormatVersionError):
+        raise  # (no dataset there, or one this version cannot check: could not run)
     except DatasetError as exc:  # the manifest itself is damaged: a problem found
         print(f"BAD  {exc}")
         print(f"1 problem(s): the manifest of {args.path} cannot be used")

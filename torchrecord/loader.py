@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,9 +24,9 @@ ORDER_SCHEME = 2
 # what must match for a saved position to mean the same records in the same order
 _ENDED = object()  # (a batch that never came)
 _SETTINGS = ("seed", "mode", "pool_size", "block_shards", "num_records")
-# loaders created under torch.distributed with a world size above 1, in creation order: the
-# same loader of every rank has the same number (see TorchRecord._check_ranks_agree)
-_DISTRIBUTED_LOADERS = itertools.count()
+# loaders created under torch.distributed, counted per line of code that creates them: the same
+# loader of every rank has the same key (see TorchRecord._check_ranks_agree)
+_CREATED_AT: dict[str, itertools.count] = {}
 
 
 class TorchRecord(DataLoader):
@@ -102,8 +103,15 @@ class TorchRecord(DataLoader):
         )
         if sampler.mode == "block":
             dataset.reader.max_open_shards = block_mode_open_shards(dataset.reader, sampler)
-        if sampler.world_size > 1 and _process_group() is not None:
-            self._serial = next(_DISTRIBUTED_LOADERS)
+        group = _process_group()
+        if group is not None and (sampler.rank, sampler.world_size) == group and group[1] > 1:
+            caller = sys._getframe(1)  # (a subclass's __init__: the line that made it is higher)
+            while caller.f_code.co_name == "__init__" and isinstance(
+                caller.f_locals.get("self"), TorchRecord
+            ):
+                caller = caller.f_back
+            site = f"{caller.f_code.co_filename}:{caller.f_lineno}"
+            self._serial = f"{site}#{next(_CREATED_AT.setdefault(site, itertools.count()))}"
         if loader_kwargs.get("collate_fn") is None:
             # our collate_fn takes the batches the dataset builds in place (see __getitems__)
             loader_kwargs["collate_fn"] = collate
@@ -198,7 +206,7 @@ class TorchRecord(DataLoader):
         self._progress = None  # the epoch is complete: the sampler has moved to the next one
 
     _ranks_checked = False
-    _serial: int | None = None  # this loader's place among the distributed ones (see below)
+    _serial: str | None = None  # where it was made, the same on every rank (see below)
 
     def _agreed_settings(self) -> dict[str, Any]:
         sampler: TRSampler = self.sampler
@@ -217,41 +225,44 @@ class TorchRecord(DataLoader):
         Each rank's share would then overlap others and miss records, silently, or the ranks
         would count other numbers of batches and wait for each other forever.
 
-        Each rank leaves its settings in the process group's store and compares them with those
-        of the ranks that got there before it (it waits for none: a rank that iterates alone
-        never hangs here), so the last of two ranks that disagree raises. Loaders are matched by
-        the order in which each rank created its distributed loaders."""
+        The first rank to get here leaves its settings in the process group's store, under a
+        key naming the line of code that made the loader (and how many loaders that line made
+        before); every other rank compares its own with them in the same request
+        (``compare_set``), and waits for none, so a loader one rank makes alone is never a
+        reason to hang or to refuse. Loaders whose rank and world size are not the process
+        group's (ranks that read in groups) are not compared, and nothing is when the store
+        cannot do it."""
         group = _process_group()
-        if group is None or group[1] < 2 or self.sampler.world_size < 2 or self._serial is None:
+        if group is None or self._serial is None:
             return
+        mine = self._agreed_settings()
+        attempt = "/".join(
+            os.environ.get(name, "")
+            for name in ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
+        )
+        key = f"torchrecord/{attempt}/{group[1]}/{self._serial}"
         try:
             from torch.distributed import distributed_c10d
 
             store = distributed_c10d._get_default_store()
-        except Exception:  # (no store to compare through: nothing is checked)
+            value = json.dumps({"rank": group[0], "settings": mine}, sort_keys=True)
+            first = json.loads(store.compare_set(key, "", value))
+            theirs, other = first["settings"], int(first["rank"])
+        except Exception:  # (a store that cannot compare, such as the fake backend's)
             return
-        mine = self._agreed_settings()
-        key = f"torchrecord/loader/{self._serial}"
-        store.set(f"{key}/{group[0]}", json.dumps(mine, sort_keys=True))
-        for other in range(group[1]):
-            name = f"{key}/{other}"
-            if other == group[0] or not store.check([name]):
-                continue
-            theirs = json.loads(store.get(name))
-            differ = [k for k in sorted(mine) if mine.get(k) != theirs.get(k)]
-            if differ:
-                what = "; ".join(
-                    f"{k}: {theirs.get(k)!r} on rank {other}, {mine.get(k)!r} here" for k in differ
-                )
-                raise RuntimeError(
-                    f"rank {group[0]}'s TorchRecord loader disagrees with rank {other}'s ({what}). "
-                    "Every rank must read the same dataset with the same seed, shuffle "
-                    "settings, batch size and world size, or their shares overlap and miss "
-                    "records (and ranks that count other numbers of batches wait for each other "
-                    "forever). Vary augmentation by rank in the transform, not by the seed. "
-                    f"(This loader is the {self._serial + 1}. one this process created under "
-                    "torch.distributed: ranks are compared loader by loader, in that order.)"
-                )
+        differ = [k for k in sorted(mine) if mine.get(k) != theirs.get(k)]
+        if differ:
+            what = "; ".join(
+                f"{k}: {theirs.get(k)!r} on rank {other}, {mine.get(k)!r} here" for k in differ
+            )
+            raise RuntimeError(
+                f"rank {group[0]}'s TorchRecord loader disagrees with rank {other}'s ({what}). "
+                "Every rank must read the same dataset with the same seed, shuffle settings, "
+                "batch size and world size, or their shares overlap and miss records (and "
+                "ranks that count other numbers of batches wait for each other forever). Vary "
+                "augmentation by rank in the transform, not by the seed. (Loaders are matched "
+                f"by the line of code that made them: {self._serial}.)"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """Where reading stands: the epoch and how many of its records all ranks consumed."""

@@ -474,21 +474,29 @@ def carried(names: Any) -> list[tuple[str, Any]]:
         info = table.get(name)
         if info is None or info.distribution != _RUNTIME_OWNER:
             continue
-        try:
-            pickle.dumps(info.obj)
+        try:  # (pickled here, unpickled by adopt: one that fails there is left out, not fatal)
+            found.append((kind, name, pickle.dumps(info.obj)))
         except Exception:  # (the new process then says to register it there)
             continue
-        found.append((kind, info.obj))
     return found
 
 
-def adopt(objects: list[tuple[str, Any]]) -> None:
+def adopt(objects: list[tuple[str, str, bytes]]) -> None:
     """Register codecs and serializers :func:`carried` from the process that registered them
-    at run time, unless this process knows their names already (a forked one does)."""
-    for kind, obj in objects:
+    at run time, unless this process knows their names already (a forked one does). One that
+    cannot be unpickled here (a class defined under ``if __name__ == "__main__":``) is left
+    for the program to register here itself (``worker_init_fn``)."""
+    import pickle
+
+    for kind, name, data in objects:
         table = _registry.codecs() if kind == "codec" else _registry.serializers()
-        if obj.name not in table:
-            _registry.register(_Carried(kind, obj), name=f"carried {kind} {obj.name}")
+        if name in table:
+            continue
+        try:
+            obj = pickle.loads(data)
+        except Exception:
+            continue
+        _registry.register(_Carried(kind, obj), name=f"carried {kind} {name}")
 
 
 class _Carried:

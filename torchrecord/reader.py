@@ -565,7 +565,7 @@ def stray_files(root: Path, manifest: fmt.Manifest) -> list[str]:
     """What lies in a dataset's directory besides the dataset: shard files its manifest does
     not list (never read, and an append refuses to run over them) and staging directories of
     interrupted writes (their space is taken until they are resumed or removed)."""
-    from .writer import STAGING_PREFIX
+    from .writer import _STAGING_NAME
 
     listed = {s.file for s in manifest.shards}
     notes = []
@@ -576,13 +576,20 @@ def stray_files(root: Path, manifest: fmt.Manifest) -> list[str]:
                 "not read (was manifest.json restored from an earlier copy?); restore the "
                 "manifest that lists it, or move the file away"
             )
-    for path in sorted(root.glob(STAGING_PREFIX + "*")):
-        if path.is_dir():
-            size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-            notes.append(
-                f"{path.name} holds an interrupted write ({size / 1e6:.1f} MB): run the same "
-                "write again to resume it, or delete the directory"
-            )
+    for path in sorted(root.iterdir()):
+        if not (_STAGING_NAME.fullmatch(path.name) and path.is_dir()):
+            continue
+        size = 0
+        for f in path.iterdir():
+            try:
+                size += f.stat().st_size
+            except OSError:  # (moved or removed meanwhile by a write that is running)
+                pass
+        notes.append(
+            f"{path.name} holds the staging of a write that was interrupted or is running "
+            f"({size / 1e6:.1f} MB): if none is running, run the same write again to resume "
+            "it, or delete the directory"
+        )
     return notes
 
 

@@ -96,12 +96,14 @@ def distributed_rank_and_size(rank: int | None, world_size: int | None) -> tuple
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a world of size {world_size}")
     group = _process_group()
-    if group is not None and world_size > group[1]:
-        raise ValueError(
+    if group is not None and world_size > group[1]:  # (replica groups may mean it: a warning)
+        warnings.warn(
             f"world_size={world_size} but the torch.distributed process group has "
-            f"{group[1]} processes: the shares of ranks {group[1]} to {world_size - 1} would "
-            "never be read. Leave rank and world_size out to take the group's (a smaller "
-            "world_size, for ranks that read the same data in groups, is allowed)"
+            f"{group[1]} processes: unless other process groups read the shares of ranks "
+            f"{group[1]} to {world_size - 1}, their records are never read. Leave rank and "
+            "world_size out to take the group's",
+            RuntimeWarning,
+            stacklevel=4,
         )
     return rank, world_size
 

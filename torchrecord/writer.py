@@ -368,10 +368,11 @@ class Writer:
                 raise DataListError(
                     exc.data_list,
                     exc.line_no,
-                    f"{exc.message}. The {kept} shard(s) finished before it are kept: fix the "
-                    "file and run the same write again to resume from them (with the line "
-                    "removed, or other lines, the write starts over), or skip bad lines with "
-                    "on_error='skip'",
+                    f"{exc.message}. The {kept} shard(s) finished so far are kept: fix the "
+                    "file and run the same write again to resume from them (they are kept by "
+                    "the paths and labels they hold: if you changed other images too, delete "
+                    "the output directory's .tmp-* staging first; with the line removed, the "
+                    "write starts over), or skip bad lines with on_error='skip'",
                 ) from None
             except ValueError:
                 # bad options: nothing of this write can be used, leave nothing behind

@@ -326,16 +326,9 @@ def _contract_error(codec: Codec, what: str, must: str) -> Exception:
 
 # Exceptions that, raised by a plugin's decode of a record whose bytes passed their checksum,
 # mean a bug in the plugin rather than a bad image
-_BUG_TYPES = (
-    TypeError,
-    AttributeError,
-    NameError,
-    ImportError,
-    AssertionError,
-    LookupError,
-    ArithmeticError,
-    RecursionError,
-)
+# (not LookupError or ArithmeticError: Pillow raises IndexError, KeyError and ZeroDivisionError
+# on malformed TIFF and GIF data, which a plugin's codec may hand it)
+_BUG_TYPES = (TypeError, AttributeError, NameError, ImportError, AssertionError, RecursionError)
 
 
 def plugin_bug(codec_name: str, exc: BaseException, where: str) -> Exception | None:
@@ -348,7 +341,9 @@ def plugin_bug(codec_name: str, exc: BaseException, where: str) -> Exception | N
 
     if isinstance(exc, PluginError):
         return exc
-    if is_builtin("codec", codec_name) or not isinstance(exc, _BUG_TYPES):
+    if codec_name == "custom" or is_builtin("codec", codec_name):
+        return None  # (TorchRecord's own, or 0.1's transform over a custom writer's records)
+    if not isinstance(exc, _BUG_TYPES):
         return None
     return PluginError(
         f"codec {codec_name!r} ({describe_provider('codec', codec_name)}) failed on {where} "
