@@ -540,8 +540,8 @@ def test_a_shard_the_manifest_does_not_list_is_named_and_never_replaced(photos, 
         )
         assert proc.returncode == 0, proc.stderr
         assert "shard-00001.lmdb is a shard file the manifest does not list" in proc.stderr
-        assert ".tmp-0123456789abcdef holds the staging of a write that was interrupted or is "
-        "running (3.0 MB)" in proc.stderr
+        staging = ".tmp-0123456789abcdef holds the staging of a write that was interrupted"
+        assert staging + " or is running (3.0 MB)" in proc.stderr
     with pytest.raises(DatasetExistsError, match="shard-00001.lmdb is a TorchRecord shard that"):
         Writer(photos, out, append=True).write()
     assert (out / "shard-00001.lmdb").read_bytes() == appended
