@@ -35,6 +35,20 @@ def test_image_folder_input(photo_dir, tmp_path):
     assert sorted(contents(out)) == expected
 
 
+def test_a_bad_image_in_a_folder_is_named_by_its_place_not_a_line(photo_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "folder"
+    shutil.copytree(photo_dir, folder)
+    bad = sorted((folder / "001.class_001").glob("*.jpg"))[1]
+    bad.write_text("not an image")
+    with pytest.raises(DataListError) as caught:
+        Writer(folder, tmp_path / "out", codec="raw_rgb", shuffle=False).write()
+    message = str(caught.value)
+    assert message.startswith(f"{folder} (image ") and "in sorted order): " in message
+    assert bad.name in message and "remove the file" in message and "line" not in message
+
+
 def test_iterable_of_pairs_with_string_labels(photos, tmp_path):
     names = ["cat", "dog", "bird", "eel"]
     samples = read_list(photos)

@@ -6,6 +6,8 @@ what to do next, so that a failure at hour 30 of a training run can be acted on 
 
 from __future__ import annotations
 
+import os
+
 __all__ = [
     "TorchRecordError",
     "PluginError",
@@ -81,6 +83,9 @@ class DataListError(TorchRecordError, ValueError):
         self.data_list, self.line_no = data_list, line_no
         self.message = message
         where = f"{data_list}:{line_no}" if line_no is not None else str(data_list)
+        if line_no is not None and os.path.isdir(data_list):  # an image folder has no lines
+            where = f"{data_list} (image {line_no} in sorted order)"
+            message = message.replace("remove the line", "remove the file")
         super().__init__(f"{where}: {message}")
 
     def __reduce__(self):  # errors cross process boundaries (writer workers): keep them picklable
