@@ -386,9 +386,14 @@ def get_serializer(name: str) -> Any:
         raise UnknownPluginError("serializer", name, sorted(table)) from None
 
 
+def _table(kind: str) -> dict[str, PluginInfo]:
+    """The registered codecs or serializers (``kind`` "codec" or "serializer"), by name."""
+    return _registry.codecs() if kind == "codec" else _registry.serializers()
+
+
 def provider(kind: str, name: str) -> dict[str, str]:
     """``{"distribution", "version"}`` of the package that provides a registered name."""
-    table = _registry.codecs() if kind == "codec" else _registry.serializers()
+    table = _table(kind)
     info = table[name]
     return {"distribution": info.distribution, "version": info.version}
 
@@ -396,7 +401,7 @@ def provider(kind: str, name: str) -> dict[str, str]:
 def describe_provider(kind: str, name: str) -> str:
     """Who provides a registered codec or serializer, for messages: ``"built in"``,
     ``"registered at run time"`` or ``"from <package> <version>"``."""
-    table = _registry.codecs() if kind == "codec" else _registry.serializers()
+    table = _table(kind)
     info = table.get(name)
     if info is None:
         return "not registered"
@@ -409,7 +414,7 @@ def describe_provider(kind: str, name: str) -> str:
 
 def is_builtin(kind: str, name: str) -> bool:
     """Whether a registered codec or serializer is one of TorchRecord's own."""
-    table = _registry.codecs() if kind == "codec" else _registry.serializers()
+    table = _table(kind)
     info = table.get(name)
     return info is not None and info.distribution == _BUILTIN_OWNER
 
@@ -470,7 +475,7 @@ def carried(names: Any) -> list[tuple[str, Any]]:
 
     found = []
     for kind, name in names:
-        table = _registry.codecs() if kind == "codec" else _registry.serializers()
+        table = _table(kind)
         info = table.get(name)
         if info is None or info.distribution != _RUNTIME_OWNER:
             continue
@@ -489,7 +494,7 @@ def adopt(objects: list[tuple[str, str, bytes]]) -> None:
     import pickle
 
     for kind, name, data in objects:
-        table = _registry.codecs() if kind == "codec" else _registry.serializers()
+        table = _table(kind)
         if name in table:
             continue
         try:

@@ -1283,6 +1283,8 @@ class _ShardWriter:
         }
         if self.version >= 2:
             meta["num_keys"] = self.keys  # record parts, without the two metadata keys
+        # which records it holds, for the manifest (fmt.ShardInfo.records_crc32)
+        self.records_crc32 = zlib.crc32(self.checksums)
         # the two metadata keys sort after every record key: they go into the last batch, and
         # that batch's transaction leaves no copied-on-write pages behind
         self.batch += [
@@ -1297,7 +1299,14 @@ class _ShardWriter:
         the input it covered once it is on disk and its hash is known. The fsync and the hash
         overlap with writing the next shard (both release the GIL)."""
         self.seal()
-        return hasher.submit(_mark_done, self.path, self.count, input_end, _skip_rows(skipped))
+        return hasher.submit(
+            _mark_done,
+            self.path,
+            self.count,
+            self.records_crc32,
+            input_end,
+            _skip_rows(skipped),
+        )
 
     def close(self) -> None:
         self.env.close()
@@ -1574,7 +1583,12 @@ def _skip_rows(skipped: list[tuple[Entry, str]]) -> list[list[Any]]:
 
 
 def _mark_done(
-    path: Path, count: int, input_end: int, skipped: list[list[Any]], sha256: str | None = None
+    path: Path,
+    count: int,
+    records_crc32: int,
+    input_end: int,
+    skipped: list[list[Any]],
+    sha256: str | None = None,
 ) -> fmt.ShardInfo:
     """Make a sealed shard durable (fsync), hash it (unless its ``sha256`` is known), and record
     it as done for a resume.
@@ -1607,7 +1621,7 @@ def _mark_done(
             raise _write_failure(path, exc) from exc
         raise exc
     info = fmt.ShardInfo(
-        path.name, count, path.stat().st_size, sha256=sha256, records_crc32=_records_crc32(path)
+        path.name, count, path.stat().st_size, sha256=sha256, records_crc32=records_crc32
     )
     done = {
         "file": info.file,
@@ -1623,14 +1637,6 @@ def _mark_done(
     except OSError as exc:  # name the shard, and say why when the disk is full
         raise _write_failure(path, exc) from exc
     return info
-
-
-def _records_crc32(path: Path) -> int:
-    """The CRC-32 of a sealed shard's checksum table (see ``fmt.ShardInfo.records_crc32``)."""
-    import lmdb
-
-    with lmdb.open(str(path), subdir=False, **fmt.READ_OPTIONS) as env, env.begin() as txn:
-        return zlib.crc32(txn.get(fmt.CHECKSUMS_KEY) or b"")
 
 
 def _write_planned_shard(
@@ -1668,14 +1674,14 @@ def _write_planned_shard(
         if shard is None:
             return None, skipped
         shard.seal()
-        count, shard = shard.count, None
+        count, records_crc32, shard = shard.count, shard.records_crc32, None
         # hashed here, where its pages are fresh in the page cache and while the other workers
         # go on; the writing process makes it durable (_mark_done), so no worker waits for disk,
         # and its writing starts now, while it is hashed
         path = staging / fmt.shard_name(index)
         _start_writeback(path)
         sha256 = file_sha256(path, mapped=True)
-        return (path, count, input_end, _skip_rows(skipped), sha256), skipped
+        return (path, count, records_crc32, input_end, _skip_rows(skipped), sha256), skipped
     finally:
         if shard is not None:
             shard.close()

@@ -337,13 +337,11 @@ def plugin_bug(codec_name: str, exc: BaseException, where: str) -> Exception | N
     for TorchRecord's own codecs and for errors that bad image data gives (``OSError``,
     ``ValueError``, ``RuntimeError``...), which are the record's."""
     from ..errors import PluginError
-    from ..plugins import describe_provider, is_builtin
+    from ..plugins import describe_provider
 
     if isinstance(exc, PluginError):
         return exc
-    if codec_name == "custom" or is_builtin("codec", codec_name):
-        return None  # (TorchRecord's own, or 0.1's transform over a custom writer's records)
-    if not isinstance(exc, _BUG_TYPES):
+    if not _a_plugins(codec_name) or not isinstance(exc, _BUG_TYPES):
         return None
     return PluginError(
         f"codec {codec_name!r} ({describe_provider('codec', codec_name)}) failed on {where} "
@@ -354,11 +352,19 @@ def plugin_bug(codec_name: str, exc: BaseException, where: str) -> Exception | N
 
 def plugin_hint(codec_name: str) -> str:
     """For a record a plugin's codec cannot decode: who to ask when every record fails."""
-    from ..plugins import describe_provider, is_builtin
+    from ..plugins import describe_provider
 
-    if is_builtin("codec", codec_name):
+    if not _a_plugins(codec_name):
         return ""
     return (
         f" It was decoded by the codec {codec_name!r} ({describe_provider('codec', codec_name)}):"
         " if every record fails so, the codec cannot read back what it wrote; ask its author."
     )
+
+
+def _a_plugins(codec_name: str) -> bool:
+    """Whether a codec comes from a plugin: not TorchRecord's own, and not the ``custom`` of
+    records a user's ``data_process_func`` wrote (0.1's transform reads those)."""
+    from ..plugins import is_builtin
+
+    return codec_name != "custom" and not is_builtin("codec", codec_name)
