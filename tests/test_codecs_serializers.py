@@ -516,6 +516,98 @@ def test_raw_rgb_refuses_what_pillow_refuses_also_with_libjpeg_on(photos, tmp_pa
     assert errors[0] == errors[1] and "cannot identify image file" in errors[0][1]
 
 
+def _jpeg_variants(path) -> dict[str, bytes]:
+    """One photograph saved as the JPEG kinds datasets hold, keyed by kind."""
+    with Image.open(path) as img:
+        rgb = img.convert("RGB").crop((0, 0, 83, 61))
+    kinds = {
+        "baseline": {},
+        "progressive": {"progressive": True},
+        "4:4:4": {"subsampling": 0},
+        "dpi": {"dpi": (300, 300)},
+        "ICC profile": {"icc_profile": b"profile" * 40},
+        "comment": {"comment": b"a comment"},
+        "EXIF, no JFIF resolution": {"exif": Image.Exif().tobytes()},
+    }
+    out = {}
+    for kind, options in kinds.items():
+        buffer = io.BytesIO()
+        rgb.save(buffer, "JPEG", quality=90, **options)
+        out[kind] = buffer.getvalue()
+    for mode in ("L", "CMYK"):
+        buffer = io.BytesIO()
+        rgb.convert(mode).save(buffer, "JPEG")
+        out[mode] = buffer.getvalue()
+    return out
+
+
+def test_raw_rgb_reads_plain_jpeg_headers_without_pillow_as_pillow_does(photos):
+    """raw_rgb reads the size of a JPEG whose header holds nothing Pillow could refuse or treat
+    specially without opening it with Pillow. Every header it reads must be one Pillow opens as
+    an RGB JPEG of that size: checked on the common kinds and on 3,000 headers with random
+    bytes changed, removed or inserted; the doubtful kinds are left to Pillow."""
+    import random
+    import warnings
+
+    from torchrecord.codecs.raw_rgb import plain_rgb_jpeg_size
+
+    variants = _jpeg_variants(read_list(photos)[0][0])
+    plain = {kind: plain_rgb_jpeg_size(data) for kind, data in variants.items()}
+    assert plain == {
+        **dict.fromkeys(["baseline", "progressive", "4:4:4", "dpi", "ICC profile"], (83, 61)),
+        "comment": (83, 61),
+        "EXIF, no JFIF resolution": None,  # (Pillow parses the EXIF: it decides)
+        "L": None,
+        "CMYK": None,
+    }
+    rng = random.Random(0)
+    read = 0
+    for _ in range(3000):
+        data = bytearray(rng.choice(list(variants.values())))
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(min(len(data), 700))  # (the headers are in the first 700 bytes)
+            change = rng.random()
+            if change < 0.6:
+                data[at] = rng.randrange(256)
+            elif change < 0.8:
+                del data[at : at + rng.randint(1, 8)]
+            else:
+                data[at:at] = rng.randbytes(rng.randint(1, 8))
+        size = plain_rgb_jpeg_size(bytes(data))
+        if size is None:
+            continue
+        read += 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(bytes(data))) as img:  # (raises if Pillow refuses it)
+                assert (img.format, img.mode, img.size) == ("JPEG", "RGB", size), bytes(data)
+    assert read > 500  # most changes hit the image data, not what the walk checks
+
+
+def test_raw_rgb_writes_a_plain_jpeg_without_opening_it_with_pillow(photos, tmp_path, monkeypatch):
+    """A plain JPEG is decoded by libjpeg without Pillow opening it; one with EXIF goes
+    through Pillow first. Both store Pillow's pixels."""
+    from torchrecord.codecs import base, raw_rgb
+
+    assert raw_rgb.use_libjpeg()
+    opened, real_open = [], base.open_image
+
+    def noting(source, *args, **kwargs):
+        opened.append(Path(source).name)
+        return real_open(source, *args, **kwargs)
+
+    monkeypatch.setattr(raw_rgb, "open_image", noting)
+    decoded = _count_libjpeg_decodes(monkeypatch)
+    variants = _jpeg_variants(read_list(photos)[0][0])
+    for kind in ("baseline", "EXIF, no JFIF resolution"):
+        path = tmp_path / f"{kind}.jpg"
+        path.write_bytes(variants[kind])
+        record = get_codec("raw_rgb").encode(str(path), 7)
+        assert (tuple(record.protos[0].dims), record.protos[0].byte_data) == _pillow_pixels(path)
+        assert int(record.protos[1].byte_data) == 7
+    assert opened == ["EXIF, no JFIF resolution.jpg"] and decoded == [(83, 61), (83, 61)]
+
+
 def test_a_broken_torchvision_leaves_raw_rgb_writes_to_pillow(photos, tmp_path):
     """A torchvision that raises when imported (built for another torch) must not stop a write
     that would have used it: the write goes on with Pillow and stores the same pixels."""
