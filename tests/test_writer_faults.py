@@ -26,7 +26,13 @@ def content(out: Path) -> list[tuple[int, int]]:
 
 
 def staged_files(out: Path) -> list[str]:
-    return sorted(p.name for d in out.glob(".tmp-*") for p in d.iterdir() if p.name != ".lock")
+    """The shards (and done files) in staging: not its lock and its description."""
+    return sorted(
+        p.name
+        for d in out.glob(".tmp-*")
+        for p in d.iterdir()
+        if p.name not in (".lock", "job.json")
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -273,6 +273,15 @@ def test_an_append_run_again_is_a_no_op(photos, tmp_path):
     assert again.already_written
     assert manifest.num_records == 24 and len(TRDataset(out)) == 24
     assert json.loads((out / "manifest.json").read_text())["appended"] == 1
+    # the whole script run again (write, then append): both find themselves done; the write
+    # used to refuse, the directory holding a dataset
+    first = Writer([(p, label) for p, label in samples[:12]], out, codec="jpeg", shuffle=False)
+    assert first.write().num_records == 24 and first.already_written
+    again = Writer(more, out, codec="jpeg", append=True, shuffle=False)
+    assert again.write().num_records == 24 and again.already_written
+    # another first write is still refused
+    with pytest.raises(DatasetExistsError, match="already holds a dataset"):
+        Writer([(p, label) for p, label in samples[:11]], out, codec="jpeg").write()
 
 
 def test_join_over_an_existing_dataset_replaces_it_whole(photos, tmp_path):
@@ -444,4 +453,109 @@ def test_a_bad_line_keeps_the_finished_shards_for_the_fixed_rerun(photos, tmp_pa
         for d in (out, reference)
     ]
     assert hashes[0] == hashes[1] and len(hashes[0]) == 6
+    assert not list(out.glob(".tmp-*"))
+
+
+def _shard_hashes(out):
+    return [s["sha256"] for s in json.loads((out / "manifest.json").read_text())["shards"]]
+
+
+def _break_line(photos, index):
+    """Truncate the image of line ``index + 1``; returns a function that repairs it."""
+    path = read_list(photos)[index][0]
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 3])
+    return lambda: path.write_bytes(good)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_bad_line_then_a_skipping_rerun_resumes_from_the_finished_shards(
+    photos, tmp_path, workers
+):
+    """The bad-line error offers two ways on; the second (skip bad lines) used to start over,
+    throwing the finished shards away without a word. It resumes from them, and gives what a
+    skipping write gives from the start."""
+    _break_line(photos, 21)
+    out = tmp_path / "out"
+    options = {"codec": "jpeg", "shuffle": False, "num_workers": workers, "db_num": 6}
+    with pytest.raises(DataListError, match=r"data_list.txt:22: .*on_error='skip', which resumes"):
+        Writer(photos, out, **options).write()
+    writer = Writer(photos, out, on_error="skip", **options)
+    writer.write()
+    assert writer.kept_shards  # resumed, not started over
+    assert [(e.line_no, reason[:20]) for e, reason in writer.skipped] == [
+        (22, writer.skipped[0][1][:20])
+    ]
+    reference = tmp_path / "reference"
+    Writer(photos, reference, on_error="skip", **options).write()
+    assert _shard_hashes(out) == _shard_hashes(reference) and len(_shard_hashes(out)) == 6
+    assert (out / "skipped.tsv").read_text() == (reference / "skipped.tsv").read_text()
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_a_raising_rerun_keeps_no_shard_that_skipped_a_sample(photos, tmp_path, monkeypatch):
+    """The other way round: a skipping write interrupted (Ctrl-C) after it finished shards, one
+    of which skipped a bad line, then run again raising on bad lines. The shard that skipped
+    the line is not kept: the rerun names the line; with the file repaired, it gives what a
+    raising write gives from the start, keeping the shards before the bad line."""
+    from torchrecord import writer as writer_module
+
+    repair = _break_line(photos, 5)  # in the second of 6 shards of 4
+    out = tmp_path / "out"
+    options = {"codec": "jpeg", "shuffle": False, "db_num": 6}
+    real_call = writer_module._EncodeJob.__call__
+    calls = []
+
+    def interrupted_after_17(job, entry):  # (Ctrl-C while the 5th shard is being encoded)
+        calls.append(entry.line_no)
+        if len(calls) > 17:
+            raise KeyboardInterrupt
+        return real_call(job, entry)
+
+    monkeypatch.setattr(writer_module._EncodeJob, "__call__", interrupted_after_17)
+    with pytest.raises(KeyboardInterrupt):
+        Writer(photos, out, on_error="skip", **options).write()
+    monkeypatch.setattr(writer_module._EncodeJob, "__call__", real_call)
+    done = sorted(p.name for p in out.glob(".tmp-*/*.done"))
+    assert len(done) == 4  # 4 finished shards, the second with the skipped line 6
+    with pytest.raises(DataListError, match=r"data_list.txt:6: "):
+        Writer(photos, out, **options).write()
+    repair()
+    writer = Writer(photos, out, **options)
+    writer.write()
+    assert [s.file for s in writer.kept_shards] == ["shard-00000.lmdb"]
+    reference = tmp_path / "reference"
+    Writer(photos, reference, **options).write()
+    assert _shard_hashes(out) == _shard_hashes(reference)
+
+
+def test_another_write_refuses_to_discard_an_interrupted_writes_shards(photos, tmp_path):
+    """A write into a directory where another write (other settings, another data list) left
+    finished shards used to delete them without a word. It refuses, saying how much work they
+    hold and what differs; nothing is removed; overwrite=True discards them."""
+    repair = _break_line(photos, 21)
+    out = tmp_path / "out"
+    with pytest.raises(DataListError, match="The 5 shard"):
+        Writer(photos, out, codec="jpeg", shuffle=False, db_num=6).write()
+    repair()
+    staging = next(out.glob(".tmp-*"))
+    before = sorted(p.name for p in staging.iterdir())
+    assert sum(name.endswith(".done") for name in before) == 5
+    with pytest.raises(DatasetExistsError) as caught:
+        Writer(photos, out, codec="jpeg", shuffle=False, db_num=4).write()
+    message = str(caught.value)
+    assert "holds 5 shard(s) (" in message and "MB) finished by an interrupted write" in message
+    assert "(db_num 6 there, 4 here)" in message and str(staging) in message
+    assert sorted(p.name for p in staging.iterdir()) == before  # nothing removed
+
+    fewer = photos.parent / "fewer.txt"  # the same settings, a line less
+    fewer.write_text("".join(photos.read_text().splitlines(keepends=True)[1:]))
+    with pytest.raises(DatasetExistsError, match=r"24 samples from .* there, 23 from .* here"):
+        Writer(fewer, out, codec="jpeg", shuffle=False, db_num=6).write()
+    assert sorted(p.name for p in staging.iterdir()) == before
+
+    Writer(photos, out, codec="jpeg", shuffle=False, db_num=4, overwrite=True).write()
+    reference = tmp_path / "reference"
+    Writer(photos, reference, codec="jpeg", shuffle=False, db_num=4).write()
+    assert _shard_hashes(out) == _shard_hashes(reference)
     assert not list(out.glob(".tmp-*"))

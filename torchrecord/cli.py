@@ -676,6 +676,7 @@ def _in_flags(exc: BaseException) -> str:
     if isinstance(exc, (DataListError, FileNotFoundError)):
         # (only names no path holds: the rest of the text quotes the user's paths and labels)
         text = re.sub(r"\bon_error='(\w+)'", r"--on-error \1", text)
+        text = re.sub(r"\boverwrite=True \(--overwrite\)", "--overwrite", text)
         return re.sub(r"\b(codec|serializer)='([\w.-]+)'", r"--\1 \2", text)
     text = re.sub(r" \(shard_range=\(\d+, \d+\)\)", "", text)  # (given as the flag already)
     text = re.sub(r"\bshard_range[ =]\((\d+), (\d+)\)", r"--shard-range \1:\2", text)

@@ -320,7 +320,7 @@ class Writer:
         if base is not None:
             append_id = self._job_id(ordered, -1)
             if append_id in base.extra.get("appended_jobs", []):
-                _remove_stale_staging(self.output_dir, keep=None)
+                _remove_stale_staging(self.output_dir, keep=None, finished=_leave_finished)
                 self.already_written = True
                 return base  # this very append completed already (killed before it exited)
             ordered, label_names = _merge_label_names(base, ordered, label_names, source)
@@ -336,12 +336,30 @@ class Writer:
         first_index = len(base.shards) if base is not None else 0
         if part is not None:
             first_index = part["first_shard"]
-        job = self._job_id(ordered, first_index)
-        staging = self.output_dir / f"{STAGING_PREFIX}{job[:16]}"
-        _remove_stale_staging(self.output_dir, keep=staging)
+        job, key = self._job_ids(ordered, first_index)
+        staging = self.output_dir / f"{STAGING_PREFIX}{key[:16]}"
+        described = {
+            "settings": self._job_settings(first_index),
+            "data_list": source,
+            "samples": len(ordered),
+        }
+
+        def discard(other: Path, finished: list[Path]) -> bool:
+            if self.overwrite:
+                return True
+            raise DatasetExistsError(
+                _unfinished_write_message(other, finished, described, not self.append)
+            )
+
+        _remove_stale_staging(self.output_dir, keep=staging, finished=discard)
         staging.mkdir(exist_ok=True)
         with _StagingLock(staging) as lock:
             self._lock_fd = lock.fd
+            if not (staging / _STAGING_JOB).exists():  # what a later, other write names
+                try:
+                    _atomic_write_text(staging / _STAGING_JOB, json.dumps(described, default=str))
+                except OSError:
+                    pass  # (a description only: a full disk is reported by the shards)
             try:
                 shards = None
                 plan = self._parallel_plan(len(ordered))
@@ -350,7 +368,9 @@ class Writer:
                 if shards is None:  # one process writes (or a planned shard came out empty)
                     # (after the parallel attempt, only what an earlier run left counts as kept)
                     earlier = None if plan is None else {s.file for s in self.kept_shards}
-                    resumed = _resumable_shards(staging, self.output_dir, first_index)
+                    resumed = _resumable_shards(
+                        staging, self.output_dir, first_index, self.on_error == "skip"
+                    )
                     shards = self._write_shards(ordered, source, staging, first_index, resumed)
                     if earlier is not None:
                         self.kept_shards = [s for s in self.kept_shards if s.file in earlier]
@@ -368,11 +388,14 @@ class Writer:
                 raise DataListError(
                     exc.data_list,
                     exc.line_no,
-                    f"{exc.message}. The {kept} shard(s) finished so far are kept: fix the "
+                    f"{exc.message.rstrip('.')}. The {kept} shard(s) finished so far are "
+                    "kept: fix the "
                     "file and run the same write again to resume from them (they are kept by "
                     "the paths and labels they hold: if you changed other images too, delete "
-                    "the output directory's .tmp-* staging first; with the line removed, the "
-                    "write starts over), or skip bad lines with on_error='skip'",
+                    f"{staging} first), or run it again with on_error='skip', which resumes "
+                    "from them too and skips the bad lines. A write with the line removed is "
+                    "another write: it starts over once you delete them"
+                    + ("" if self.append else " or pass overwrite=True (--overwrite)"),
                 ) from None
             except ValueError:
                 # bad options: nothing of this write can be used, leave nothing behind
@@ -414,6 +437,11 @@ class Writer:
                     "appended": base.extra.get("appended", 0) + 1,
                     "appended_jobs": [*base.extra.get("appended_jobs", []), append_id],
                 }
+                # still the first write's: run again (a script that writes, then appends), it
+                # finds itself written (and the append finds itself in appended_jobs)
+                extra.pop("job")
+                if base.extra.get("job"):
+                    extra["job"] = base.extra["job"]
                 if base.extra.get("skipped_report") or extra.get("skipped_report"):
                     extra["skipped_report"] = SKIPPED_REPORT
                 new_files = {shard.file for shard in shards}
@@ -459,29 +487,30 @@ class Writer:
                 format_version=doc["format_version"],
                 extra={"job": doc["job"], "part": doc["part"]},
             )
-        _remove_stale_staging(self.output_dir, keep=None)
+        _remove_stale_staging(self.output_dir, keep=None, finished=_leave_finished)
         return manifest
 
     def _job_id(self, entries: list[Entry], first_index: int, strip: int = 0) -> str:
-        """Names the staging directory: the same write, run again, finds its finished shards.
-        ``strip``: leave out the first characters of every path (their common folder)."""
-        digest = hashlib.sha256()
-        digest.update(json.dumps(self._job_params(first_index)).encode())
-        from json.encoder import encode_basestring_ascii as quoted
+        """What makes two runs the same write (in the manifest: a rerun of a completed write
+        is recognised). ``strip``: leave out the first characters of every path (their common
+        folder)."""
+        return _digests([self._job_params(first_index)], entries, strip)[0]
 
-        chunk: list[str] = []
-        for e in entries:
-            path = e.path[strip:] if strip else e.path
-            if e.extras is None and isinstance(e.label, str):
-                # what json.dumps writes for this list, about 4 times sooner (6 s a million)
-                chunk.append(f"[{quoted(path)}, {quoted(e.label)}, null]")
-            else:
-                chunk.append(json.dumps([path, e.label, e.extras], sort_keys=True))
-            if len(chunk) >= 4096:
-                digest.update("".join(chunk).encode())
-                chunk = []
-        digest.update("".join(chunk).encode())
-        return digest.hexdigest()
+    def _job_ids(self, entries: list[Entry], first_index: int) -> tuple[str, str]:
+        """The job id, and the key of the staging directory, in one pass over the entries.
+
+        The key leaves out ``on_error``: the shards a write finished before a bad line hold no
+        skipped sample, so a rerun that skips bad lines resumes from them (a rerun that raises
+        keeps only finished shards that skipped nothing, see :func:`_done_shards`)."""
+        params = self._job_params(first_index)
+        key_params = [
+            None if name == "on_error" else value for name, value in zip(_JOB_PARAM_NAMES, params)
+        ]
+        job, key = _digests([params, key_params], entries)
+        return job, key
+
+    def _job_settings(self, first_index: int) -> dict[str, Any]:
+        return dict(zip(_JOB_PARAM_NAMES, self._job_params(first_index)))
 
     def _job_params(self, first_index: int) -> list[Any]:  # (named in _JOB_PARAM_NAMES)
         """The settings that make two runs the same write (with the entries: :meth:`_job_id`)."""
@@ -730,7 +759,7 @@ class Writer:
             wait,
         )
 
-        done = _done_shards(staging, self.output_dir, first_index)
+        done = _done_shards(staging, self.output_dir, first_index, self.on_error == "skip")
         # per planned shard: its ShardInfo (or the future of it, while it is being synced
         # here), None if it came out empty; and the samples it skipped
         results: dict[int, tuple[Any, list[tuple[Entry, str]]]] = {}
@@ -989,6 +1018,33 @@ _JOB_PARAM_NAMES = (
     "image_policy",
     "label_names",
 )
+
+
+def _digests(param_lists: list[list[Any]], entries: list[Entry], strip: int = 0) -> list[str]:
+    """SHA-256 of each parameter list followed by the entries (paths without their first
+    ``strip`` characters, labels, extra fields), the entries encoded once for all of them."""
+    from json.encoder import encode_basestring_ascii as quoted
+
+    digests = [hashlib.sha256(json.dumps(params).encode()) for params in param_lists]
+    chunk: list[str] = []
+
+    def feed() -> None:
+        data = "".join(chunk).encode()
+        for digest in digests:
+            digest.update(data)
+
+    for e in entries:
+        path = e.path[strip:] if strip else e.path
+        if e.extras is None and isinstance(e.label, str):
+            # what json.dumps writes for this list, about 4 times sooner (6 s a million)
+            chunk.append(f"[{quoted(path)}, {quoted(e.label)}, null]")
+        else:
+            chunk.append(json.dumps([path, e.label, e.extras], sort_keys=True))
+        if len(chunk) >= 4096:
+            feed()
+            chunk = []
+    feed()
+    return [digest.hexdigest() for digest in digests]
 
 
 def _common_folder_length(entries: list[Entry]) -> int:
@@ -1470,9 +1526,13 @@ class _DoneShard:
         self.info, self.input_end, self.skipped = info, input_end, skipped
 
 
-def _done_shards(staging: Path, out: Path, first_index: int) -> dict[int, _DoneShard]:
+def _done_shards(
+    staging: Path, out: Path, first_index: int, skips_allowed: bool
+) -> dict[int, _DoneShard]:
     """The shards an interrupted run of this write finished (by shard index), each checked
-    against the size and SHA-256 it recorded when it was done."""
+    against the size and SHA-256 it recorded when it was done. Without ``skips_allowed`` (a
+    write that raises on bad lines, resuming one that skipped them) a shard that skipped a
+    sample is not one of them: written again, it raises on that sample."""
     kept: dict[int, _DoneShard] = {}
     for done_path in staging.glob("shard-*" + DONE_SUFFIX):
         name = done_path.name.removesuffix(DONE_SUFFIX)
@@ -1482,6 +1542,8 @@ def _done_shards(staging: Path, out: Path, first_index: int) -> dict[int, _DoneS
         except (OSError, ValueError):
             continue
         if index < first_index or name != fmt.shard_name(index):
+            continue
+        if done.get("skipped") and not skips_allowed:
             continue
         path = staging / name if (staging / name).exists() else out / name
         if (
@@ -1495,13 +1557,15 @@ def _done_shards(staging: Path, out: Path, first_index: int) -> dict[int, _DoneS
     return kept
 
 
-def _resumable_shards(staging: Path, out: Path, first_index: int) -> list[_DoneShard]:
+def _resumable_shards(
+    staging: Path, out: Path, first_index: int, skips_allowed: bool
+) -> list[_DoneShard]:
     """The consecutive shards an interrupted run finished, checked against their hashes.
 
     Everything after the first missing or damaged one is removed, so the write continues from
     there and the result equals an uninterrupted run.
     """
-    done = _done_shards(staging, out, first_index)
+    done = _done_shards(staging, out, first_index, skips_allowed)
     kept: list[_DoneShard] = []
     while first_index + len(kept) in done:
         kept.append(done[first_index + len(kept)])
@@ -1780,10 +1844,18 @@ class _StagingLock:
             os.close(self.fd)
 
 
-def _remove_stale_staging(out: Path, keep: Path | None) -> None:
+def _remove_stale_staging(
+    out: Path,
+    keep: Path | None,
+    finished: Callable[[Path, list[Path]], bool] | None = None,
+) -> None:
     """Remove the staging directories of other, abandoned writes (none holds its lock). Only
     directories named as this writer names them that hold its lock file (or nothing: killed
-    before it took the lock) are touched."""
+    before it took the lock) are touched.
+
+    ``finished(staging, done_files)`` decides about one that holds shards its write finished
+    and did not publish (the done files of those shards): True removes it, False leaves it,
+    or it raises. Without it, such directories are removed too."""
     import fcntl
 
     for staging in out.glob(STAGING_PREFIX + "*"):
@@ -1798,12 +1870,79 @@ def _remove_stale_staging(out: Path, keep: Path | None) -> None:
         try:
             if fd is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            done = _unpublished_done_files(staging)
+            if done and finished is not None and not finished(staging, done):
+                continue
             shutil.rmtree(staging, ignore_errors=True)  # still holding its lock
         except BlockingIOError:
             continue  # another write is running there
         finally:
             if fd is not None:
                 os.close(fd)
+
+
+_STAGING_JOB = "job.json"  # in a staging directory: what write it belongs to
+
+
+def _leave_finished(staging: Path, done: list[Path]) -> bool:
+    return False  # another write's finished shards: left for that write to resume
+
+
+def _unpublished_done_files(staging: Path) -> list[Path]:
+    """The done files of the shards in ``staging`` that were finished and not yet published
+    (a published shard has left the staging directory for the dataset)."""
+    return sorted(
+        done
+        for done in staging.glob("shard-*" + DONE_SUFFIX)
+        if (staging / done.name.removesuffix(DONE_SUFFIX)).is_file()
+    )
+
+
+def _unfinished_write_message(
+    staging: Path, done: list[Path], described: dict[str, Any], can_overwrite: bool
+) -> str:
+    """Why a write refuses to start where another, interrupted write left finished shards:
+    how much work they hold, what makes that write another one, and the ways on."""
+    size = sum((staging / d.name.removesuffix(DONE_SUFFIX)).stat().st_size for d in done)
+    try:
+        theirs = json.loads((staging / _STAGING_JOB).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        theirs = None
+    if not isinstance(theirs, dict) or not isinstance(theirs.get("settings"), dict):
+        why = "a write whose settings were not recorded (an earlier TorchRecord)"
+    else:
+        ours = described["settings"]
+        differ = [
+            name
+            for name in _JOB_PARAM_NAMES
+            if name != "on_error" and theirs["settings"].get(name) != ours.get(name)
+        ]
+
+        def shown(value: Any) -> str:
+            text = repr(value)
+            return text if len(text) <= 40 else text[:37] + "..."
+
+        if differ:
+            why = "; ".join(
+                f"{name} {shown(theirs['settings'].get(name))} there, {shown(ours.get(name))} here"
+                for name in differ
+            )
+        elif theirs.get("samples") != described["samples"]:
+            why = (
+                f"{theirs.get('samples')} samples from {theirs.get('data_list')} there, "
+                f"{described['samples']} from {described['data_list']} here"
+            )
+        else:
+            why = (
+                f"the same settings and number of samples, but other paths, labels or extra "
+                f"fields ({theirs.get('data_list')} there, {described['data_list']} here)"
+            )
+    return (
+        f"{staging.parent} holds {len(done)} shard(s) ({size / 1e6:,.1f} MB) finished by an "
+        f"interrupted write that is not this one ({why}), in {staging.name}. Run that write "
+        "again to resume it; to discard them and start this one, delete "
+        f"{staging}" + (" or pass overwrite=True (--overwrite)" if can_overwrite else "")
+    )
 
 
 def _base_settings(out: Path) -> dict[str, Any]:
