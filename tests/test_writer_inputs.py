@@ -465,3 +465,28 @@ def test_appending_integers_to_a_dataset_whose_names_are_numbers(photos, tmp_pat
     assert manifest.extra["label_names"] == ["0.0", "1.0", "2.0", "3.0"]
     got = [label for _, label in contents(out)]
     assert got[12:] == [y for _, y in samples[12:]]
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-16"])
+def test_a_data_list_that_is_not_utf8_names_its_line_and_the_fix(photos, tmp_path, encoding):
+    """A list saved as Latin-1 (a file name with an accent) or as UTF-16 (Windows' "Unicode")
+    used to be reported by byte position, with Python's codec message."""
+    samples = read_list(photos)
+    accented = samples[2][0].with_name("café.jpg")
+    samples[2][0].rename(accented)
+    samples[2] = (accented, samples[2][1])
+    lines = [f"{p.relative_to(photos.parent).as_posix()} {label}" for p, label in samples]
+    listed = photos.parent / "list.txt"
+    listed.write_text("\n".join(lines) + "\n", encoding=encoding)
+    with pytest.raises(DataListError) as caught:
+        Writer(listed, tmp_path / "out").write()
+    if encoding == "latin-1":
+        assert caught.value.line_no == 3
+        assert "byte 0xe9 is not UTF-8 text (the line reads '" in str(caught.value)
+        assert "café.jpg" in str(caught.value)
+        assert "iconv -f LATIN1 -t UTF-8" in str(caught.value)
+    else:
+        assert caught.value.line_no is None
+        assert "UTF-16" in str(caught.value) and "iconv -f UTF-16 -t UTF-8" in str(caught.value)
+    listed.write_text("\n".join(lines) + "\n", encoding="utf-8")  # converted: it writes
+    assert Writer(listed, tmp_path / "out").write().num_records == 24

@@ -61,7 +61,7 @@ def read_data_list(
     except FileNotFoundError:
         raise DataListError(name, None, "the data list does not exist") from None
     except UnicodeDecodeError as exc:
-        raise DataListError(name, None, f"the data list is not UTF-8 text ({exc})") from None
+        raise _not_utf8(name, list_path.read_bytes(), exc) from None
     base = str(Path(root) if root is not None else list_path.resolve().parent)
     if list_path.suffix.lower() == ".csv":
         rows = _csv_rows(name, text)
@@ -83,6 +83,29 @@ def read_data_list(
     if not entries:
         raise DataListError(name, None, "the data list is empty: it names no samples")
     return entries
+
+
+def _not_utf8(name: str, raw: bytes, exc: UnicodeDecodeError) -> DataListError:
+    """The error for a data list that is not UTF-8: the line of the first byte that is not,
+    that line as Latin-1 would read it, and how to convert the file."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or raw[:200].count(0) > 20:
+        return DataListError(
+            name,
+            None,
+            "the data list is UTF-16 text (as Windows tools save 'Unicode' text), not UTF-8: "
+            "save it as UTF-8, for example with `iconv -f UTF-16 -t UTF-8`",
+        )
+    line_no = raw.count(b"\n", 0, exc.start) + 1
+    start = raw.rfind(b"\n", 0, exc.start) + 1
+    end = raw.find(b"\n", exc.start)
+    line = raw[start : end if end >= 0 else len(raw)].rstrip(b"\r")
+    return DataListError(
+        name,
+        line_no,
+        f"byte {raw[exc.start]:#04x} is not UTF-8 text (the line reads "
+        f"{line.decode('latin-1')!r} in Latin-1): data lists are UTF-8; convert the file, for "
+        "example with `iconv -f LATIN1 -t UTF-8` (or the encoding it was saved in)",
+    )
 
 
 def resolve_path(base: str, path: str) -> str:
