@@ -560,6 +560,52 @@ def test_raw_rgb_reads_plain_jpeg_headers_without_pillow_as_pillow_does(photos):
         "L": None,
         "CMYK": None,
     }
+    # segments Pillow refuses or treats specially, put after the start of image by hand
+    baseline = variants["baseline"]
+
+    def with_segment(marker: int, body: bytes) -> bytes:
+        return (
+            baseline[:2]
+            + bytes((0xFF, marker))
+            + (len(body) + 2).to_bytes(2, "big")
+            + body
+            + (baseline[2:])
+        )
+
+    def frame_header_plus(extra: int) -> bytes:  # the frame header with bytes added at its end
+        at = baseline.find(b"\xff\xc0")
+        length = int.from_bytes(baseline[at + 2 : at + 4], "big")
+        end = at + 2 + length
+        header = baseline[at : at + 2] + (length + extra).to_bytes(2, "big")
+        return baseline[:at] + header + baseline[at + 4 : end] + b"\x01" * extra + baseline[end:]
+
+    doubtful = {
+        "short ICC": (with_segment(0xE2, b"ICC_PROFILE\0\x01"), "refused"),
+        "short Adobe": (with_segment(0xEE, b"Adobe\0"), "refused"),
+        "frame header 1 byte long": (frame_header_plus(1), "refused"),
+        "frame header 2 bytes long": (frame_header_plus(2), "refused"),
+        "multi-picture": (with_segment(0xE2, b"MPF\0" + bytes(40)), "opened"),
+        "Photoshop": (with_segment(0xED, b"Photoshop 3.0\x008BIM\x04"), "opened"),
+    }
+    for kind, (data, pillow) in doubtful.items():
+        assert plain_rgb_jpeg_size(data) is None, kind
+        try:
+            with warnings.catch_warnings(record=True), Image.open(io.BytesIO(data)):
+                opened = "opened"  # (a malformed multi-picture file: with a warning)
+        except Exception:
+            opened = "refused"
+        assert opened == pillow, kind  # (why the walk must leave them to Pillow)
+    assert plain_rgb_jpeg_size(frame_header_plus(0)) == (83, 61)
+    with Image.open(io.BytesIO(baseline)) as img:
+        pixels = img.size[0] * img.size[1]
+    limit = Image.MAX_IMAGE_PIXELS
+    try:  # over Pillow's decompression-bomb warning size: Pillow warns, so Pillow opens it
+        Image.MAX_IMAGE_PIXELS = pixels - 1
+        assert plain_rgb_jpeg_size(baseline) is None
+        Image.MAX_IMAGE_PIXELS = pixels
+        assert plain_rgb_jpeg_size(baseline) == (83, 61)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     rng = random.Random(0)
     read = 0
     for _ in range(3000):
@@ -578,7 +624,7 @@ def test_raw_rgb_reads_plain_jpeg_headers_without_pillow_as_pillow_does(photos):
             continue
         read += 1
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("error")  # (nor may Pillow warn about it)
             with Image.open(io.BytesIO(bytes(data))) as img:  # (raises if Pillow refuses it)
                 assert (img.format, img.mode, img.size) == ("JPEG", "RGB", size), bytes(data)
     assert read > 500  # most changes hit the image data, not what the walk checks

@@ -482,10 +482,9 @@ def test_a_bad_line_then_a_skipping_rerun_resumes_from_the_finished_shards(
         Writer(photos, out, **options).write()
     writer = Writer(photos, out, on_error="skip", **options)
     writer.write()
-    assert writer.kept_shards  # resumed, not started over
-    assert [(e.line_no, reason[:20]) for e, reason in writer.skipped] == [
-        (22, writer.skipped[0][1][:20])
-    ]
+    # resumed from every shard before the bad line's (shards of 4: line 22 is in the sixth)
+    assert [s.file for s in writer.kept_shards] == [f"shard-0000{i}.lmdb" for i in range(5)]
+    assert [e.line_no for e, _ in writer.skipped] == [22]
     reference = tmp_path / "reference"
     Writer(photos, reference, on_error="skip", **options).write()
     assert _shard_hashes(out) == _shard_hashes(reference) and len(_shard_hashes(out)) == 6
@@ -495,9 +494,9 @@ def test_a_bad_line_then_a_skipping_rerun_resumes_from_the_finished_shards(
 
 def test_a_raising_rerun_keeps_no_shard_that_skipped_a_sample(photos, tmp_path, monkeypatch):
     """The other way round: a skipping write interrupted (Ctrl-C) after it finished shards, one
-    of which skipped a bad line, then run again raising on bad lines. The shard that skipped
-    the line is not kept: the rerun names the line; with the file repaired, it gives what a
-    raising write gives from the start, keeping the shards before the bad line."""
+    of which skipped a bad line, then run again raising on bad lines. The rerun encodes the
+    skipped line first and names it, discarding nothing; with the file repaired, it gives what a
+    raising write gives from the start, keeping the shards before the one that skipped."""
     from torchrecord import writer as writer_module
 
     repair = _break_line(photos, 5)  # in the second of 6 shards of 4
@@ -516,10 +515,12 @@ def test_a_raising_rerun_keeps_no_shard_that_skipped_a_sample(photos, tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         Writer(photos, out, on_error="skip", **options).write()
     monkeypatch.setattr(writer_module._EncodeJob, "__call__", real_call)
-    done = sorted(p.name for p in out.glob(".tmp-*/*.done"))
-    assert len(done) == 4  # 4 finished shards, the second with the skipped line 6
-    with pytest.raises(DataListError, match=r"data_list.txt:6: "):
+    done = sorted(p.name for p in out.glob(".tmp-*/*"))
+    assert sum(name.endswith(".done") for name in done) == 4  # the second skipped line 6
+    with pytest.raises(DataListError, match=r"data_list.txt:6: .*The 4 shard\(s\)"):
         Writer(photos, out, **options).write()
+    # the line is checked before anything is discarded: the skipping write can still resume
+    assert sorted(p.name for p in out.glob(".tmp-*/*")) == done
     repair()
     writer = Writer(photos, out, **options)
     writer.write()
@@ -559,3 +560,61 @@ def test_another_write_refuses_to_discard_an_interrupted_writes_shards(photos, t
     Writer(photos, reference, codec="jpeg", shuffle=False, db_num=4).write()
     assert _shard_hashes(out) == _shard_hashes(reference)
     assert not list(out.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_bad_first_sample_of_a_shard_keeps_the_complete_shard_before_it(
+    photos, tmp_path, workers
+):
+    """In one process a shard was finished only when the next sample came; a bad first sample
+    of the next shard threw the complete shard before it away (workers kept it)."""
+    repair = _break_line(photos, 12)  # the first sample of the third shard of 6
+    out = tmp_path / "out"
+    options = {"codec": "jpeg", "shuffle": False, "db_num": 4, "num_workers": workers}
+    # (workers write the fourth shard meanwhile; in one process it comes after the bad line)
+    kept = 2 if workers == 0 else 3
+    with pytest.raises(DataListError, match=rf"data_list.txt:13: .*The {kept} shard\(s\)"):
+        Writer(photos, out, **options).write()
+    repair()
+    writer = Writer(photos, out, **options)
+    writer.write()
+    files = [s.file for s in writer.kept_shards]
+    assert files[:2] == ["shard-00000.lmdb", "shard-00001.lmdb"] and len(files) == kept
+
+
+def test_an_interrupted_write_of_an_earlier_version_resumes(photos, tmp_path):
+    """Before this version the staging directory was named by the whole job id and held no
+    job.json: the same write, run by this version, resumes from it instead of refusing."""
+    from torchrecord.writer import STAGING_PREFIX
+
+    repair = _break_line(photos, 21)
+    out = tmp_path / "out"
+    options = {"codec": "jpeg", "shuffle": False, "db_num": 6}
+    with pytest.raises(DataListError):
+        Writer(photos, out, **options).write()
+    repair()
+    staging = next(out.glob(".tmp-*"))
+    (staging / "job.json").unlink()
+    writer = Writer(photos, out, **options)
+    entries, _, names = writer._entries()
+    writer._label_names = names
+    staging.rename(out / f"{STAGING_PREFIX}{writer._job_id(entries, 0)[:16]}")  # (as it was)
+    writer.write()
+    assert len(writer.kept_shards) == 5 and not list(out.glob(".tmp-*"))
+
+
+def test_a_completed_write_run_again_leaves_another_writes_shards_alone(photos, tmp_path):
+    repair = _break_line(photos, 21)
+    out = tmp_path / "out"
+    Writer(photos, out, codec="jpeg", shuffle=False, db_num=3, on_error="skip").write()
+    with pytest.raises(DataListError):  # another write into the same directory, interrupted
+        Writer(photos, out, codec="jpeg", shuffle=False, db_num=6, overwrite=True).write()
+    repair()
+    staging = next(out.glob(".tmp-*"))
+    before = sorted(p.name for p in staging.iterdir())
+    again = Writer(photos, out, codec="jpeg", shuffle=False, db_num=3, on_error="skip")
+    again.write()
+    assert again.already_written and sorted(p.name for p in staging.iterdir()) == before
+    resumed = Writer(photos, out, codec="jpeg", shuffle=False, db_num=6, overwrite=True)
+    resumed.write()
+    assert len(resumed.kept_shards) == 5

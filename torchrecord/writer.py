@@ -351,6 +351,7 @@ class Writer:
                 _unfinished_write_message(other, finished, described, not self.append)
             )
 
+        _adopt_legacy_staging(self.output_dir, job, staging)
         _remove_stale_staging(self.output_dir, keep=staging, finished=discard)
         staging.mkdir(exist_ok=True)
         with _StagingLock(staging) as lock:
@@ -361,6 +362,8 @@ class Writer:
                 except OSError:
                     pass  # (a description only: a full disk is reported by the shards)
             try:
+                if self.on_error == "raise":
+                    self._recheck_skipped(staging, ordered, source)
                 shards = None
                 plan = self._parallel_plan(len(ordered))
                 if plan is not None:
@@ -381,21 +384,42 @@ class Writer:
                 # a bad line: the shards finished before it stay, as after Ctrl-C, so that the
                 # same write resumes once the file is fixed (a changed data list is another
                 # write, which removes them)
-                kept = len(list(staging.glob("shard-*" + DONE_SUFFIX)))
-                if not kept or exc.line_no is None:
+                indices = _done_indices(staging)
+                if not indices or exc.line_no is None:
                     shutil.rmtree(staging, ignore_errors=True)
                     raise
+                kept = len(indices)
+                prefix = next(i for i in range(kept + 1) if first_index + i not in indices)
+                if self.on_error == "skip":
+                    skip_route = ""  # (it skipped already: this error is not a bad line's)
+                elif prefix == kept:
+                    skip_route = (
+                        ", or run it again with on_error='skip', which resumes from them too "
+                        "and skips the bad samples"
+                    )
+                elif prefix:
+                    skip_route = (
+                        ", or run it again with on_error='skip', which skips the bad samples "
+                        f"and resumes from at least the first {prefix} of them (in one process "
+                        "the shards after the first unfinished one are written again)"
+                    )
+                else:
+                    skip_route = (
+                        ", or run it again with on_error='skip', which skips the bad samples "
+                        "and may write them again (in one process it resumes only from the "
+                        "shards before the first unfinished one, and that is the first)"
+                    )
                 raise DataListError(
                     exc.data_list,
                     exc.line_no,
                     f"{exc.message.rstrip('.')}. The {kept} shard(s) finished so far are "
-                    "kept: fix the "
-                    "file and run the same write again to resume from them (they are kept by "
-                    "the paths and labels they hold: if you changed other images too, delete "
-                    f"{staging} first), or run it again with on_error='skip', which resumes "
-                    "from them too and skips the bad lines. A write with the line removed is "
-                    "another write: it starts over once you delete them"
-                    + ("" if self.append else " or pass overwrite=True (--overwrite)"),
+                    "kept in "
+                    f"{staging}: fix the file and run the same write again to resume from "
+                    "them (they are kept by the paths and labels they hold: if you changed "
+                    f"other images too, delete that directory first){skip_route}. Leaving the "
+                    "sample out of the input makes another write, which refuses to start "
+                    "until that directory is deleted"
+                    + ("" if self.append else " or overwrite=True (--overwrite) is passed"),
                 ) from None
             except ValueError:
                 # bad options: nothing of this write can be used, leave nothing behind
@@ -508,6 +532,25 @@ class Writer:
         ]
         job, key = _digests([params, key_params], entries)
         return job, key
+
+    def _recheck_skipped(self, staging: Path, ordered: list[Entry], source: str) -> None:
+        """A write that raises on bad samples, resuming one that skipped them: encode the
+        samples the finished shards skipped first, so that one still bad stops the write (naming
+        it) before any finished shard is discarded; once they all encode, the shards that
+        skipped them are written again (see :func:`_done_shards`)."""
+        rows = []
+        for done_path in staging.glob("shard-*" + DONE_SUFFIX):
+            try:
+                rows += json.loads(done_path.read_text()).get("skipped") or []
+            except (OSError, ValueError, AttributeError):
+                continue
+        if not rows:
+            return
+        position = {(e.line_no, e.path): i for i, e in enumerate(ordered)}
+        found = sorted(position[key] for key in {(r[0], r[1]) for r in rows} if key in position)
+        job = self._encode_job(source, len(found))
+        for i in found:
+            job.encode(ordered[i])  # (raises DataListError naming the sample)
 
     def _job_settings(self, first_index: int) -> dict[str, Any]:
         return dict(zip(_JOB_PARAM_NAMES, self._job_params(first_index)))
@@ -642,13 +685,19 @@ class Writer:
         from concurrent.futures import ThreadPoolExecutor
 
         hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchrecord-hash")
+
+        def full(shard: _ShardWriter, position: int) -> bool:
+            """Whether the sample at ``position`` goes into the next shard."""
+            return (
+                position in splits
+                or bool(by_count and shard.count >= by_count)
+                or bool(self.bytes_per_shard and shard.payload >= self.bytes_per_shard)
+            )
+
+        position = start - 1
         try:
             for position, (entry, ok, value, crc) in enumerate(encoded, start=start):
-                if shard is not None and (
-                    position in splits
-                    or (by_count and shard.count >= by_count)
-                    or (self.bytes_per_shard and shard.payload >= self.bytes_per_shard)
-                ):
+                if shard is not None and full(shard, position):
                     pending.append(shard.finish(position, pending_skips, hasher))
                     shard, pending_skips = None, []
                 bar.update(1, len(value) if ok else 0)
@@ -669,6 +718,13 @@ class Writer:
                 pending.append(shard.finish(len(entries), pending_skips, hasher))
                 shard = None
             shards += [future.result() for future in pending]
+        except DataListError:
+            # a bad first sample of the next shard: the shard before it is complete, so it is
+            # finished (and kept for the resume) as when a worker writes it
+            if shard is not None and full(shard, position + 1):
+                pending.append(shard.finish(position + 1, pending_skips, hasher))
+                shard = None
+            raise
         finally:
             if shard is not None:
                 shard.close()
@@ -1884,6 +1940,38 @@ def _remove_stale_staging(
 _STAGING_JOB = "job.json"  # in a staging directory: what write it belongs to
 
 
+def _done_indices(staging: Path) -> set[int]:
+    """The indices of the shards in ``staging`` that have a done file."""
+    indices = set()
+    for done in staging.glob("shard-*" + DONE_SUFFIX):
+        digits = done.name.removeprefix("shard-").removesuffix(".lmdb" + DONE_SUFFIX)
+        if digits.isdigit():
+            indices.add(int(digits))
+    return indices
+
+
+def _adopt_legacy_staging(out: Path, job: str, staging: Path) -> None:
+    """Give an interrupted run of this very write by an earlier TorchRecord, whose staging was
+    named by the whole job id (``on_error`` included), the staging name this one uses, so that
+    it resumes from its shards. Not while a write holds its lock."""
+    import fcntl
+
+    legacy = out / f"{STAGING_PREFIX}{job[:16]}"
+    if legacy == staging or not legacy.is_dir() or staging.exists():
+        return
+    try:
+        fd = os.open(legacy / ".lock", os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(legacy, staging)
+    except OSError:
+        pass  # (locked by a running write, or gone: it is left alone)
+    finally:
+        os.close(fd)
+
+
 def _leave_finished(staging: Path, done: list[Path]) -> bool:
     return False  # another write's finished shards: left for that write to resume
 
@@ -1896,6 +1984,28 @@ def _unpublished_done_files(staging: Path) -> list[Path]:
         for done in staging.glob("shard-*" + DONE_SUFFIX)
         if (staging / done.name.removesuffix(DONE_SUFFIX)).is_file()
     )
+
+
+def _difference(name: str, theirs: Any, ours: Any) -> str:
+    """One setting in which two writes differ, in words (``db_num 6 there, 4 here``)."""
+
+    def shown(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    if isinstance(theirs, dict) and isinstance(ours, dict):  # the image policy, by option
+        keys = sorted({*theirs, *ours} - {k for k in theirs if theirs.get(k) == ours.get(k)})
+        return "; ".join(
+            f"{key} {shown(theirs.get(key))} there, {shown(ours.get(key))} here" for key in keys
+        )
+    if name == "label_names" and isinstance(theirs, list) and isinstance(ours, list):
+        for i, (a, b) in enumerate(zip(theirs, ours)):
+            if a != b:
+                return f"class {i} is {shown(a)} there, {shown(b)} here"
+        return f"{len(theirs)} classes there, {len(ours)} here"
+    if name == "first_index":  # (shard_range's first shard, or the shards appended to)
+        return f"the first shard written is {theirs} there, {ours} here"
+    return f"{name} {shown(theirs)} there, {shown(ours)} here"
 
 
 def _unfinished_write_message(
@@ -1917,15 +2027,9 @@ def _unfinished_write_message(
             for name in _JOB_PARAM_NAMES
             if name != "on_error" and theirs["settings"].get(name) != ours.get(name)
         ]
-
-        def shown(value: Any) -> str:
-            text = repr(value)
-            return text if len(text) <= 40 else text[:37] + "..."
-
         if differ:
             why = "; ".join(
-                f"{name} {shown(theirs['settings'].get(name))} there, {shown(ours.get(name))} here"
-                for name in differ
+                _difference(name, theirs["settings"].get(name), ours.get(name)) for name in differ
             )
         elif theirs.get("samples") != described["samples"]:
             why = (

@@ -22,7 +22,16 @@ from functools import lru_cache
 from typing import Any
 
 from ..hookspecs import hookimpl
-from .base import Codec, RecordParts, builds_record, fit, open_image, parse_label, to_rgb
+from .base import (
+    Codec,
+    RecordParts,
+    builds_record,
+    fit,
+    open_image,
+    parse_label,
+    pixel_limit,
+    to_rgb,
+)
 
 
 class RawRGBCodec(Codec):
@@ -33,8 +42,10 @@ class RawRGBCodec(Codec):
         label = parse_label(label)
         tried = False  # the fast decoder, on this file
         if _libjpeg_on:
-            with open(path, "rb", buffering=0) as f:  # one read of the whole file
-                data = f.read()
+            with open(path, "rb", buffering=0) as f:
+                data = f.read(3)  # (anything but a JPEG is left to Pillow unread)
+                if data == b"\xff\xd8\xff":
+                    data += f.read()  # one read of the rest
             size = plain_rgb_jpeg_size(data)
             if size is not None and not (max_size and max(size) > max_size):
                 pixels, tried = _libjpeg_rgb(data, size), True
@@ -105,7 +116,8 @@ def plain_rgb_jpeg_size(data: bytes) -> tuple[int, int] | None:
         if marker == 0xDA:  # start of scan: the header is over
             break
         if marker in _PLAIN_FRAMES:
-            if size is not None or len(body) < 6 + 3 * 3 or body[0] != 8 or body[5] != 3:
+            # (exactly the three components' entries: Pillow refuses a longer segment)
+            if size is not None or len(body) != 6 + 3 * 3 or body[0] != 8 or body[5] != 3:
                 return None
             size = (int.from_bytes(body[3:5], "big"), int.from_bytes(body[1:3], "big"))
         elif marker == 0xDB:  # quantization tables, as Pillow checks them
@@ -132,9 +144,8 @@ def plain_rgb_jpeg_size(data: bytes) -> tuple[int, int] | None:
         return None  # no start of scan
     if size is None or not all(size) or (exif and not dpi):
         return None
-    from PIL import Image
-
-    if Image.MAX_IMAGE_PIXELS is not None and size[0] * size[1] > Image.MAX_IMAGE_PIXELS:
+    limit = pixel_limit()  # (twice Pillow's warning size; not lifted by another thread)
+    if limit is not None and size[0] * size[1] > limit // 2:
         return None
     return size
 
