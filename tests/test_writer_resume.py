@@ -618,3 +618,26 @@ def test_a_completed_write_run_again_leaves_another_writes_shards_alone(photos, 
     resumed = Writer(photos, out, codec="jpeg", shuffle=False, db_num=6, overwrite=True)
     resumed.write()
     assert len(resumed.kept_shards) == 5
+
+
+def test_a_completed_write_run_again_with_the_other_on_error(photos, tmp_path):
+    """A write that raised and completed skipped nothing, so a skipping rerun finds itself
+    written (and the other way round when nothing was skipped); a raising rerun of a write that
+    skipped samples says so, instead of "already holds a dataset"."""
+    options = {"codec": "jpeg", "shuffle": False, "db_num": 3}
+    clean = tmp_path / "clean"
+    Writer(photos, clean, **options).write()
+    again = Writer(photos, clean, on_error="skip", **options)
+    assert again.write().num_records == 24 and again.already_written
+    clean_skip = tmp_path / "clean_skip"
+    Writer(photos, clean_skip, on_error="skip", **options).write()
+    again = Writer(photos, clean_skip, **options)
+    assert again.write().num_records == 24 and again.already_written
+
+    _break_line(photos, 4)
+    skipped = tmp_path / "skipped"
+    Writer(photos, skipped, on_error="skip", **options).write()
+    with pytest.raises(DatasetExistsError, match=r"on_error='skip', which skipped 1 sample"):
+        Writer(photos, skipped, **options).write()
+    with pytest.raises(DatasetExistsError, match="already holds a dataset"):  # another write
+        Writer(photos, skipped, on_error="skip", codec="jpeg", shuffle=False, db_num=2).write()

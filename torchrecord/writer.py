@@ -498,7 +498,24 @@ class Writer:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-        if doc.get("job") != self._job_id(entries, first_index):
+        params = self._job_params(first_index)
+        other_mode = list(params)  # the same write with the other on_error
+        other_mode[_JOB_PARAM_NAMES.index("on_error")] = (
+            "raise" if self.on_error == "skip" else "skip"
+        )
+        job, other_job = _digests([params, other_mode], entries)
+        if doc.get("job") == other_job:
+            # a write that raised and completed skipped nothing: it holds what this skipping
+            # one would write; one that skipped samples is not what this raising one asks for
+            skipped = doc.get("skipped") or 0
+            if self.on_error == "raise" and skipped:
+                raise DatasetExistsError(
+                    f"{self.output_dir} holds this very write made with on_error='skip', which "
+                    f"skipped {skipped} sample(s) (listed in {self.output_dir / SKIPPED_REPORT}); "
+                    "this one raises on bad samples. To write them too, fix them and pass "
+                    "overwrite=True (--overwrite)"
+                )
+        elif doc.get("job") != job:
             return None
         if "part" not in doc:
             manifest = fmt.read_manifest(self.output_dir)
