@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,7 +143,8 @@ def test_skip_policy_reports_every_skipped_line(photos, tmp_path):
     manifest = Writer(photos, out, db_num=2, on_error="skip", num_workers=2, shuffle=False).write()
     assert manifest.num_records == 22 and manifest.extra["skipped"] == 2
     report = (out / "skipped.tsv").read_text().splitlines()
-    assert report[0] == "line\tpath\treason"
+    assert report[0] == "line\tpath\treason\tdata_list"
+    assert all(row.endswith(f"\t{photos}") for row in report[1:])
     assert report[1].startswith("4\t") and "does not exist" in report[1]
     assert report[2].startswith("11\t") and "not an image Pillow can read" in report[2]
     assert len(TRDataset(out)) == 22
@@ -490,3 +492,24 @@ def test_a_data_list_that_is_not_utf8_names_its_line_and_the_fix(photos, tmp_pat
         assert "UTF-16" in str(caught.value) and "iconv -f UTF-16 -t UTF-8" in str(caught.value)
     listed.write_text("\n".join(lines) + "\n", encoding="utf-8")  # converted: it writes
     assert Writer(listed, tmp_path / "out").write().num_records == 24
+
+
+def test_the_skip_report_of_an_appended_dataset_names_each_rows_data_list(photos, tmp_path):
+    """After an append, line numbers of two data lists share one report: each row names its
+    list. A report written before the column existed gets the dataset's list on its rows."""
+    lines = photos.read_text().splitlines(keepends=True)
+    first, second = photos.parent / "first.txt", photos.parent / "second.txt"
+    first.write_text("".join(lines[:12]).replace(lines[2].split()[0], "missing.jpg", 1))
+    second.write_text("".join(lines[12:]).replace(lines[14].split()[0], "gone.jpg", 1))
+    out = tmp_path / "out"
+    Writer(first, out, codec="jpeg", on_error="skip", shuffle=False).write()
+    report = out / "skipped.tsv"
+    old_style = report.read_text().replace("\tdata_list", "", 1).replace(f"\t{first}", "")
+    report.write_text(old_style)  # (as an earlier version wrote it)
+    Writer(second, out, codec="jpeg", on_error="skip", shuffle=False, append=True).write()
+    rows = [row.split("\t") for row in report.read_text().splitlines()]
+    assert rows[0] == ["line", "path", "reason", "data_list"]
+    assert [(row[0], Path(row[1]).name, row[3]) for row in rows[1:]] == [
+        ("3", "missing.jpg", str(first)),
+        ("3", "gone.jpg", str(second)),
+    ]

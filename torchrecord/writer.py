@@ -62,7 +62,8 @@ EXTRAS_PROTO_NAME = "extras"  # the third proto of a record with extra fields (J
 SKIPPED_REPORT = "skipped.tsv"
 STAGING_PREFIX = ".tmp-"
 _STAGING_NAME = re.compile(re.escape(STAGING_PREFIX) + "[0-9a-f]{16}")
-_SKIPPED_HEADER = "line\tpath\treason"
+_SKIPPED_HEADER = "line\tpath\treason\tdata_list"
+_OLD_SKIPPED_HEADER = "line\tpath\treason"  # (before the data list was named: appends mixed)
 _REASONS_SHOWN = 5  # skip reasons quoted when every sample was skipped
 DONE_SUFFIX = ".done"
 
@@ -1035,13 +1036,19 @@ class Writer:
         old_report = out / SKIPPED_REPORT
         if self.skipped:
             listed = self.append and SKIPPED_REPORT in _listed_files(old_manifest)
-            previous = (
-                old_report.read_text(encoding="utf-8").splitlines()[1:]
-                if listed and old_report.exists()
-                else []
-            )
+            previous = []
+            if listed and old_report.exists():
+                try:
+                    base = json.loads(old_manifest.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    base = {}
+                # (an old report's rows name no data list: the dataset's, unless appended to)
+                known = "" if base.get("appended") else str(base.get("source", ""))
+                previous = _report_rows(old_report, known)
+            source = str(manifest.extra.get("source", ""))
             lines = [_SKIPPED_HEADER, *previous] + [
-                f"{e.line_no}\t{e.path}\t{reason}".replace("\n", " ") for e, reason in self.skipped
+                f"{e.line_no}\t{e.path}\t{reason}".replace("\n", " ") + f"\t{source}"
+                for e, reason in self.skipped
             ]
             (staging / SKIPPED_REPORT).write_text("\n".join(lines) + "\n", encoding="utf-8")
         # Everything that needs new space is written before anything old is removed: on a full
@@ -1310,7 +1317,7 @@ def _join_locked(out: Path, docs: list[tuple[Path, dict[str, Any]]]) -> fmt.Mani
             shards.append(fmt.ShardInfo.from_entry(item))
         report = part / SKIPPED_REPORT
         if report.exists():
-            skipped_lines += report.read_text(encoding="utf-8").splitlines()[1:]
+            skipped_lines += _report_rows(report, str(doc.get("source", "")))
     first = docs[0][1]
     known = {
         "format",
@@ -2091,13 +2098,22 @@ def _listed_files(manifest_path: Path) -> set[str]:
     return {name for name in files if "/" not in name and name not in ("", ".", "..")}
 
 
+def _report_rows(report: Path, source: str) -> list[str]:
+    """The rows of a skip report, each naming its data list (``source`` for the rows of a
+    report written before the column existed)."""
+    lines = report.read_text(encoding="utf-8").splitlines()
+    if lines and lines[0] == _OLD_SKIPPED_HEADER:
+        return [f"{row}\t{source}" for row in lines[1:]]
+    return lines[1:]
+
+
 def _written_here(path: Path) -> bool:
     """Whether ``path`` is a file this writer writes: a shard (its metadata says so, read
     without a lock) or a skip report (its header). Files of any other kind are the user's."""
     if path.name == SKIPPED_REPORT:
         try:
             with open(path, encoding="utf-8") as f:
-                return f.readline() == _SKIPPED_HEADER + "\n"
+                return f.readline().rstrip("\n") in (_SKIPPED_HEADER, _OLD_SKIPPED_HEADER)
         except (OSError, UnicodeDecodeError):
             return False
     if not (path.name.startswith("shard-") and path.name.endswith(".lmdb")):
