@@ -641,3 +641,21 @@ def test_a_completed_write_run_again_with_the_other_on_error(photos, tmp_path):
         Writer(photos, skipped, **options).write()
     with pytest.raises(DatasetExistsError, match="already holds a dataset"):  # another write
         Writer(photos, skipped, on_error="skip", codec="jpeg", shuffle=False, db_num=2).write()
+
+
+def test_a_completed_write_run_again_removes_no_staging_while_another_write_runs(photos, tmp_path):
+    """A rerun of a completed write used to remove abandoned staging before it took the output
+    directory's lock: a write starting there (its staging made, its lock not yet taken) lost
+    it. It removes staging only under the lock, and not at all while another write holds it."""
+    from torchrecord.writer import _OutputLock
+
+    out = tmp_path / "out"
+    Writer(photos, out, codec="jpeg", shuffle=False).write()
+    starting = out / ".tmp-0123456789abcdef"
+    starting.mkdir()  # (another write, between making its staging and locking it)
+    with _OutputLock(out):  # (held by that other write)
+        again = Writer(photos, out, codec="jpeg", shuffle=False)
+        again.write()
+        assert again.already_written and starting.is_dir()
+    Writer(photos, out, codec="jpeg", shuffle=False).write()  # no write runs: it is abandoned
+    assert not starting.exists()

@@ -293,9 +293,14 @@ class Writer:
             ordered = ordered[offset : plan[stop - 1][1]]
             self.part_splits = {start - offset for start, _ in plan[first + 1 : stop]}
 
-        finished = self._already_written(ordered, part["first_shard"] if part else 0)
+        finished = self._already_written(ordered, part["first_shard"] if part else 0, clean=False)
         if finished is not None:
             self.already_written = True
+            try:  # (staging is removed only under the lock: a write may be starting there)
+                with _OutputLock(self.output_dir):
+                    _remove_stale_staging(self.output_dir, keep=None, finished=_leave_finished)
+            except (DatasetExistsError, OSError):
+                pass  # another write is running there: its staging is its own
             return finished
         self._check_output_dir()  # refused before anything is created
         with _made_dir(self.output_dir), _OutputLock(self.output_dir):
@@ -490,8 +495,11 @@ class Writer:
         shutil.rmtree(staging, ignore_errors=True)
         return manifest
 
-    def _already_written(self, entries: list[Entry], first_index: int) -> fmt.Manifest | None:
-        """The manifest, if this very write already completed here (killed before it exited)."""
+    def _already_written(
+        self, entries: list[Entry], first_index: int, clean: bool = True
+    ) -> fmt.Manifest | None:
+        """The manifest, if this very write already completed here (killed before it exited);
+        with ``clean`` (under the output directory's lock), abandoned staging is removed."""
         path = self.output_dir / fmt.MANIFEST_NAME
         if self.append or self.overwrite or not path.exists():
             return None
@@ -529,7 +537,8 @@ class Writer:
                 format_version=doc["format_version"],
                 extra={"job": doc["job"], "part": doc["part"]},
             )
-        _remove_stale_staging(self.output_dir, keep=None, finished=_leave_finished)
+        if clean:
+            _remove_stale_staging(self.output_dir, keep=None, finished=_leave_finished)
         return manifest
 
     def _job_id(self, entries: list[Entry], first_index: int, strip: int = 0) -> str:
