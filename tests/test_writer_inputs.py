@@ -506,10 +506,17 @@ def test_the_skip_report_of_an_appended_dataset_names_each_rows_data_list(photos
     report = out / "skipped.tsv"
     old_style = report.read_text().replace("\tdata_list", "", 1).replace(f"\t{first}", "")
     report.write_text(old_style)  # (as an earlier version wrote it)
+    clean = [(str(photos.parent / line.split()[0]), line.split()[1]) for line in lines[20:22]]
+    Writer(clean, out, codec="jpeg", shuffle=False, append=True).write()  # (skips nothing)
+    assert report.read_text().splitlines()[0].endswith("\tdata_list")  # (the column, now)
     Writer(second, out, codec="jpeg", on_error="skip", shuffle=False, append=True).write()
+    tabbed = [(str(photos.parent / "bad\tname.jpg"), "1")]  # (a tab in a path, missing)
+    Writer(tabbed + clean, out, codec="jpeg", on_error="skip", append=True).write()
     rows = [row.split("\t") for row in report.read_text().splitlines()]
     assert rows[0] == ["line", "path", "reason", "data_list"]
+    assert {len(row) for row in rows} == {4}
     assert [(row[0], Path(row[1]).name, row[3]) for row in rows[1:]] == [
         ("3", "missing.jpg", str(first)),
         ("3", "gone.jpg", str(second)),
+        ("1", "bad name.jpg", "<iterable>"),
     ]

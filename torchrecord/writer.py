@@ -324,11 +324,21 @@ class Writer:
         base = self._check_output_dir()
         append_id = None
         if base is not None:
-            append_id = self._job_id(ordered, -1)
-            if append_id in base.extra.get("appended_jobs", []):
+            append_id, other_append = self._job_and_other_mode(ordered, -1)
+            done_appends = base.extra.get("appended_jobs", [])
+            if other_append in done_appends and self.on_error == "raise":
+                raise DatasetExistsError(
+                    f"{self.output_dir} holds this very append already, made with "
+                    "on_error='skip' (the samples it skipped, if any, are listed in "
+                    f"{self.output_dir / SKIPPED_REPORT}); appending it again would add its "
+                    "samples twice"
+                )
+            if append_id in done_appends or other_append in done_appends:
+                # (this very append completed already, killed before it exited; or with
+                # on_error='raise', which skipped nothing: what this skipping one would add)
                 _remove_stale_staging(self.output_dir, keep=None, finished=_leave_finished)
                 self.already_written = True
-                return base  # this very append completed already (killed before it exited)
+                return base
             ordered, label_names = _merge_label_names(base, ordered, label_names, source)
             fields = sorted({k for e in ordered if e.extras and e.error is None for k in e.extras})
             if fields != base.extra.get("extra_fields", []):
@@ -342,7 +352,7 @@ class Writer:
         first_index = len(base.shards) if base is not None else 0
         if part is not None:
             first_index = part["first_shard"]
-        job, key = self._job_ids(ordered, first_index)
+        job, key, other_job = self._job_ids(ordered, first_index)
         staging = self.output_dir / f"{STAGING_PREFIX}{key[:16]}"
         described = {
             "settings": self._job_settings(first_index),
@@ -357,7 +367,8 @@ class Writer:
                 _unfinished_write_message(other, finished, described, not self.append)
             )
 
-        _adopt_legacy_staging(self.output_dir, job, staging)
+        for legacy_job in (job, other_job):
+            _adopt_legacy_staging(self.output_dir, legacy_job, staging)
         _remove_stale_staging(self.output_dir, keep=staging, finished=discard)
         staging.mkdir(exist_ok=True)
         with _StagingLock(staging) as lock:
@@ -396,8 +407,17 @@ class Writer:
                     raise
                 kept = len(indices)
                 prefix = next(i for i in range(kept + 1) if first_index + i not in indices)
-                if self.on_error == "skip":
-                    skip_route = ""  # (it skipped already: this error is not a bad line's)
+                skipping = _skipping_shards(staging)  # (a skipping run's, being rechecked)
+                if self.on_error == "skip" or part is not None or skipping:
+                    # (it skips already; a part writes with on_error='raise' only; a skipping
+                    # run's shards are there: that route was taken)
+                    skip_route = ""
+                elif not self._skip_route_resumes(key, first_index, base):
+                    skip_route = (
+                        ", or run it again with on_error='skip', which is another write here "
+                        "(string labels are indexed without the samples it skips), so it "
+                        "refuses to start until that directory is deleted"
+                    )
                 elif prefix == kept:
                     skip_route = (
                         ", or run it again with on_error='skip', which resumes from them too "
@@ -421,7 +441,13 @@ class Writer:
                     f"{exc.message.rstrip('.')}. The {kept} shard(s) finished so far are "
                     "kept in "
                     f"{staging}: fix the file and run the same write again to resume from "
-                    "them (they are kept by the paths and labels they hold: if you changed "
+                    + (
+                        f"them ({skipping} of them skipped samples and are written again "
+                        "once those encode; "
+                        if skipping
+                        else "them ("
+                    )
+                    + "they are kept by the paths and labels they hold: if you changed "
                     f"other images too, delete that directory first){skip_route}. Leaving the "
                     "sample out of the input makes another write, which refuses to start "
                     "until that directory is deleted"
@@ -457,6 +483,7 @@ class Writer:
             extra = self._manifest_extra(source, label_names, ordered)
             extra["write_seconds"] = round(time.perf_counter() - started, 3)
             extra["job"] = job
+            extra["job_skipped"] = len(self.skipped)  # (this write's own, kept through appends)
             if part is not None:
                 extra["part"] = part
             if base is not None:
@@ -472,6 +499,13 @@ class Writer:
                 extra.pop("job")
                 if base.extra.get("job"):
                     extra["job"] = base.extra["job"]
+                    first_skipped = base.extra.get(
+                        "job_skipped",
+                        None if base.extra.get("appended") else base.extra.get("skipped"),
+                    )
+                    extra.pop("job_skipped", None)
+                    if first_skipped is not None:
+                        extra["job_skipped"] = first_skipped
                 if base.extra.get("skipped_report") or extra.get("skipped_report"):
                     extra["skipped_report"] = SKIPPED_REPORT
                 new_files = {shard.file for shard in shards}
@@ -507,22 +541,25 @@ class Writer:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-        params = self._job_params(first_index)
-        other_mode = list(params)  # the same write with the other on_error
-        other_mode[_JOB_PARAM_NAMES.index("on_error")] = (
-            "raise" if self.on_error == "skip" else "skip"
-        )
-        job, other_job = _digests([params, other_mode], entries)
+        job, other_job = self._job_and_other_mode(entries, first_index)
         if doc.get("job") == other_job:
             # a write that raised and completed skipped nothing: it holds what this skipping
             # one would write; one that skipped samples is not what this raising one asks for
-            skipped = doc.get("skipped") or 0
+            # (the first write's own count: an append's skips are not its own)
+            skipped = doc.get("job_skipped", None if doc.get("appended") else doc.get("skipped"))
+            if self.on_error == "raise" and skipped is None:
+                return None  # (unknown: "already holds a dataset", as for another write)
             if self.on_error == "raise" and skipped:
                 raise DatasetExistsError(
                     f"{self.output_dir} holds this very write made with on_error='skip', which "
                     f"skipped {skipped} sample(s) (listed in {self.output_dir / SKIPPED_REPORT}); "
-                    "this one raises on bad samples. To write them too, fix them and pass "
-                    "overwrite=True (--overwrite)"
+                    "this one raises on bad samples. "
+                    + (
+                        "It was appended to since: to write them too, write the whole dataset "
+                        "again with them fixed into another directory"
+                        if doc.get("appended")
+                        else "To write them too, fix them and pass overwrite=True (--overwrite)"
+                    )
                 )
         elif doc.get("job") != job:
             return None
@@ -547,8 +584,17 @@ class Writer:
         folder)."""
         return _digests([self._job_params(first_index)], entries, strip)[0]
 
-    def _job_ids(self, entries: list[Entry], first_index: int) -> tuple[str, str]:
-        """The job id, and the key of the staging directory, in one pass over the entries.
+    def _job_and_other_mode(self, entries: list[Entry], first_index: int) -> tuple[str, str]:
+        """The job id, and that of the same write with the other ``on_error``, in one pass."""
+        params = self._job_params(first_index)
+        other = list(params)
+        other[_JOB_PARAM_NAMES.index("on_error")] = "raise" if self.on_error == "skip" else "skip"
+        job, other_job = _digests([params, other], entries)
+        return job, other_job
+
+    def _job_ids(self, entries: list[Entry], first_index: int) -> tuple[str, str, str]:
+        """The job id, the key of the staging directory, and the job id with the other
+        ``on_error`` (an earlier version named staging by it), in one pass over the entries.
 
         The key leaves out ``on_error``: the shards a write finished before a bad line hold no
         skipped sample, so a rerun that skips bad lines resumes from them (a rerun that raises
@@ -557,8 +603,32 @@ class Writer:
         key_params = [
             None if name == "on_error" else value for name, value in zip(_JOB_PARAM_NAMES, params)
         ]
-        job, key = _digests([params, key_params], entries)
-        return job, key
+        other = list(params)
+        other[_JOB_PARAM_NAMES.index("on_error")] = "raise" if self.on_error == "skip" else "skip"
+        job, key, other_job = _digests([params, key_params, other], entries)
+        return job, key, other_job
+
+    def _skip_route_resumes(self, key: str, first_index: int, base: Any) -> bool:
+        """Whether this write with on_error='skip' would find this one's staging: not when
+        string labels are named after the samples it skips are left out (a missing file's
+        class may have no other sample), which makes it another write."""
+        saved = (self.on_error, self._label_names)
+        try:
+            self.on_error = "skip"
+            entries, source, names = self._entries()
+            self._label_names = names
+            entries = same_extra_fields(entries, source, True)
+            order = list(range(len(entries)))
+            if self.shuffle:
+                random.Random(self.seed).shuffle(order)
+            ordered = [entries[i] for i in order]
+            if base is not None:
+                ordered, _ = _merge_label_names(base, ordered, names, source)
+            return self._job_ids(ordered, first_index)[1] == key
+        except Exception:  # (for a message only: when in doubt, not promised)
+            return False
+        finally:
+            self.on_error, self._label_names = saved
 
     def _recheck_skipped(self, staging: Path, ordered: list[Entry], source: str) -> None:
         """A write that raises on bad samples, resuming one that skipped them: encode the
@@ -980,8 +1050,11 @@ class Writer:
 
             def drain() -> Iterator[tuple[Entry, bool, bytes, int]]:
                 chunk, future = pending.popleft()
-                for entry, result in zip(chunk, future.result()):
+                results, error = future.result()
+                for entry, result in zip(chunk, results):
                     yield (entry, *result)
+                if error is not None:
+                    raise error
 
             try:
                 for chunk in chunks:
@@ -1043,8 +1116,8 @@ class Writer:
         out = self.output_dir
         old_manifest = out / fmt.MANIFEST_NAME
         old_report = out / SKIPPED_REPORT
-        if self.skipped:
-            listed = self.append and SKIPPED_REPORT in _listed_files(old_manifest)
+        listed = self.append and SKIPPED_REPORT in _listed_files(old_manifest)
+        if self.skipped or (listed and _is_old_report(old_report)):
             previous = []
             if listed and old_report.exists():
                 try:
@@ -1056,7 +1129,7 @@ class Writer:
                 previous = _report_rows(old_report, known)
             source = str(manifest.extra.get("source", ""))
             lines = [_SKIPPED_HEADER, *previous] + [
-                f"{e.line_no}\t{e.path}\t{reason}".replace("\n", " ") + f"\t{source}"
+                "\t".join(_report_field(v) for v in (e.line_no, e.path, reason, source))
                 for e, reason in self.skipped
             ]
             (staging / SKIPPED_REPORT).write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -1085,7 +1158,7 @@ class Writer:
         for name in sorted(new_files):
             if (staging / name).exists():  # else moved already by a publish that was killed
                 os.replace(staging / name, out / name)
-        if self.skipped:
+        if (staging / SKIPPED_REPORT).exists():  # (new rows, or an old report's new column)
             os.replace(staging / SKIPPED_REPORT, out / SKIPPED_REPORT)
         _fsync(out)
         os.replace(staged_manifest, old_manifest)
@@ -1338,6 +1411,7 @@ def _join_locked(out: Path, docs: list[tuple[Path, dict[str, Any]]]) -> fmt.Mani
         "shards",
         "part",
         "job",
+        "job_skipped",
         "skipped",
         "skipped_report",
     }
@@ -1502,8 +1576,18 @@ class _EncodeJob:
         adopt(state.pop("_carried", []))
         self.__dict__.update(state)
 
-    def run_chunk(self, entries: list[Entry]) -> list[tuple[bool, bytes, int]]:
-        return [self(entry) for entry in entries]
+    def run_chunk(
+        self, entries: list[Entry]
+    ) -> tuple[list[tuple[bool, bytes, int]], DataListError | None]:
+        """The results of a chunk of entries, up to the first bad one, and its error (the
+        samples before it still go into their shard: a complete one is kept)."""
+        results = []
+        for entry in entries:
+            try:
+                results.append(self(entry))
+            except DataListError as exc:
+                return results, exc
+        return results, None
 
     def __call__(self, entry: Entry) -> tuple[bool, bytes, int]:
         """``(True, bytes, CRC-32)``, computed here: in a worker, not in the writing process."""
@@ -1973,6 +2057,22 @@ def _remove_stale_staging(
 _STAGING_JOB = "job.json"  # in a staging directory: what write it belongs to
 
 
+def _skipping_shards(staging: Path) -> int:
+    """How many finished shards in ``staging`` skipped samples."""
+    count = 0
+    for done_path in staging.glob("shard-*" + DONE_SUFFIX):
+        try:
+            count += bool(json.loads(done_path.read_text()).get("skipped"))
+        except (OSError, ValueError, AttributeError):
+            continue
+    return count
+
+
+def _report_field(value: Any) -> str:
+    """One field of the skip report: tabs and line breaks would break its rows and columns."""
+    return str(value).replace("\t", " ").replace("\r", " ").replace("\n", " ")
+
+
 def _done_indices(staging: Path) -> set[int]:
     """The indices of the shards in ``staging`` that have a done file."""
     indices = set()
@@ -2107,12 +2207,21 @@ def _listed_files(manifest_path: Path) -> set[str]:
     return {name for name in files if "/" not in name and name not in ("", ".", "..")}
 
 
+def _is_old_report(report: Path) -> bool:
+    """Whether ``report`` is a skip report without the ``data_list`` column."""
+    try:
+        with open(report, encoding="utf-8") as f:
+            return f.readline().rstrip("\n") == _OLD_SKIPPED_HEADER
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def _report_rows(report: Path, source: str) -> list[str]:
     """The rows of a skip report, each naming its data list (``source`` for the rows of a
     report written before the column existed)."""
-    lines = report.read_text(encoding="utf-8").splitlines()
+    lines = [line for line in report.read_text(encoding="utf-8").split("\n") if line]
     if lines and lines[0] == _OLD_SKIPPED_HEADER:
-        return [f"{row}\t{source}" for row in lines[1:]]
+        return [f"{row}\t{_report_field(source)}" for row in lines[1:]]
     return lines[1:]
 
 
