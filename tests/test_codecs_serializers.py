@@ -606,6 +606,15 @@ def test_raw_rgb_reads_plain_jpeg_headers_without_pillow_as_pillow_does(photos):
         assert plain_rgb_jpeg_size(baseline) == (83, 61)
     finally:
         Image.MAX_IMAGE_PIXELS = limit
+    from torchrecord.codecs.base import _no_pixel_limit
+
+    try:  # while another thread opens an image with the limit lifted, the limit still holds
+        Image.MAX_IMAGE_PIXELS = pixels - 1
+        with _no_pixel_limit():
+            assert Image.MAX_IMAGE_PIXELS is None  # (what a plain read of it would find)
+            assert plain_rgb_jpeg_size(baseline) is None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     rng = random.Random(0)
     read = 0
     for _ in range(3000):

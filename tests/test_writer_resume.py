@@ -725,3 +725,18 @@ def test_a_part_offers_no_skipping_rerun_and_string_labels_may_make_it_another_w
     )
     with pytest.raises(DatasetExistsError, match="holds 5 shard"):
         writer.write()
+
+
+def test_the_refusal_names_each_differing_option_in_words():
+    from torchrecord.writer import _difference
+
+    assert _difference("db_num", 6, 4) == "db_num 6 there, 4 here"
+    policy = _difference("image_policy", {"max_size": 64, "quality": 90}, {"max_size": 32})
+    assert policy == "max_size 64 there, 32 here; quality 90 there, None here"
+    names = ["ant", "bee", "cow", "dog"]
+    assert _difference("label_names", names, ["ant", "bee", "cat", "dog"]) == (
+        "class 2 is 'cow' there, 'cat' here"
+    )
+    assert _difference("label_names", names, names[:3]) == "4 classes there, 3 here"
+    assert _difference("first_index", 2, 0) == "the first shard written is 2 there, 0 here"
+    assert _difference("seed", "x" * 50, 1) == f"seed '{'x' * 36}... there, 1 here"
