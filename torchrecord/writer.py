@@ -587,9 +587,7 @@ class Writer:
     def _job_and_other_mode(self, entries: list[Entry], first_index: int) -> tuple[str, str]:
         """The job id, and that of the same write with the other ``on_error``, in one pass."""
         params = self._job_params(first_index)
-        other = list(params)
-        other[_JOB_PARAM_NAMES.index("on_error")] = "raise" if self.on_error == "skip" else "skip"
-        job, other_job = _digests([params, other], entries)
+        job, other_job = _digests([params, _with_other_on_error(params)], entries)
         return job, other_job
 
     def _job_ids(self, entries: list[Entry], first_index: int) -> tuple[str, str, str]:
@@ -603,9 +601,7 @@ class Writer:
         key_params = [
             None if name == "on_error" else value for name, value in zip(_JOB_PARAM_NAMES, params)
         ]
-        other = list(params)
-        other[_JOB_PARAM_NAMES.index("on_error")] = "raise" if self.on_error == "skip" else "skip"
-        job, key, other_job = _digests([params, key_params, other], entries)
+        job, key, other_job = _digests([params, key_params, _with_other_on_error(params)], entries)
         return job, key, other_job
 
     def _skip_route_resumes(self, key: str, first_index: int, base: Any) -> bool:
@@ -1180,6 +1176,14 @@ _JOB_PARAM_NAMES = (
     "image_policy",
     "label_names",
 )
+
+
+def _with_other_on_error(params: list[Any]) -> list[Any]:
+    """Job parameters with the other ``on_error`` ("raise" for "skip" and the other way)."""
+    other = list(params)
+    at = _JOB_PARAM_NAMES.index("on_error")
+    other[at] = "raise" if params[at] == "skip" else "skip"
+    return other
 
 
 def _digests(param_lists: list[list[Any]], entries: list[Entry], strip: int = 0) -> list[str]:
@@ -2207,13 +2211,18 @@ def _listed_files(manifest_path: Path) -> set[str]:
     return {name for name in files if "/" not in name and name not in ("", ".", "..")}
 
 
-def _is_old_report(report: Path) -> bool:
-    """Whether ``report`` is a skip report without the ``data_list`` column."""
+def _report_header(report: Path) -> str | None:
+    """The first line of ``report``, or None when it cannot be read as text."""
     try:
         with open(report, encoding="utf-8") as f:
-            return f.readline().rstrip("\n") == _OLD_SKIPPED_HEADER
+            return f.readline().rstrip("\n")
     except (OSError, UnicodeDecodeError):
-        return False
+        return None
+
+
+def _is_old_report(report: Path) -> bool:
+    """Whether ``report`` is a skip report without the ``data_list`` column."""
+    return _report_header(report) == _OLD_SKIPPED_HEADER
 
 
 def _report_rows(report: Path, source: str) -> list[str]:
@@ -2229,11 +2238,7 @@ def _written_here(path: Path) -> bool:
     """Whether ``path`` is a file this writer writes: a shard (its metadata says so, read
     without a lock) or a skip report (its header). Files of any other kind are the user's."""
     if path.name == SKIPPED_REPORT:
-        try:
-            with open(path, encoding="utf-8") as f:
-                return f.readline().rstrip("\n") in (_SKIPPED_HEADER, _OLD_SKIPPED_HEADER)
-        except (OSError, UnicodeDecodeError):
-            return False
+        return _report_header(path) in (_SKIPPED_HEADER, _OLD_SKIPPED_HEADER)
     if not (path.name.startswith("shard-") and path.name.endswith(".lmdb")):
         return False
     import lmdb
