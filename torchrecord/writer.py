@@ -631,12 +631,7 @@ class Writer:
         samples the finished shards skipped first, so that one still bad stops the write (naming
         it) before any finished shard is discarded; once they all encode, the shards that
         skipped them are written again (see :func:`_done_shards`)."""
-        rows = []
-        for done_path in staging.glob("shard-*" + DONE_SUFFIX):
-            try:
-                rows += json.loads(done_path.read_text()).get("skipped") or []
-            except (OSError, ValueError, AttributeError):
-                continue
+        rows = [row for done in _done_files(staging).values() for row in done.get("skipped") or []]
         if not rows:
             return
         position = {(e.line_no, e.path): i for i, e in enumerate(ordered)}
@@ -1711,14 +1706,9 @@ def _done_shards(
     write that raises on bad lines, resuming one that skipped them) a shard that skipped a
     sample is not one of them: written again, it raises on that sample."""
     kept: dict[int, _DoneShard] = {}
-    for done_path in staging.glob("shard-*" + DONE_SUFFIX):
-        name = done_path.name.removesuffix(DONE_SUFFIX)
-        try:
-            done = json.loads(done_path.read_text())
-            index = int(name.removeprefix("shard-").removesuffix(".lmdb"))
-        except (OSError, ValueError):
-            continue
-        if index < first_index or name != fmt.shard_name(index):
+    for index, done in _done_files(staging).items():
+        name = fmt.shard_name(index)
+        if index < first_index:
             continue
         if done.get("skipped") and not skips_allowed:
             continue
@@ -2061,15 +2051,25 @@ def _remove_stale_staging(
 _STAGING_JOB = "job.json"  # in a staging directory: what write it belongs to
 
 
+def _done_files(staging: Path) -> dict[int, dict[str, Any]]:
+    """The done files in ``staging`` (what each finished shard recorded), by shard index;
+    unreadable ones and names that are not a shard's are left out."""
+    found: dict[int, dict[str, Any]] = {}
+    for done_path in staging.glob("shard-*" + DONE_SUFFIX):
+        name = done_path.name.removesuffix(DONE_SUFFIX)
+        try:
+            done = json.loads(done_path.read_text())
+            index = int(name.removeprefix("shard-").removesuffix(".lmdb"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(done, dict) and name == fmt.shard_name(index):
+            found[index] = done
+    return found
+
+
 def _skipping_shards(staging: Path) -> int:
     """How many finished shards in ``staging`` skipped samples."""
-    count = 0
-    for done_path in staging.glob("shard-*" + DONE_SUFFIX):
-        try:
-            count += bool(json.loads(done_path.read_text()).get("skipped"))
-        except (OSError, ValueError, AttributeError):
-            continue
-    return count
+    return sum(bool(done.get("skipped")) for done in _done_files(staging).values())
 
 
 def _report_field(value: Any) -> str:
