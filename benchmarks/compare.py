@@ -194,6 +194,7 @@ def versions() -> dict[str, str]:
         "lmdb",
         "protobuf",
         "numpy",
+        "zlib-ng",
         "webdataset",
         "mosaicml-streaming",
         "litdata",
@@ -202,6 +203,9 @@ def versions() -> dict[str, str]:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
             out[name] = "not installed"
+    from torchrecord import checksum
+
+    out["records' CRC-32 by"] = checksum.IMPLEMENTATION  # (TORCHRECORD_CRC32=zlib: Python's)
     return out
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import flip_record_byte, read_list
 
-from torchrecord import TRDataset
+from torchrecord import TRDataset, checksum
 from torchrecord import format as fmt
 
 TORCHRECORD = Path(sys.executable).parent / "torchrecord"
@@ -222,6 +222,7 @@ def test_bench_reports_every_worker_count(photos, tmp_path):
     read = [line for line in lines if line.startswith("read")]
     load = [line for line in lines if line.startswith("load")]
     assert len(read) == 1 and float(read[0].split()[1]) > 0
+    assert f"CRC-32 by {checksum.IMPLEMENTATION}," in read[0]
     assert [line.split()[4] for line in load] == ["0", "2"]
     assert all(float(line.split()[1]) > 0 for line in load)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import os
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import format as fmt
+from .checksum import crc32
 from .codecs.base import plugin_bug, plugin_hint
 from .environments import SHARED, exit_with_parent
 from .errors import (
@@ -228,9 +228,7 @@ class RecordReader:
                                 label, "its checksum table is missing or has the wrong length"
                             )
                         raw = bytes(raw)
-                        if info.records_crc32 is not None and (
-                            zlib.crc32(raw) != info.records_crc32
-                        ):
+                        if info.records_crc32 is not None and crc32(raw) != info.records_crc32:
                             raise ShardCorruptedError(
                                 label,
                                 "it holds other records than the ones the manifest lists (a "
@@ -341,7 +339,7 @@ class RecordReader:
         if value is None:
             raise RecordCorruptedError(self.shard_label(shard), key, local, "the record is missing")
         checksums = self._checksums.get(shard)
-        if checksums is not None and zlib.crc32(value) != int(checksums[local]):
+        if checksums is not None and crc32(value) != int(checksums[local]):
             raise RecordCorruptedError(
                 self.shard_label(shard),
                 key,

@@ -20,13 +20,13 @@ import sys
 import threading
 import time
 import warnings
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from . import format as fmt
+from .checksum import crc32
 from .clib import libc as _libc
 from .codecs.raw_rgb import default_data_process_func, libjpeg_on, use_libjpeg
 from .datalist import (
@@ -1502,7 +1502,7 @@ class _ShardWriter:
         if self.version >= 2:
             meta["num_keys"] = self.keys  # record parts, without the two metadata keys
         # which records it holds, for the manifest (fmt.ShardInfo.records_crc32)
-        self.records_crc32 = zlib.crc32(self.checksums)
+        self.records_crc32 = crc32(self.checksums)
         # the two metadata keys sort after every record key: they go into the last batch, and
         # that batch's transaction leaves no copied-on-write pages behind
         self.batch += [
@@ -1599,7 +1599,7 @@ class _EncodeJob:
             _applied_pixel_limit[0] = os.getpid()
         try:
             value = self.encode(entry)
-            return True, value, zlib.crc32(value)
+            return True, value, crc32(value)
         except DataListError as exc:
             if not self.skip:
                 raise

@@ -1,0 +1,137 @@
+"""Python's zlib against zlib-ng for the records' CRC-32, side by side in one run.
+
+    python -m benchmarks.crc_ab [--rounds 7]
+
+The same CRC-32 either way (torchrecord/checksum.py); what differs is its cost. For each codec,
+three figures, each a median over rounds that alternate the two implementations (first in turn):
+
+* reading records without decoding in this process (fetch, CRC-32, deserialize), records/s;
+* TorchRecord's defaults loader (2 persistent workers, batch 32, shuffled), images/s: one loader
+  per implementation, both warm, one epoch each per round;
+* for ``raw_rgb``, the 2-worker write of the benchmark's 2,000 JPEGs (source in the page cache).
+
+The implementation is switched where the reader and the writer look it up (their module's
+``crc32``), before a loader's workers start or a write begins: forked workers keep it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import time
+import zlib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _use(crc32) -> None:
+    import torchrecord.reader
+    import torchrecord.writer
+
+    torchrecord.reader.crc32 = crc32
+    torchrecord.writer.crc32 = crc32
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--data", type=Path, default=REPO / "data")
+    args = parser.parse_args()
+
+    from benchmarks.compare import machine
+    from benchmarks.make_dataset import make_dataset
+    from torchrecord import TorchRecord, Writer, checksum
+    from torchrecord.codecs.raw_rgb import use_libjpeg
+    from torchrecord.reader import RecordReader
+
+    if checksum.IMPLEMENTATION != "zlib-ng":
+        raise SystemExit("zlib-ng is not in use: pip install 'torchrecord[fast]'")
+    impls = {"zlib": zlib.crc32, "zlib-ng": checksum.crc32}
+    use_libjpeg()
+    data_list = make_dataset(args.data / "cub_like_2000", num_images=2000, num_classes=200, seed=0)
+    work = args.data / "crc_ab"
+    work.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d')} with `python -m benchmarks.crc_ab --rounds "
+        f"{args.rounds}`: medians of {args.rounds} rounds, the two implementations alternating. "
+        "Machine: {cpu}, {cores} cores.".format(**machine()),
+        "",
+        "| codec | figure | zlib | zlib-ng | zlib-ng / zlib (median of per-round ratios) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for codec in ("raw_rgb", "jpeg"):
+        records = work / f"records_{codec}"
+        if not (records / "manifest.json").exists():
+            Writer(data_list, records, db_num=4, codec=codec, progress=False).write()
+        figures: dict[str, dict[str, list[float]]] = {}
+
+        def record(name: str, impl: str, value: float, _figures=figures) -> None:
+            _figures.setdefault(name, {}).setdefault(impl, []).append(value)
+
+        reader = RecordReader(records)
+        loaders = {}
+        for impl, fn in impls.items():  # each loader's workers start with their implementation
+            _use(fn)
+            loaders[impl] = TorchRecord(records, shuffle=True, batch_size=32, num_workers=2)
+            for _ in loaders[impl]:  # the warm-up epoch
+                pass
+        for r in range(args.rounds):
+            order = list(impls) if r % 2 == 0 else list(impls)[::-1]
+            for impl in order:
+                _use(impls[impl])
+                started = time.perf_counter()
+                for index in range(len(reader)):
+                    reader.read_record(index)
+                record(
+                    "read, records/s in one process",
+                    impl,
+                    len(reader) / (time.perf_counter() - started),
+                )
+                started, seen = time.perf_counter(), 0
+                for _, labels in loaders[impl]:
+                    seen += len(labels)
+                record("defaults loader, images/s", impl, seen / (time.perf_counter() - started))
+                if codec == "raw_rgb":
+                    out = work / "write"
+                    shutil.rmtree(out, ignore_errors=True)
+                    os.sync()
+                    for line in data_list.read_text().splitlines():  # the source, cached
+                        (data_list.parent / line.rsplit(" ", 1)[0]).read_bytes()
+                    started = time.perf_counter()
+                    Writer(
+                        data_list,
+                        out,
+                        db_num=8,
+                        shuffle=False,
+                        codec=codec,
+                        num_workers=2,
+                        overwrite=True,
+                        progress=False,
+                    ).write()
+                    record("2-worker write, images/s", impl, 2000 / (time.perf_counter() - started))
+            print(
+                f"{codec} round {r + 1}: "
+                + ", ".join(
+                    f"{name} {impl} {values[impl][-1]:.0f}"
+                    for name, values in figures.items()
+                    for impl in impls
+                ),
+                flush=True,
+            )
+        _use(checksum.crc32)
+        reader.close()
+        for name, values in figures.items():
+            ratios = [b / a for a, b in zip(values["zlib"], values["zlib-ng"])]
+            lines.append(
+                f"| {codec} | {name} | {statistics.median(values['zlib']):.0f} | "
+                f"{statistics.median(values['zlib-ng']):.0f} | {statistics.median(ratios):.2f} "
+                f"({min(ratios):.2f}-{max(ratios):.2f}) |"
+            )
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
