@@ -367,6 +367,22 @@ def test_the_summary_of_an_append_counts_the_appended_records(photo_dir, tmp_pat
     assert "the dataset now has 24 records in 3 shards" in proc.stdout
 
 
+def test_an_append_of_the_samples_again_needs_allow_duplicates(photo_dir, tmp_path):
+    listed = photo_dir / "data_list.txt"
+    out = tmp_path / "records"
+    assert run_cli("write", listed, out, "--codec", "jpeg", "-q").returncode == 0
+    again = run_cli("write", listed, out, "--append", "--db-num", 2, "--shuffle", "-q")
+    assert again.returncode == 2
+    assert "holds these 24 samples already, from its first write" in again.stderr
+    assert again.stderr.rstrip().endswith("say), pass --allow-duplicates")
+    assert len(TRDataset(out)) == 24
+    more = run_cli(
+        "write", listed, out, "--append", "--db-num", 2, "--shuffle", "--allow-duplicates", "-q"
+    )
+    assert more.returncode == 0, more.stderr
+    assert "the dataset now has 48 records in 3 shards" in more.stdout
+
+
 def test_verify_counts_only_the_records_it_could_check(written, tmp_path):
     source, _ = written
     out = tmp_path / "records"

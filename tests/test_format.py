@@ -121,7 +121,7 @@ def test_version_2_shards_are_smaller_and_version_1_datasets_still_read(photos, 
         payload = sum(len(v) for v in contents[version])
         assert [r for r, _ in verify_all(out)] == []
         # appending keeps the dataset's layout
-        Writer(photos, out, codec="jpeg", append=True, shuffle=False).write()
+        Writer(photos, out, codec="jpeg", append=True, shuffle=False, allow_duplicates=True).write()
         appended = RecordReader(out)
         assert appended.manifest.format_version == version and len(appended) == 2 * len(reader)
         assert [appended.read_bytes(i) for i in range(len(reader), len(appended))] == contents[

@@ -285,6 +285,64 @@ def test_an_append_run_again_is_a_no_op(photos, tmp_path):
         Writer([(p, label) for p, label in samples[:11]], out, codec="jpeg").write()
 
 
+def test_an_append_of_samples_the_dataset_holds_is_refused(photos, tmp_path):
+    """The same samples appended in another order or other shards would be stored twice: refused,
+    nothing written; allow_duplicates adds them (to weight them twice, say)."""
+    out = tmp_path / "records"
+    samples = read_list(photos)
+    first, second = samples[:12], samples[12:]
+    Writer(first, out, db_num=2, codec="jpeg", shuffle=False).write()
+    Writer(second, out, db_num=1, codec="jpeg", append=True, shuffle=False).write()
+    before = {p.name: sha(p) for p in out.glob("shard-*.lmdb")}
+    manifest_before = (out / "manifest.json").read_text()
+    for again, which in ((first, "its first write"), (second, "an append")):
+        with pytest.raises(DatasetExistsError, match=f"these 12 samples already, from {which}"):
+            Writer(again, out, db_num=3, codec="jpeg", append=True, shuffle=True, seed=4).write()
+    # the same set in another order: the same samples
+    with pytest.raises(DatasetExistsError, match="pass allow_duplicates=True"):
+        Writer(first[::-1], out, codec="jpeg", append=True, shuffle=False).write()
+    assert {p.name: sha(p) for p in out.glob("shard-*.lmdb")} == before
+    assert (out / "manifest.json").read_text() == manifest_before
+    assert not list(out.glob(".tmp-*"))  # refused before anything was staged
+    # samples the dataset does not hold as a set (one more, one less) are appended
+    Writer(first[:11], out, codec="jpeg", append=True, shuffle=False).write()
+    assert len(TRDataset(out)) == 35
+    manifest = Writer(
+        first,
+        out,
+        db_num=3,
+        codec="jpeg",
+        append=True,
+        shuffle=True,
+        seed=4,
+        allow_duplicates=True,
+    ).write()
+    assert manifest.num_records == 47
+    stored = [
+        (r.protos[0].byte_data, int(r.protos[1].byte_data))
+        for r in (TRDataset(out, transform=None)[i] for i in range(47))
+    ]
+    wanted = [(p.read_bytes(), label) for p, label in first + second + first[:11]]
+    assert stored[:35] == wanted  # (written without shuffling)
+    assert sorted(stored[35:]) == sorted((p.read_bytes(), label) for p, label in first)
+    assert len(json.loads((out / "manifest.json").read_text())["inputs"]) == 4
+
+
+def test_an_append_to_a_dataset_from_before_the_inputs_were_kept(photos, tmp_path):
+    """A manifest without ``inputs`` (an earlier version's) cannot tell: the append proceeds,
+    and names its own inputs from then on."""
+    out = tmp_path / "records"
+    samples = read_list(photos)
+    Writer(samples[:12], out, codec="jpeg", shuffle=False).write()
+    doc = json.loads((out / "manifest.json").read_text())
+    del doc["inputs"]
+    (out / "manifest.json").write_text(json.dumps(doc, indent=2) + "\n")
+    Writer(samples[:12], out, db_num=2, codec="jpeg", append=True, shuffle=False).write()
+    assert len(TRDataset(out)) == 24  # (what it could not tell)
+    with pytest.raises(DatasetExistsError, match="from an append"):
+        Writer(samples[:12], out, db_num=3, codec="jpeg", append=True, shuffle=False).write()
+
+
 def test_join_over_an_existing_dataset_replaces_it_whole(photos, tmp_path):
     from torchrecord.writer import join_parts
 

@@ -39,6 +39,11 @@ resuming: if a write is killed (Ctrl-C, SIGKILL, a crash), run the same command 
 shards it finished are checked against their SHA-256 and kept, and the result equals an
 uninterrupted write. Nothing is visible in OUTPUT_DIR until the write completes.
 
+appending: --append adds the samples to the dataset in OUTPUT_DIR as new shards and leaves the
+published ones as they are. The samples of an earlier write or append of that dataset, again
+(in any order, into any shards), are refused, as they would be stored twice: --allow-duplicates
+adds them anyway. Running a completed append again does nothing.
+
 examples:
   torchrecord write data_list.txt records/ --db-num 4 --shuffle
   torchrecord write train/ records/ --codec jpeg --bytes-per-shard 1GB --num-workers 8
@@ -139,6 +144,7 @@ def _cmd_write(args: argparse.Namespace) -> int:
         format_version=args.format_version,
         progress=False if args.quiet else None,
         readahead=not args.no_readahead,
+        allow_duplicates=args.allow_duplicates,
     )
     manifest = writer.write()
     seconds = time.perf_counter() - started
@@ -475,6 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="add the samples to the dataset in OUTPUT_DIR as new shards",
     )
     write.add_argument(
+        "--allow-duplicates",
+        action="store_true",
+        help="with --append: add the samples even when the dataset holds them already (the "
+        "same paths, labels and extra fields as an earlier write or append), which is refused "
+        "otherwise",
+    )
+    write.add_argument(
         "--records-per-shard",
         type=int,
         default=None,
@@ -682,6 +695,7 @@ def _in_flags(exc: BaseException) -> str:
     text = re.sub(r"\bshard_range[ =]\((\d+), (\d+)\)", r"--shard-range \1:\2", text)
     text = re.sub(r"\b(overwrite|append)=True \(--(overwrite|append)\)", r"--\1", text)
     text = re.sub(r"--(overwrite|append) \((overwrite|append)=True\)", r"--\1", text)
+    text = text.replace("allow_duplicates=True (--allow-duplicates)", "--allow-duplicates")
     text = re.sub(r"\b(overwrite|append)=True\b", r"--\1", text)
     text = re.sub(r"^quality must be", "--quality must be", text)
     text = re.sub(r"\bon_error='(\w+)'", r"--on-error \1", text)

@@ -22,6 +22,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from decimal import Decimal
+from json.encoder import encode_basestring_ascii as _quoted
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,7 @@ class Writer:
         raw_below: int | None = None,
         format_version: int = fmt.FORMAT_VERSION,
         readahead: bool = True,
+        allow_duplicates: bool = False,
     ):
         if int(db_num) < 1:
             raise ValueError(f"db_num must be at least 1, got {db_num}")
@@ -193,6 +195,9 @@ class Writer:
             )
         self.format_version = int(format_version)
         self.readahead = bool(readahead)  # source files read ahead when they are on disk
+        # an append of the very samples the dataset holds from a write or append: refused
+        # unless this is set (see _inputs_digest)
+        self.allow_duplicates = bool(allow_duplicates)
         self._lock_fd: int | None = None  # the staging lock's descriptor, while write() runs
         self.progress = sys.stderr.isatty() if progress is None else bool(progress)
         self.skipped: list[tuple[Entry, str]] = []
@@ -323,6 +328,7 @@ class Writer:
         """The write, holding the output directory's lock."""
         base = self._check_output_dir()
         append_id = None
+        inputs = _inputs_digest(ordered)  # (before an append's labels join the dataset's)
         if base is not None:
             append_id, other_append = self._job_and_other_mode(ordered, -1)
             done_appends = base.extra.get("appended_jobs", [])
@@ -339,6 +345,18 @@ class Writer:
                 _remove_stale_staging(self.output_dir, keep=None, finished=_leave_finished)
                 self.already_written = True
                 return base
+            written = base.extra.get("inputs", [])
+            if inputs in written and not self.allow_duplicates:
+                # (a dataset written before the digests were kept lacks its first write's)
+                first_kept = len(written) == base.extra.get("appended", 0) + 1
+                which = "its first write" if first_kept and written[0] == inputs else "an append"
+                raise DatasetExistsError(
+                    f"{self.output_dir} holds these {len(ordered)} samples already, from "
+                    f"{which} (the same paths, labels and extra fields, in whatever order or "
+                    "shards): appending them again would store every one of them twice. To "
+                    "add them anyway (to weight them twice in training, say), pass "
+                    "allow_duplicates=True (--allow-duplicates)"
+                )
             ordered, label_names = _merge_label_names(base, ordered, label_names, source)
             fields = sorted({k for e in ordered if e.extras and e.error is None for k in e.extras})
             if fields != base.extra.get("extra_fields", []):
@@ -484,6 +502,7 @@ class Writer:
             extra["write_seconds"] = round(time.perf_counter() - started, 3)
             extra["job"] = job
             extra["job_skipped"] = len(self.skipped)  # (this write's own, kept through appends)
+            extra["inputs"] = [inputs]
             if part is not None:
                 extra["part"] = part
             if base is not None:
@@ -493,6 +512,8 @@ class Writer:
                     "skipped": base.extra.get("skipped", 0) + extra["skipped"],
                     "appended": base.extra.get("appended", 0) + 1,
                     "appended_jobs": [*base.extra.get("appended_jobs", []), append_id],
+                    # (a dataset from before they were kept names its appends' only)
+                    "inputs": [*base.extra.get("inputs", []), inputs],
                 }
                 # still the first write's: run again (a script that writes, then appends), it
                 # finds itself written (and the append finds itself in appended_jobs)
@@ -1181,11 +1202,19 @@ def _with_other_on_error(params: list[Any]) -> list[Any]:
     return other
 
 
+def _entry_text(e: Entry, strip: int = 0) -> str:
+    """An entry as the job digests see it: its path (without the first ``strip`` characters),
+    label and extra fields, as the JSON list ``json.dumps`` writes."""
+    path = e.path[strip:] if strip else e.path
+    if e.extras is None and isinstance(e.label, str):
+        # what json.dumps writes for this list, about 4 times sooner (6 s a million)
+        return f"[{_quoted(path)}, {_quoted(e.label)}, null]"
+    return json.dumps([path, e.label, e.extras], sort_keys=True)
+
+
 def _digests(param_lists: list[list[Any]], entries: list[Entry], strip: int = 0) -> list[str]:
     """SHA-256 of each parameter list followed by the entries (paths without their first
     ``strip`` characters, labels, extra fields), the entries encoded once for all of them."""
-    from json.encoder import encode_basestring_ascii as quoted
-
     digests = [hashlib.sha256(json.dumps(params).encode()) for params in param_lists]
     chunk: list[str] = []
 
@@ -1195,17 +1224,25 @@ def _digests(param_lists: list[list[Any]], entries: list[Entry], strip: int = 0)
             digest.update(data)
 
     for e in entries:
-        path = e.path[strip:] if strip else e.path
-        if e.extras is None and isinstance(e.label, str):
-            # what json.dumps writes for this list, about 4 times sooner (6 s a million)
-            chunk.append(f"[{quoted(path)}, {quoted(e.label)}, null]")
-        else:
-            chunk.append(json.dumps([path, e.label, e.extras], sort_keys=True))
+        chunk.append(_entry_text(e, strip))
         if len(chunk) >= 4096:
             feed()
             chunk = []
     feed()
     return [digest.hexdigest() for digest in digests]
+
+
+def _inputs_digest(entries: list[Entry]) -> str:
+    """SHA-256 of the samples as a set: their paths, labels and extra fields in sorted order,
+    whatever the order and the settings they are written in (another shuffle, other shards,
+    another codec). The manifest keeps one per write and append (``inputs``), and an append of
+    samples that one of them names is refused (``allow_duplicates``): about 0.5 s a million
+    samples here."""
+    texts = sorted(_entry_text(e) for e in entries)
+    digest = hashlib.sha256()
+    for start in range(0, len(texts), 4096):
+        digest.update("\n".join(texts[start : start + 4096]).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def _common_folder_length(entries: list[Entry]) -> int:
