@@ -11,7 +11,9 @@ three figures, each a median over rounds that alternate the two implementations 
 * for ``raw_rgb``, the 2-worker write of the benchmark's 2,000 JPEGs (source in the page cache).
 
 The implementation is switched where the reader and the writer look it up (their module's
-``crc32``), before a loader's workers start or a write begins: forked workers keep it.
+``crc32``), before a loader's workers start or a write begins: forked workers keep it (the
+benchmark forks them, whatever the platform's default). Results land in
+``benchmarks/results/crc_ab.md``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--data", type=Path, default=REPO / "data")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
+    import multiprocessing
+
+    # workers must start from this process as it is, with the implementation just switched:
+    # forked (the default start method changes to forkserver in Python 3.14)
+    multiprocessing.set_start_method("fork", force=True)
 
     from benchmarks.compare import machine
     from benchmarks.make_dataset import make_dataset
@@ -56,7 +64,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} with `python -m benchmarks.crc_ab --rounds "
-        f"{args.rounds}`: medians of {args.rounds} rounds, the two implementations alternating. "
+        f"{args.rounds}`: medians of {args.rounds} rounds, the two implementations alternating "
+        "(each first in turn); the ratio is the median of the per-round ratios, with their range. "
         "Machine: {cpu}, {cores} cores.".format(**machine()),
         "",
         "| codec | figure | zlib | zlib-ng | zlib-ng / zlib (median of per-round ratios) |",
@@ -131,6 +140,9 @@ def main() -> None:
                 f"({min(ratios):.2f}-{max(ratios):.2f}) |"
             )
     print("\n".join(lines))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "crc_ab.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out / 'crc_ab.md'}")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,19 @@ def test_a_build_that_disagrees_with_zlib_is_not_used(monkeypatch):
     monkeypatch.setitem(sys.modules, "zlib_ng", package)
     monkeypatch.setitem(sys.modules, "zlib_ng.zlib_ng", fake)
     monkeypatch.delenv(checksum.ENV, raising=False)
-    assert checksum._choose() == ("zlib", zlib.crc32)
+    with pytest.warns(RuntimeWarning, match="differs from zlib's here .on 64 bytes"):
+        assert checksum._choose() == ("zlib", zlib.crc32)
+    monkeypatch.setenv(checksum.ENV, "zlib-ng")  # asked for by name: an error
+    with pytest.raises(ImportError, match="reinstall zlib-ng, or unset TORCHRECORD_CRC32"):
+        checksum._choose()
+
+
+def test_the_reader_and_the_writer_check_with_the_chosen_crc32():
+    import torchrecord.reader
+    import torchrecord.writer
+
+    assert torchrecord.reader.crc32 is checksum.crc32
+    assert torchrecord.writer.crc32 is checksum.crc32
 
 
 READ_WITH_ZLIB = """
@@ -87,7 +99,8 @@ print(json.dumps(out))
 
 def test_written_with_one_read_and_checked_with_the_other(photos, tmp_path):
     pytest.importorskip("zlib_ng")
-    assert checksum.IMPLEMENTATION == "zlib-ng"
+    if checksum.IMPLEMENTATION != "zlib-ng":
+        pytest.skip(f"{checksum.ENV} keeps Python's zlib in this run")
     fast, plain = tmp_path / "zlib-ng", tmp_path / "zlib"
     Writer(photos, fast, db_num=2, codec="jpeg", shuffle=False).write()
     done = run_python(

@@ -325,7 +325,38 @@ def test_an_append_of_samples_the_dataset_holds_is_refused(photos, tmp_path):
     wanted = [(p.read_bytes(), label) for p, label in first + second + first[:11]]
     assert stored[:35] == wanted  # (written without shuffling)
     assert sorted(stored[35:]) == sorted((p.read_bytes(), label) for p, label in first)
-    assert len(json.loads((out / "manifest.json").read_text())["inputs"]) == 4
+    assert len(json.loads((out / "manifest.json").read_text())["input_digests"]) == 4
+    # that very append again: a retried job, done already; with another seed, another append
+    settings = dict(db_num=3, codec="jpeg", append=True, shuffle=True, allow_duplicates=True)
+    again = Writer(first, out, seed=4, **settings)
+    assert again.write().num_records == 47 and again.already_written
+    assert Writer(first, out, seed=5, **settings).write().num_records == 59
+    with pytest.raises(ValueError, match="allow_duplicates=True .--allow-duplicates. is for app"):
+        Writer(first, tmp_path / "new", codec="jpeg", allow_duplicates=True)
+
+
+def test_the_same_files_under_other_class_names_are_other_samples(photos, tmp_path):
+    """String labels are compared by name: each list numbers its own classes from 0, and the
+    same files named as another class are new samples (mislabelled ones, perhaps)."""
+    out = tmp_path / "records"
+    files = [p for p, _ in read_list(photos)[:6]]
+    Writer([(p, "dog") for p in files], out, codec="jpeg", shuffle=False).write()
+    Writer([(p, "cat") for p in files], out, codec="jpeg", append=True, shuffle=False).write()
+    dataset = TRDataset(out)
+    assert len(dataset) == 12 and dataset.label_names == ["dog", "cat"]  # (new names last)
+    with pytest.raises(DatasetExistsError, match="these 6 samples already, from an append"):
+        Writer([(p, "cat") for p in files], out, db_num=2, codec="jpeg", append=True).write()
+
+
+def test_a_joined_dataset_knows_the_samples_of_the_whole_write(photos, tmp_path):
+    from torchrecord.writer import join_parts
+
+    parts = jpeg_parts(photos, tmp_path, db_num=3, ranges=[(0, 1), (1, 3)])
+    joined = tmp_path / "joined"
+    join_parts(joined, parts)
+    with pytest.raises(DatasetExistsError, match="these 24 samples already, from its first"):
+        Writer(photos, joined, codec="jpeg", append=True, shuffle=True, seed=3).write()
+    assert len(TRDataset(joined)) == 24
 
 
 def test_an_append_to_a_dataset_from_before_the_inputs_were_kept(photos, tmp_path):
@@ -335,7 +366,7 @@ def test_an_append_to_a_dataset_from_before_the_inputs_were_kept(photos, tmp_pat
     samples = read_list(photos)
     Writer(samples[:12], out, codec="jpeg", shuffle=False).write()
     doc = json.loads((out / "manifest.json").read_text())
-    del doc["inputs"]
+    del doc["input_digests"]
     (out / "manifest.json").write_text(json.dumps(doc, indent=2) + "\n")
     Writer(samples[:12], out, db_num=2, codec="jpeg", append=True, shuffle=False).write()
     assert len(TRDataset(out)) == 24  # (what it could not tell)

@@ -40,6 +40,19 @@ def _choose() -> tuple[str, Callable[..., int]]:
     for cut in (0, 1, 15, 16, 17, 63, 64, 65, 255, 4096, len(sample)):
         part = sample[:cut]
         if fast(part) != zlib.crc32(part) or fast(part, 0x1234ABCD) != zlib.crc32(part, 0x1234ABCD):
+            if wanted == "zlib-ng":
+                raise ImportError(
+                    f"{ENV}=zlib-ng, but this zlib-ng's CRC-32 differs from zlib's (on "
+                    f"{cut} bytes): reinstall zlib-ng, or unset {ENV} to use Python's zlib"
+                )
+            import warnings
+
+            warnings.warn(
+                f"zlib-ng's CRC-32 differs from zlib's here (on {cut} bytes): TorchRecord "
+                "uses Python's zlib instead; reinstall zlib-ng to check records faster",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return "zlib", zlib.crc32
     return "zlib-ng", fast
 

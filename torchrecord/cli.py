@@ -40,9 +40,11 @@ shards it finished are checked against their SHA-256 and kept, and the result eq
 uninterrupted write. Nothing is visible in OUTPUT_DIR until the write completes.
 
 appending: --append adds the samples to the dataset in OUTPUT_DIR as new shards and leaves the
-published ones as they are. The samples of an earlier write or append of that dataset, again
-(in any order, into any shards), are refused, as they would be stored twice: --allow-duplicates
-adds them anyway. Running a completed append again does nothing.
+published ones as they are. Appending exactly the samples of an earlier write or append (the
+same paths, labels and extra fields, in any order or sharding) is refused, as each would be
+stored twice; --allow-duplicates appends them anyway. A list that only partly overlaps is
+appended. Running a completed append again does nothing, even with --allow-duplicates (to
+append the same samples once more, give another --seed).
 
 examples:
   torchrecord write data_list.txt records/ --db-num 4 --shuffle

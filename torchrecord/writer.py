@@ -188,6 +188,11 @@ class Writer:
                 raise ValueError(f"shard_range {shard_range} is empty or negative")
         if self.append and self.overwrite:
             raise ValueError("append=True adds shards to a dataset; overwrite=True replaces it")
+        if allow_duplicates and not self.append:
+            raise ValueError(
+                "allow_duplicates=True (--allow-duplicates) is for appends: pass append=True "
+                "(--append) too"
+            )
         if format_version not in (1, 2):
             raise ValueError(
                 f"format_version must be 1 (readable by TorchRecord 0.2.0) or 2, got "
@@ -276,6 +281,8 @@ class Writer:
         if self.shuffle:
             random.Random(self.seed).shuffle(order)
         ordered = [entries[i] for i in order]
+        # the samples as a set (a part's: the whole write's, so that its parts agree)
+        self._input_digest = _inputs_digest(ordered, label_names)
         part = None
         if self.shard_range is not None:
             plan = self._plan(len(ordered))
@@ -328,7 +335,7 @@ class Writer:
         """The write, holding the output directory's lock."""
         base = self._check_output_dir()
         append_id = None
-        inputs = _inputs_digest(ordered)  # (before an append's labels join the dataset's)
+        inputs = self._input_digest
         if base is not None:
             append_id, other_append = self._job_and_other_mode(ordered, -1)
             done_appends = base.extra.get("appended_jobs", [])
@@ -345,7 +352,7 @@ class Writer:
                 _remove_stale_staging(self.output_dir, keep=None, finished=_leave_finished)
                 self.already_written = True
                 return base
-            written = base.extra.get("inputs", [])
+            written = base.extra.get("input_digests", [])
             if inputs in written and not self.allow_duplicates:
                 # (a dataset written before the digests were kept lacks its first write's)
                 first_kept = len(written) == base.extra.get("appended", 0) + 1
@@ -502,7 +509,7 @@ class Writer:
             extra["write_seconds"] = round(time.perf_counter() - started, 3)
             extra["job"] = job
             extra["job_skipped"] = len(self.skipped)  # (this write's own, kept through appends)
-            extra["inputs"] = [inputs]
+            extra["input_digests"] = [inputs]
             if part is not None:
                 extra["part"] = part
             if base is not None:
@@ -513,7 +520,7 @@ class Writer:
                     "appended": base.extra.get("appended", 0) + 1,
                     "appended_jobs": [*base.extra.get("appended_jobs", []), append_id],
                     # (a dataset from before they were kept names its appends' only)
-                    "inputs": [*base.extra.get("inputs", []), inputs],
+                    "input_digests": [*base.extra.get("input_digests", []), inputs],
                 }
                 # still the first write's: run again (a script that writes, then appends), it
                 # finds itself written (and the append finds itself in appended_jobs)
@@ -1232,12 +1239,16 @@ def _digests(param_lists: list[list[Any]], entries: list[Entry], strip: int = 0)
     return [digest.hexdigest() for digest in digests]
 
 
-def _inputs_digest(entries: list[Entry]) -> str:
-    """SHA-256 of the samples as a set: their paths, labels and extra fields in sorted order,
-    whatever the order and the settings they are written in (another shuffle, other shards,
-    another codec). The manifest keeps one per write and append (``inputs``), and an append of
-    samples that one of them names is refused (``allow_duplicates``): about 0.5 s a million
-    samples here."""
+def _inputs_digest(entries: list[Entry], label_names: list[str] | None) -> str:
+    """SHA-256 of the samples as a set: their paths, labels (by name, where labels are
+    names) and extra fields in sorted order, whatever the order and the settings they are
+    written in (another shuffle, other shards, another codec). The manifest keeps one per write
+    and append (``input_digests``), and an append of samples that one of them names is refused
+    (``allow_duplicates``): about 0.5 s a million samples here."""
+    if label_names is not None:  # (the entries hold each list's own index of the name)
+        entries = [
+            e if e.error is not None else e.relabeled(label_names[int(e.label)]) for e in entries
+        ]
     texts = sorted(_entry_text(e) for e in entries)
     digest = hashlib.sha256()
     for start in range(0, len(texts), 4096):
@@ -1452,6 +1463,9 @@ def _join_locked(out: Path, docs: list[tuple[Path, dict[str, Any]]]) -> fmt.Mani
         "skipped_report",
     }
     extra = {k: v for k, v in first.items() if k not in known}
+    if any(doc.get("input_digests") != first.get("input_digests") for _, doc in docs):
+        # (parts written where the images lie under other paths): no digest of the whole
+        extra.pop("input_digests", None)
     extra["skipped"] = sum(doc.get("skipped", 0) for _, doc in docs)
     extra["joined_parts"] = len(docs)
     if skipped_lines:
