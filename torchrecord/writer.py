@@ -281,8 +281,9 @@ class Writer:
         if self.shuffle:
             random.Random(self.seed).shuffle(order)
         ordered = [entries[i] for i in order]
-        # the samples as a set (a part's: the whole write's, so that its parts agree)
-        self._input_digest = _inputs_digest(ordered, label_names)
+        # whose digest as a set the manifest keeps (a part's: the whole write's, so that its
+        # parts agree); taken once the write is known not to be done already
+        self._all_samples = (ordered, label_names)
         part = None
         if self.shard_range is not None:
             plan = self._plan(len(ordered))
@@ -335,7 +336,7 @@ class Writer:
         """The write, holding the output directory's lock."""
         base = self._check_output_dir()
         append_id = None
-        inputs = self._input_digest
+        inputs = _inputs_digest(*self._all_samples)
         if base is not None:
             append_id, other_append = self._job_and_other_mode(ordered, -1)
             done_appends = base.extra.get("appended_jobs", [])
