@@ -3,11 +3,12 @@
     python -m benchmarks.crc_ab [--rounds 7]
 
 The same CRC-32 either way (torchrecord/checksum.py); what differs is its cost. For each codec,
-three figures, each a median over rounds that alternate the two implementations (first in turn):
+these figures, each a median over rounds that alternate the two implementations (first in turn):
 
 * reading records without decoding in this process (fetch, CRC-32, deserialize), records/s;
-* TorchRecord's defaults loader (2 persistent workers, batch 32, shuffled), images/s: one loader
-  per implementation, both warm, one epoch each per round;
+* TorchRecord's defaults loader (2 persistent workers, batch 32, shuffled), images/s and the
+  workers' CPU time per image: one loader per implementation, both warm, one epoch each per
+  round;
 * for ``raw_rgb``, the 2-worker write of the benchmark's 2,000 JPEGs (source in the page cache).
 
 The implementation is switched where the reader and the writer look it up (their module's
@@ -35,6 +36,18 @@ def _use(crc32) -> None:
 
     torchrecord.reader.crc32 = crc32
     torchrecord.writer.crc32 = crc32
+
+
+def _shown(value: float) -> str:
+    return f"{value:.0f}" if value >= 100 else f"{value:.3f}"
+
+
+def _workers_cpu(loader) -> float:
+    """CPU seconds (user and system) the loader's persistent workers have used so far: less
+    noisy than images/s on a shared machine, as time the hypervisor takes away is not in it."""
+    import psutil
+
+    return sum(sum(psutil.Process(w.pid).cpu_times()[:2]) for w in loader._iterator._workers)
 
 
 def main() -> None:
@@ -99,10 +112,15 @@ def main() -> None:
                     impl,
                     len(reader) / (time.perf_counter() - started),
                 )
-                started, seen = time.perf_counter(), 0
+                busy, started, seen = _workers_cpu(loaders[impl]), time.perf_counter(), 0
                 for _, labels in loaders[impl]:
                     seen += len(labels)
                 record("defaults loader, images/s", impl, seen / (time.perf_counter() - started))
+                record(
+                    "defaults loader, workers' CPU ms an image",
+                    impl,
+                    (_workers_cpu(loaders[impl]) - busy) / seen * 1e3,
+                )
                 if codec == "raw_rgb":
                     out = work / "write"
                     shutil.rmtree(out, ignore_errors=True)
@@ -124,7 +142,7 @@ def main() -> None:
             print(
                 f"{codec} round {r + 1}: "
                 + ", ".join(
-                    f"{name} {impl} {values[impl][-1]:.0f}"
+                    f"{name} {impl} {_shown(values[impl][-1])}"
                     for name, values in figures.items()
                     for impl in impls
                 ),
@@ -135,8 +153,8 @@ def main() -> None:
         for name, values in figures.items():
             ratios = [b / a for a, b in zip(values["zlib"], values["zlib-ng"])]
             lines.append(
-                f"| {codec} | {name} | {statistics.median(values['zlib']):.0f} | "
-                f"{statistics.median(values['zlib-ng']):.0f} | {statistics.median(ratios):.2f} "
+                f"| {codec} | {name} | {_shown(statistics.median(values['zlib']))} | "
+                f"{_shown(statistics.median(values['zlib-ng']))} | {statistics.median(ratios):.2f} "
                 f"({min(ratios):.2f}-{max(ratios):.2f}) |"
             )
     print("\n".join(lines))
