@@ -28,9 +28,17 @@ def records(photo_dir, tmp_path_factory):
 
 
 def segment(images: torch.Tensor) -> int:
-    """The inode of the shared-memory segment behind a batch received from a worker."""
-    fd, _ = images.untyped_storage()._share_fd_cpu_()
-    return os.fstat(fd).st_ino
+    """The inode of the shared-memory segment behind a batch received from a worker: the file
+    this process has mapped where the batch's pixels are."""
+    address = images.data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span, _, _, _, inode, *_ = line.split()
+            start, end = (int(x, 16) for x in span.split("-"))
+            if start <= address < end:
+                assert int(inode) != 0, f"not a shared file: {line}"
+                return int(inode)
+    raise AssertionError(f"no mapping holds {address:#x}")
 
 
 def loader(records, recycle: bool, **kwargs) -> TorchRecord:
@@ -153,3 +161,80 @@ def test_samples_sent_by_another_collate_fn_are_never_overwritten(records):
     expected = [dataset[i] for i in range(24)] * 2
     for n, ((image, label), (want, want_label)) in enumerate(zip(kept, expected)):
         assert label == want_label and torch.equal(image, want), f"sample {n} changed"
+
+
+_RECEIVED: list = []  # the shared segments this process received (see the test below)
+_rebuild_storage_fd = torch.multiprocessing.reductions.rebuild_storage_fd
+
+
+def _counting_rebuild_storage_fd(*args, **kwargs):
+    _RECEIVED.append(args)
+    return _rebuild_storage_fd(*args, **kwargs)
+
+
+def test_a_mapped_buffer_crosses_once_then_batches_only_name_it(records, monkeypatch):
+    """The training process maps each worker buffer the first time it arrives; after that a
+    batch comes as a row count and labels, with no shared segment to pass (PyTorch passes one
+    through a socket connection per tensor). The values stay the reference loader's."""
+    from torch.multiprocessing import reductions
+
+    expected = reference(records, 3)
+    # counted where a worker's pickle names it (a function of a module, so the worker can)
+    monkeypatch.setattr(reductions, "rebuild_storage_fd", _counting_rebuild_storage_fd)
+    _RECEIVED.clear()
+    recycling = loader(records, recycle=True)  # persistent workers: the same buffers
+    pool = recycling.dataset.batch_pool
+    passed = []
+    for epoch in range(3):
+        before = len(_RECEIVED)
+        for step, (images, labels) in enumerate(recycling):
+            want_images, want_labels = expected[epoch][step]
+            assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
+            assert labels.dtype == torch.int64 and images.dtype == torch.float32
+            del images, labels
+        passed.append(len(_RECEIVED) - before)
+    assert 0 < passed[0] <= 2 * pool.slots  # each buffer once, never the labels
+    assert passed[1:] == [0, 0]
+    assert sorted(key for key, (ident, _) in pool._maps.items() if ident) == sorted(
+        cell for cell in range(2 * pool.slots) if pool.mapped[cell]
+    )
+
+
+def _hash_when_told(inbox, outbox) -> None:
+    images = inbox.get()
+    inbox.get()  # the parent has read on, its workers writing into every buffer again
+    outbox.put(hashlib.sha256(images.numpy().tobytes()).hexdigest())
+
+
+def test_a_batch_sent_on_through_pytorch_keeps_its_values(records):
+    """A batch put on a torch.multiprocessing queue leaves as a copy in new shared memory (its
+    storage is the training process's own, not the worker's buffer): the buffer written again
+    afterwards does not change what the other process received."""
+    expected = reference(records, 1)
+    context = torch.multiprocessing.get_context("fork")
+    inbox, outbox = context.Queue(), context.Queue()
+    child = context.Process(target=_hash_when_told, args=(inbox, outbox))
+    child.start()  # (before the loader: nothing held is shared with it by the fork)
+    try:
+        recycling = loader(records, recycle=True)
+        batches = iter(recycling)
+        images, _ = next(batches)
+        assert torch.equal(images, expected[0][0][0])
+        inbox.put(images)
+        del images
+        rest = [images.clone() for images, _ in batches]
+        for _ in range(2):
+            rest += [images.clone() for images, _ in recycling]
+        assert len(rest) == 14
+        inbox.put("now")
+        seen = outbox.get(timeout=120)
+    finally:
+        child.join(timeout=120)
+    assert seen == hashlib.sha256(expected[0][0][0].numpy().tobytes()).hexdigest()
+
+
+def test_a_batch_naming_a_buffer_this_process_has_not_mapped_is_refused():
+    from torchrecord.batchpool import _arrived
+
+    with pytest.raises(RuntimeError, match="recycle_batches=False"):
+        _arrived(5, ([1, 2, 3, 4, 5], torch.int64), "no such loader", 0, 1, 3, 7)

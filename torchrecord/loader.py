@@ -44,8 +44,9 @@ class TorchRecord(DataLoader):
     With the tensor transforms (``"auto"``, ``"fast"``, ``"uint8"``) and TorchRecord's own
     collation, workers build each batch in shared memory and reuse a few such buffers once the
     training process has dropped every reference to a batch (``recycle_batches``; see
-    :mod:`torchrecord.batchpool`). Pass ``recycle_batches=False`` if you send batch tensors on to
-    other processes (``torch.multiprocessing``) without copying them.
+    :mod:`torchrecord.batchpool`). The training process maps each buffer once; a batch sent on
+    through a ``torch.multiprocessing`` queue leaves as a copy. ``recycle_batches=False`` turns
+    the reuse off.
     """
 
     def __init__(
