@@ -14,7 +14,7 @@ the hypervisor takes away is not in it). The ratios are medians of the per-round
 ``--journey`` measures the DataLoader's own work alone: the workers build no images (each batch
 is a buffer taken as the loader would, with the labels filled in) and send them as they would.
 
-Results land in ``benchmarks/results/loader_ab.md``.
+Results land in ``benchmarks/results/loader_ab.md`` (``loader_ab_journey.md`` with ``--journey``).
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def main() -> None:
             _git("worktree", "remove", "--force", str(trees["base"]))
     args.out.mkdir(parents=True, exist_ok=True)
     report = "\n".join(lines) + "\n"
-    (args.out / "loader_ab.md").write_text(report)
+    (args.out / f"loader_ab{'_journey' if args.journey else ''}.md").write_text(report)
     print(report)
 
 
