@@ -335,6 +335,66 @@ def test_an_append_of_samples_the_dataset_holds_is_refused(photos, tmp_path):
         Writer(first, tmp_path / "new", codec="jpeg", allow_duplicates=True)
 
 
+APPEND = """
+import sys
+sys.path.insert(0, sys.argv[3])
+from slowmod import slow_process
+from torchrecord import Writer
+Writer(sys.argv[1], sys.argv[2], data_process_func=slow_process, records_per_shard=6,
+       shuffle=True, seed=3, append=True, allow_duplicates=sys.argv[4] == "1").write()
+"""
+
+
+def test_an_unfinished_append_of_duplicates_is_named_when_its_rerun_forgets_the_flag(
+    slow_list, tmp_path
+):
+    """An append with allow_duplicates killed half way, run again without the flag: refused
+    (the samples are duplicates), naming the staging it left; with the flag it finishes."""
+    out = tmp_path / "records"
+    run_write(slow_list, out, tmp_path, tmp_path / "first.log")
+    log = tmp_path / "append.log"
+    env = {**os.environ, "CALL_LOG": str(log)}
+
+    def append(flag: str) -> subprocess.Popen:
+        command = [sys.executable, "-c", APPEND, str(slow_list), str(out), str(tmp_path), flag]
+        return subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+
+    proc = append("1")
+    deadline = time.monotonic() + 120
+    while _lines(log) < 20 and proc.poll() is None:
+        assert time.monotonic() < deadline, "the append made no progress"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert dataset_state(out) is not None and len(dataset_state(out)) == 48  # untouched
+    (staged,) = out.glob(".tmp-*")
+    refused = append("")
+    _, err = refused.communicate(timeout=300)
+    assert refused.returncode != 0
+    assert "holds these 48 samples already, from its first write" in err
+    assert f"cut short and is staged in {staged}" in err
+    assert staged.is_dir()  # the refusal leaves it
+    done = append("1")
+    _, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err
+    state = dataset_state(out)
+    assert len(state) == 96 and sorted(state[48:]) == sorted(state[:48])
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_a_refused_duplicate_append_counts_samples_not_bad_lines(photos, tmp_path):
+    out = tmp_path / "records"
+    listed = photos.parent / "list.txt"  # (the list's paths are relative to its folder)
+    lines = photos.read_text().splitlines()
+    unlabelled = lines[10].rsplit(" ", 1)[0]  # a line that names no sample: no label
+    listed.write_text("\n".join([*lines[:10], unlabelled]) + "\n")
+    Writer(listed, out, codec="jpeg", on_error="skip").write()
+    with pytest.raises(DatasetExistsError) as refused:
+        Writer(listed, out, codec="jpeg", on_error="skip", append=True).write()
+    assert "holds these 10 samples (and 1 line that is not a sample) already" in str(refused.value)
+    assert "staged" not in str(refused.value)
+
+
 def test_the_same_files_under_other_class_names_are_other_samples(photos, tmp_path):
     """String labels are compared by name: each list numbers its own classes from 0, and the
     same files named as another class are new samples (mislabelled ones, perhaps)."""

@@ -358,12 +358,35 @@ class Writer:
                 # (a dataset written before the digests were kept lacks its first write's)
                 first_kept = len(written) == base.extra.get("appended", 0) + 1
                 which = "its first write" if first_kept and written[0] == inputs else "an append"
+                samples = sum(1 for e in ordered if e.error is None)
+                bad = len(ordered) - samples
+                lines = (
+                    ""
+                    if not bad
+                    else " (and 1 line that is not a sample)"
+                    if bad == 1
+                    else f" (and {bad} lines that are not samples)"
+                )
+                # (allow_duplicates is not part of a job's identity: such an append, cut short,
+                # is staged where this one would be)
+                _, key, _ = self._job_ids(
+                    ordered, part["first_shard"] if part is not None else len(base.shards)
+                )
+                staged = self.output_dir / f"{STAGING_PREFIX}{key[:16]}"
+                unfinished = (
+                    f". An append of these very samples with the same settings was cut short "
+                    f"and is staged in {staged}: if it was made with allow_duplicates=True "
+                    "(--allow-duplicates), finish it by running it again with that; otherwise "
+                    "remove that directory"
+                    if staged.is_dir()
+                    else ""
+                )
                 raise DatasetExistsError(
-                    f"{self.output_dir} holds these {len(ordered)} samples already, from "
+                    f"{self.output_dir} holds these {samples} samples{lines} already, from "
                     f"{which} (the same paths, labels and extra fields, in whatever order or "
                     "shards): appending them again would store every one of them twice. To "
                     "add them anyway (to weight them twice in training, say), pass "
-                    "allow_duplicates=True (--allow-duplicates)"
+                    f"allow_duplicates=True (--allow-duplicates){unfinished}"
                 )
             ordered, label_names = _merge_label_names(base, ordered, label_names, source)
             fields = sorted({k for e in ordered if e.extras and e.error is None for k in e.extras})
