@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    from benchmarks.limit import PIPELINES, measure_limits
+    from benchmarks.limit import PIPELINES, limit_meter
     from benchmarks.make_dataset import make_dataset
     from benchmarks.peers import Source
 
@@ -342,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     rates: dict[str, list[float]] = {m.name: [] for m in methods}
     peaks: dict[str, int] = {m.name: 0 for m in methods}
+    # the limits are measured after every round, so that each round's shares of them compare
+    # figures taken under the same conditions (this machine's speed varies by the minute)
+    meter = limit_meter([p for p, _ in source.entries])
+    round_limits: list[dict[str, dict[str, float]]] = []
     for round_index in range(args.epochs + 1):  # round 0 is the warm-up
         for method in round_order(methods, round_index):
             if args.cold:
@@ -350,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             if round_index:
                 rates[method.name].append(rate)
         if round_index:
+            round_limits.append(meter(repeats=1))
             print(
                 f"round {round_index}: "
                 + ", ".join(
@@ -369,7 +374,13 @@ def main(argv: list[str] | None = None) -> int:
             run_epoch(loaders[method.name], n)
         peaks[method.name] = memory.peak
 
-    limits = measure_limits([p for p, _ in source.entries])
+    limits = {  # each step's median over the rounds
+        pipeline: {
+            step: statistics.median(r[pipeline][step] for r in round_limits)
+            for step in round_limits[0][pipeline]
+        }
+        for pipeline in round_limits[0]
+    }
     jpeg_dirs = [m.data_dir() for m in methods if getattr(m, "codec", None) == "jpeg"]
     quality = shuffle_quality(jpeg_dirs[0], args.batch_size) if jpeg_dirs else {}
     results = {
@@ -383,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "versions": versions(),
         "limits": limits,
+        "limit_rounds": round_limits,
         "pipelines": PIPELINES,
         "shuffle_quality": quality,
         "methods": {},
@@ -393,8 +405,13 @@ def main(argv: list[str] | None = None) -> int:
         ratios = [r / b for r, b in zip(rates[name], rates[BASELINE])]
         # (a loader's limit, its twin with the records in memory, runs its pipeline)
         pipeline = PIPELINE_OF.get(name) or PIPELINE_OF.get(getattr(method, "limit_of", None))
-        ideal = limits[pipeline]["images_per_s"] * args.workers if pipeline else None
         median = statistics.median(rates[name])
+        # the share of the ideal: the median of each round's rate over that round's ideal
+        ideals = [
+            rate / (r[pipeline]["images_per_s"] * args.workers)
+            for rate, r in zip(rates[name], round_limits)
+            if pipeline
+        ]
         results["methods"][name] = {
             **rows[name],
             "describe": method.describe(),
@@ -403,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
             "ratio": statistics.median(ratios),
             "peak_pss": peaks[name],
             "pipeline": pipeline,
-            "of_ideal": median / ideal if ideal else None,
+            "of_ideal": statistics.median(ideals) if ideals else None,
+            "of_ideal_range": [min(ideals), max(ideals)] if ideals else None,
         }
         if name in limits_of:  # the same loader with its records in memory: its limit
             twin = limits_of[name]
@@ -440,7 +458,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Per-core limit (one process, data in memory, ms per image):",
+        "Per-core limit (one process, data in memory, ms per image; measured after every "
+        "round, medians; a method's share of its 2-core ideal is the median of its per-round "
+        "shares, each against that round's limit):",
         "",
         "| pipeline | decode | resize | to-tensor | total | images/s per core |",
         "|---|---:|---:|---:|---:|---:|",

@@ -42,6 +42,15 @@ def _time_steps(
 
 def measure_limits(jpeg_files: list[Path], count: int = 300) -> dict[str, dict[str, float]]:
     """``{pipeline: {step: seconds per image, ..., "total": ..., "images_per_s": ...}}``."""
+    return limit_meter(jpeg_files, count)()
+
+
+def limit_meter(
+    jpeg_files: list[Path], count: int = 300
+) -> Callable[..., dict[str, dict[str, float]]]:
+    """A function that measures the limits (as :func:`measure_limits` returns them) each time
+    it is called, over the same ``count`` images read and decoded once here: so a benchmark
+    can measure them next to each of its rounds, under the same conditions as the loaders."""
     import torch
     import torchvision.transforms as tvt
     from PIL import Image
@@ -49,7 +58,6 @@ def measure_limits(jpeg_files: list[Path], count: int = 300) -> dict[str, dict[s
 
     from torchrecord.transforms import resize_224, tensor_view
 
-    torch.set_num_threads(1)  # one core: what one DataLoader worker gets
     datas = [p.read_bytes() for p in jpeg_files[:count]]
     raws = []
     for data in datas:
@@ -96,11 +104,20 @@ def measure_limits(jpeg_files: list[Path], count: int = 300) -> dict[str, dict[s
         "tensor uint8 (jpeg)": (datas, [("decode", jpeg_tensor), ("resize", resize_224)]),
         "tensor uint8 (raw)": (raws, [("decode", raw_view), ("resize", resize_224)]),
     }
-    results = {}
-    for name, (items, steps) in plans.items():
-        _time_steps(items[:20], steps, repeats=1)  # warm-up
-        timing = _time_steps(items, steps)
-        timing["total"] = sum(timing.values())
-        timing["images_per_s"] = 1.0 / timing["total"]
-        results[name] = timing
-    return results
+
+    def measure(repeats: int = 3) -> dict[str, dict[str, float]]:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one core: what one DataLoader worker gets
+        try:
+            results = {}
+            for name, (items, steps) in plans.items():
+                _time_steps(items[:20], steps, repeats=1)  # warm-up
+                timing = _time_steps(items, steps, repeats)
+                timing["total"] = sum(timing.values())
+                timing["images_per_s"] = 1.0 / timing["total"]
+                results[name] = timing
+            return results
+        finally:
+            torch.set_num_threads(threads)  # (the calling process's own work goes on)
+
+    return measure
