@@ -40,6 +40,7 @@ import math
 import multiprocessing
 import os
 import secrets
+import threading
 import weakref
 from typing import Any
 
@@ -64,8 +65,10 @@ class BatchPool:
         # the buffer the training process has mapped, per worker and slot (its ident)
         self.mapped = multiprocessing.RawArray(ctypes.c_int64, num_workers * slots)
         self._local: dict[int, _Slot] = {}  # this worker's buffers
-        # in the training process: per worker and slot, (ident, the mapped buffer as numpy)
-        self._maps: dict[int, tuple[int, Any]] = {}
+        # in the training process: per worker process (pid) and slot, (ident, the mapped
+        # buffer as numpy); by pid, as two iterators of a loader without persistent workers
+        # have a worker 0 each, and so share the cells of ``mapped``
+        self._maps: dict[tuple[int, int], tuple[int, Any]] = {}
         self._owner = os.getpid()
         _POOLS[self.uid] = self
 
@@ -149,7 +152,7 @@ class Ticket:
         self.pool, self.worker, self.slot, self.token = pool, worker, slot, token
         self.ident = ident
 
-    def send(self) -> tuple[str, int, int, int, int, bool]:
+    def send(self) -> tuple[str, int, int, int, int, int, bool]:
         """The batch leaves through TorchRecord's collate: its ticket can come back. Also
         whether the training process has this buffer mapped already (then the batch goes
         without it)."""
@@ -163,7 +166,7 @@ class Ticket:
             and held.ident == self.ident
             and mapped[self.worker * self.pool.slots + self.slot] == self.ident
         )
-        return self.pool.uid, self.worker, self.slot, self.token, self.ident, known
+        return self.pool.uid, self.worker, self.slot, self.token, self.ident, os.getpid(), known
 
 
 @functools.lru_cache(maxsize=1)
@@ -210,7 +213,7 @@ class Recycled(list):
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         images, labels = self[0], self[1]
-        uid, worker, slot, token, ident, known = self.sent
+        uid, worker, slot, token, ident, pid, known = self.sent
         # a buffer the training process has mapped goes as its row count alone; the labels as
         # numbers (a tensor of their own would be one more shared segment to pass)
         return _arrived, (
@@ -221,6 +224,7 @@ class Recycled(list):
             slot,
             token,
             ident,
+            pid,
             *self[2:],
         )
 
@@ -228,6 +232,7 @@ class Recycled(list):
 # finalizers of the batches the training process holds (withdrawn when it forks); finalize
 # objects take no weak references, so the ones that ran are dropped as new ones come
 _HELD: set[weakref.finalize] = set()
+_HELD_LOCK = threading.Lock()
 
 
 def _arrived(
@@ -238,6 +243,7 @@ def _arrived(
     slot: int,
     token: int,
     ident: int,
+    pid: int,
     *rest: Any,
 ) -> list:
     """A batch unpickled from a worker (see :class:`Recycled`): ``images`` is the batch tensor,
@@ -249,7 +255,7 @@ def _arrived(
     here = pool is not None and pool.released is not None and get_worker_info() is None
     cell = worker * pool.slots + slot if pool is not None else None
     if isinstance(images, int):  # the worker sent no buffer: this process has it mapped
-        known = pool._maps.get(cell) if here else None
+        known = pool._maps.get((pid, slot)) if here else None
         if known is None or known[0] != ident:
             raise RuntimeError(
                 f"a batch of worker {worker} came without its buffer, which this process "
@@ -261,7 +267,8 @@ def _arrived(
     elif here:
         array = _mapped_buffer(pool, images)
         if array is not None:  # from now on the worker sends only the row count
-            pool._maps[cell] = (ident, array)
+            _forget_dead_workers(pool)
+            pool._maps[pid, slot] = (ident, array)  # (a buffer the slot had before: dropped)
             pool.mapped[cell] = ident
             images = torch.from_numpy(array[: len(images)])
     labels = torch.tensor(labels[0], dtype=labels[1])
@@ -272,9 +279,10 @@ def _arrived(
             images.untyped_storage(), _release, pool, os.getpid(), worker, slot, token
         )
         done.atexit = False
-        if len(_HELD) >= 64:
-            _HELD.difference_update([f for f in _HELD if not f.alive])
-        _HELD.add(done)
+        with _HELD_LOCK:  # (the pin-memory thread unpickles; a fork may come meanwhile)
+            if len(_HELD) >= 64:
+                _HELD.difference_update([f for f in _HELD if not f.alive])
+            _HELD.add(done)
     return [images, labels, *rest]
 
 
@@ -307,9 +315,39 @@ def _release(pool: BatchPool, pid: int, worker: int, slot: int, token: int) -> N
 def _withdraw_held() -> None:
     """Before a fork: the child shares the pages of every batch held now, so none of them may
     be written again (their slots are let go of; the workers make new buffers)."""
+    _HELD_LOCK.acquire()  # (released on both sides of the fork)
     for done in _HELD:
         done.detach()
     _HELD.clear()
 
 
-os.register_at_fork(before=_withdraw_held)
+def _after_fork_in_parent() -> None:
+    _HELD_LOCK.release()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (a worker of another loader, a process of the user's) lets go of the
+    buffers this process had mapped: it never receives batches in them."""
+    _HELD_LOCK.release()
+    for pool in list(_POOLS.values()):
+        pool._maps = {}
+
+
+def _forget_dead_workers(pool: BatchPool) -> None:
+    """Drop the mappings of buffers whose worker has exited (workers that are not persistent
+    start afresh every epoch): batches still held keep their own."""
+    for pid in {pid for pid, _ in pool._maps}:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            for key in [key for key in pool._maps if key[0] == pid]:
+                del pool._maps[key]
+        except PermissionError:  # alive, another user's (a reused pid): not ours to judge
+            pass
+
+
+os.register_at_fork(
+    before=_withdraw_held,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)

@@ -45,8 +45,9 @@ class TorchRecord(DataLoader):
     collation, workers build each batch in shared memory and reuse a few such buffers once the
     training process has dropped every reference to a batch (``recycle_batches``; see
     :mod:`torchrecord.batchpool`). The training process maps each buffer once; a batch sent on
-    through a ``torch.multiprocessing`` queue leaves as a copy. ``recycle_batches=False`` turns
-    the reuse off.
+    through a ``torch.multiprocessing`` queue leaves as a copy. Pass ``recycle_batches=False``
+    if anything else shares a batch's memory with another process (a raw pointer handed to
+    native code that outlives the batch, say).
     """
 
     def __init__(
@@ -390,8 +391,8 @@ def block_mode_open_shards(reader: Any, sampler: TRSampler) -> int:
 
 
 def _raise_if_a_worker_died(iterator: Any, exc: OSError) -> None:
-    """A batch whose worker was killed while handing it over (its tensors travel as file
-    descriptors) fails in ``multiprocessing`` with a connection error, before PyTorch notices
+    """A batch whose worker was killed while handing it over (a new buffer or segment travels as
+    a file descriptor) fails in ``multiprocessing`` with a connection error, before PyTorch notices
     the death: report it as PyTorch reports a dead worker."""
     workers = getattr(iterator, "_workers", [])
     if not workers:
