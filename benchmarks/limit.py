@@ -40,17 +40,13 @@ def _time_steps(
     return {name: statistics.median(times) for name, times in per_step.items()}
 
 
-def measure_limits(jpeg_files: list[Path], count: int = 300) -> dict[str, dict[str, float]]:
-    """``{pipeline: {step: seconds per image, ..., "total": ..., "images_per_s": ...}}``."""
-    return limit_meter(jpeg_files, count)()
-
-
 def limit_meter(
     jpeg_files: list[Path], count: int = 300
 ) -> Callable[..., dict[str, dict[str, float]]]:
-    """A function that measures the limits (as :func:`measure_limits` returns them) each time
-    it is called, over the same ``count`` images read and decoded once here: so a benchmark
-    can measure them next to each of its rounds, under the same conditions as the loaders."""
+    """A function that measures the limits each time it is called, ``{pipeline: {step: seconds
+    per image, ..., "total": ..., "images_per_s": ...}}``, over the same ``count`` images read
+    and decoded once here: so a benchmark can measure them next to each of its rounds, under
+    the same conditions as the loaders."""
     import torch
     import torchvision.transforms as tvt
     from PIL import Image

@@ -106,7 +106,7 @@ class BatchPool:
 
         info = get_worker_info()
         if os.getpid() != self._owner:  # a process forked from one that had buffers
-            self._local, self._maps, self._owner = {}, {}, os.getpid()
+            self._local, self._owner = {}, os.getpid()  # (_maps: see _after_fork_in_child)
         usable = (
             self.released is not None
             and info is not None
