@@ -28,6 +28,7 @@ from typing import Any
 
 from . import format as fmt
 from .checksum import crc32
+from .clib import let_heap_keep_large_blocks
 from .clib import libc as _libc
 from .codecs.raw_rgb import default_data_process_func, libjpeg_on, use_libjpeg
 from .datalist import (
@@ -55,7 +56,9 @@ from .readahead import SourceReadahead
 
 _INITIAL_MAP_SIZE = 256 << 20
 _BATCH_RECORDS = 512
-_BATCH_BYTES = 64 << 20
+# (at most 16 MB: with the records and their pages, what the heap keeps between batches; see
+# clib.let_heap_keep_large_blocks)
+_BATCH_BYTES = 16 << 20
 # writes of at least this many images load torchvision for raw_rgb's JPEG decode (see
 # Writer._libjpeg_pays_off)
 LIBJPEG_MIN_IMAGES = 10_000
@@ -819,6 +822,7 @@ class Writer:
         pending_skips: list[tuple[Entry, str]] = []
         pending: list[Any] = []  # futures of finished shards' ShardInfo (hashing)
         shard: _ShardWriter | None = None
+        let_heap_keep_large_blocks()  # records are put into the shards here
         encoded = self._encoded(entries[start:], source)
         bar = _Progress(len(entries), self.progress)
         bar.update(start, 0)
@@ -1873,7 +1877,7 @@ def _keep_freed_memory(libc: Any) -> None:
     that large with fresh mappings or trims the heap under them, so every record costs page
     faults and zeroed pages: a third of a worker's system time, measured. Blocks under 32 MB
     now come from the heap, and up to 256 MB free at its top stay there. A worker's heap then
-    holds about what its largest batch needed (64 MB of records, and the database's pages for
+    holds about what its largest batch needed (16 MB of records, and the database's pages for
     them) and gives it back when the worker exits, at the end of the write."""
     if hasattr(libc, "mallopt"):  # glibc's; a stub elsewhere (musl)
         libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
