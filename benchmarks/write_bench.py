@@ -156,12 +156,51 @@ def main(argv: list[str] | None = None) -> int:
             f"{sizes[name] / 1e6:.1f} | "
             f"{sizes[name] / src_bytes:.3f} |"
         )
+    lines += ["", *goal_lines(seconds, original_key)]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items())]
     text = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / ("write.md" if args.source == "warm" else "write-cold.md")).write_text(text)
     print("\n" + text)
     return 0
+
+
+def goal_lines(seconds: dict[str, list[float]], original_key: str) -> list[str]:
+    """The writing issue's goals as ratios of times within each round (methods of one round ran
+    minutes apart at most, so a ratio is less exposed to this machine's slow and fast hours than
+    a ratio of medians): their median and range."""
+    peers = [k for k in seconds if k.split()[0] in ("WebDataset", "MosaicML", "LitData")]
+    rounds = range(len(seconds[original_key]))
+    jpeg, raw = seconds["TorchRecord jpeg, 1 process"], seconds["TorchRecord raw_rgb, 2 workers"]
+    goals = [
+        (
+            "`raw_rgb`, 2 workers, x the 0.1.1 writer",
+            [seconds[original_key][r] / raw[r] for r in rounds],
+            1.8,
+        ),
+        (
+            "`jpeg`, 1 process, x the fastest peer",
+            [min(seconds[k][r] for k in peers) / jpeg[r] for r in rounds],
+            3.0,
+        ),
+        (
+            "`jpeg`, 1 process, times the time of `cp -r`",
+            [jpeg[r] / seconds["cp -r (the floor)"][r] for r in rounds],
+            2.0,
+        ),
+    ]
+    lines = [
+        "Goals, per round (ratio of the two times in each round):",
+        "",
+        "| goal | median | range | per round | goal |",
+        "|---|---:|---:|---|---:|",
+    ]
+    for name, ratios, goal in goals:
+        lines.append(
+            f"| {name} | {statistics.median(ratios):.2f} | {min(ratios):.2f}-{max(ratios):.2f} "
+            f"| {', '.join(f'{x:.2f}' for x in ratios)} | {goal} |"
+        )
+    return lines
 
 
 if __name__ == "__main__":
