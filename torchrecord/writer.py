@@ -59,6 +59,10 @@ _BATCH_RECORDS = 512
 # (at most 16 MB: with the records and their pages, what the heap keeps between batches; see
 # clib.let_heap_keep_large_blocks)
 _BATCH_BYTES = 16 << 20
+# records over glibc's first limit for blocks of their own: a write of them has its process keep
+# large blocks in its heap (clib.let_heap_keep_large_blocks); one of smaller records (JPEGs)
+# leaves the process as it was
+_LARGE_RECORD = 128 << 10
 # writes of at least this many images load torchvision for raw_rgb's JPEG decode (see
 # Writer._libjpeg_pays_off)
 LIBJPEG_MIN_IMAGES = 10_000
@@ -822,7 +826,6 @@ class Writer:
         pending_skips: list[tuple[Entry, str]] = []
         pending: list[Any] = []  # futures of finished shards' ShardInfo (hashing)
         shard: _ShardWriter | None = None
-        let_heap_keep_large_blocks()  # records are put into the shards here
         encoded = self._encoded(entries[start:], source)
         bar = _Progress(len(entries), self.progress)
         bar.update(start, 0)
@@ -857,6 +860,8 @@ class Writer:
                         self.serializer_name,
                         self.format_version,
                     )
+                if len(value) > _LARGE_RECORD:  # (once per process; cached)
+                    let_heap_keep_large_blocks()
                 shard.add(value, crc)
             if shard is not None:
                 pending.append(shard.finish(len(entries), pending_skips, hasher))
