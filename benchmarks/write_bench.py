@@ -60,13 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["cp", "-r", str(source.root), str(target)], check=True)
         return target
 
-    def torchrecord(codec: str, workers: int):
+    def torchrecord(codec: str, workers: int, shards: int = 8):
         def run() -> Path:
-            target = work / f"tr_{codec}_{workers}"
+            target = work / f"tr_{codec}_{workers}_{shards}"
             Writer(
                 list_path,
                 target,
-                db_num=8,
+                db_num=shards,
                 shuffle=False,  # (in list order, as the peers write)
                 codec=codec,
                 num_workers=workers,
@@ -99,11 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         "WebDataset ShardWriter": (peer(webdataset), webdataset.workdir),
         "MosaicML MDSWriter": (peer(mds), mds.workdir),
         "LitData optimize": (peer(litdata), litdata.workdir),
-        "TorchRecord jpeg, 1 process": (torchrecord("jpeg", 0), work / "tr_jpeg_0"),
-        "TorchRecord jpeg, 2 workers": (torchrecord("jpeg", 2), work / "tr_jpeg_2"),
+        "TorchRecord jpeg, 1 process": (torchrecord("jpeg", 0), work / "tr_jpeg_0_8"),
+        "TorchRecord jpeg, 2 workers": (torchrecord("jpeg", 2), work / "tr_jpeg_2_8"),
         "TorchRecord 0.1.1 writer (raw RGB, 1 process)": (original, work / "original"),
-        "TorchRecord raw_rgb, 1 process": (torchrecord("raw_rgb", 0), work / "tr_raw_rgb_0"),
-        "TorchRecord raw_rgb, 2 workers": (torchrecord("raw_rgb", 2), work / "tr_raw_rgb_2"),
+        "TorchRecord raw_rgb, 1 process": (torchrecord("raw_rgb", 0), work / "tr_raw_rgb_0_8"),
+        "TorchRecord raw_rgb, 2 workers": (torchrecord("raw_rgb", 2), work / "tr_raw_rgb_2_8"),
+        # one shard: the workers encode, this process writes it (and hashes it at the end)
+        "TorchRecord raw_rgb, 2 workers, one shard": (
+            torchrecord("raw_rgb", 2, 1),
+            work / "tr_raw_rgb_2_1",
+        ),
     }
     # As the peers' modules are imported before they are timed, so is torchvision, raw_rgb's
     # JPEG decoder: with it loaded, the writer uses it whatever the size of the write (a fresh
