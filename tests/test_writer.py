@@ -66,6 +66,31 @@ def test_output_is_identical_for_any_num_workers(photos, tmp_path, codec):
     assert hashes[0] == hashes[1] == hashes[2] == hashes[3]  # the shard files, byte for byte
 
 
+@pytest.mark.parametrize("slot_bytes", [16 << 20, 2_000_000])
+def test_encode_workers_hand_records_over_in_shared_memory(
+    photos, tmp_path, monkeypatch, slot_bytes
+):
+    """Into one shard, workers encode and this process writes: records come back in shared
+    memory where they fit in their chunk's slot, the others through the pool's pipe (with
+    slots of 2 MB, a chunk of 12 records of raw pixels fits 4 or so), and the shard is the one
+    a write in one process makes, byte for byte."""
+    from torchrecord import writer
+
+    monkeypatch.setattr(writer, "_SLOT_BYTES", slot_bytes)  # (forked workers inherit it)
+    many = tmp_path / "many.txt"  # 192 samples, so that a chunk holds 12 of them
+    many.write_text("".join(f"{path} {label}\n" for path, label in read_list(photos) * 8))
+    one = Writer(many, tmp_path / "one", codec="raw_rgb", seed=3).write()
+    parallel = Writer(many, tmp_path / "two", codec="raw_rgb", seed=3, num_workers=2)
+    two = parallel.write()
+    assert [s.sha256 for s in two.shards] == [s.sha256 for s in one.shards]
+    records = all_bytes(tmp_path / "two")
+    assert len(records) == 192 and records == all_bytes(tmp_path / "one")
+    if slot_bytes > 12 * max(len(r) for r in records):
+        assert parallel.records_handed_over == 192
+    else:
+        assert 0 < parallel.records_handed_over < 192
+
+
 def test_shuffle_depends_on_seed_only(photos, tmp_path):
     a = all_bytes(
         Writer(photos, tmp_path / "a", shuffle=True, seed=1, codec="jpeg").write()
