@@ -82,6 +82,36 @@ def fds_at_most(limit: int, seconds: float = 2) -> int:
     return n
 
 
+def worker_fd_counts(loader, settled=None, seconds: float = 2) -> list[tuple[int, int]]:
+    """Per persistent worker: (its open fds other than batch buffers, its batch buffers). The
+    buffers of its batch pool are shared segments it makes as it needs them (more when the
+    training process holds more batches at once), up to the pool's slots: counted apart. With
+    ``settled``, waits up to ``seconds`` for the other fds to come back to those counts (a
+    segment just sent is closed a moment after the training process takes it)."""
+
+    def counts() -> list[tuple[int, int]]:
+        out = []
+        for pid in worker_pids(loader):
+            targets = []
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+                except OSError:  # closed meanwhile
+                    pass
+            buffers = sum(1 for t in targets if t.startswith("/dev/shm/torch_"))
+            out.append((len(targets) - buffers, buffers))
+        return out
+
+    deadline = time.monotonic() + seconds
+    now = counts()
+    while settled is not None and [o for o, _ in now] != [o for o, _ in settled]:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+        now = counts()
+    return now
+
+
 def wait_gone(pids, seconds: float = 10) -> list[int]:
     """Wait until none of pids runs any more (a zombie counts as gone); those still running."""
     deadline = time.monotonic() + seconds
@@ -486,6 +516,8 @@ def test_two_processes_read_one_dataset_at_once(records, expected, tmp_path):
 
 # -- 3. nothing leaks over 100 epochs or 100 short-lived readers ------------------------------
 
+LOADER_PREFETCH = 2  # DataLoader's default prefetch_factor, which these loaders keep
+
 LEAK_CASES = {
     # block mode with one shard per block and no item pool: shards open and close all the time
     "main-process": dict(num_workers=0, shuffle="block", block_shards=1, pool_size=0),
@@ -519,7 +551,7 @@ def test_no_leak_over_100_epochs(records, expected, case):
         main_fds.append(fds_at_most(max(main_fds[:2])) if epoch >= 2 else open_fds())
         main_shared.append(shared_state())
         if persistent:
-            worker_fds.append([psutil.Process(pid).num_fds() for pid in worker_pids(loader)])
+            worker_fds.append(worker_fd_counts(loader, worker_fds[1] if epoch >= 2 else None))
 
     if num_workers == 0:
         assert all(pids == {os.getpid()} for pids in readers)
@@ -533,7 +565,12 @@ def test_no_leak_over_100_epochs(records, expected, case):
     if num_workers:  # the parent never opens a shard: its workers do
         assert set(main_shared) == {(base_envs, base_refs)}
     if worker_fds:  # idle persistent workers, between epochs: epoch 2 against epoch 100
-        assert worker_fds[-1] == worker_fds[1], worker_fds
+        assert [other for other, _ in worker_fds[-1]] == [o for o, _ in worker_fds[1]], worker_fds
+        # shared segments: the batches a worker has made and the training process has not
+        # taken yet, or its pool's batch buffers, which it makes as it needs them: at most
+        # prefetch_factor + 2 (the pool's slots) either way
+        bound = LOADER_PREFETCH + 2
+        assert all(n <= bound for counts in worker_fds for _, n in counts), (bound, worker_fds)
 
     pids = worker_pids(loader) if persistent else []
     del loader
