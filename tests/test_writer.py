@@ -66,6 +66,23 @@ def test_output_is_identical_for_any_num_workers(photos, tmp_path, codec):
     assert hashes[0] == hashes[1] == hashes[2] == hashes[3]  # the shard files, byte for byte
 
 
+def _many(photos, tmp_path, missing: tuple[int, ...] = ()) -> os.PathLike:
+    """A data list of the photos 8 times over (192 samples: a chunk of a 2-worker write holds
+    12), the samples at ``missing`` (0-based) naming files that do not exist."""
+    lines = [f"{path} {label}\n" for path, label in read_list(photos) * 8]
+    for i in missing:
+        lines[i] = f"{tmp_path / f'gone-{i}.jpg'} 0\n"
+    many = tmp_path / "many.txt"
+    many.write_text("".join(lines))
+    return many
+
+
+def _forked() -> bool:
+    import multiprocessing
+
+    return multiprocessing.get_start_method() == "fork"
+
+
 @pytest.mark.parametrize("slot_bytes", [16 << 20, 2_000_000])
 def test_encode_workers_hand_records_over_in_shared_memory(
     photos, tmp_path, monkeypatch, slot_bytes
@@ -77,18 +94,72 @@ def test_encode_workers_hand_records_over_in_shared_memory(
     from torchrecord import writer
 
     monkeypatch.setattr(writer, "_SLOT_BYTES", slot_bytes)  # (forked workers inherit it)
-    many = tmp_path / "many.txt"  # 192 samples, so that a chunk holds 12 of them
-    many.write_text("".join(f"{path} {label}\n" for path, label in read_list(photos) * 8))
+    many = _many(photos, tmp_path)
     one = Writer(many, tmp_path / "one", codec="raw_rgb", seed=3).write()
     parallel = Writer(many, tmp_path / "two", codec="raw_rgb", seed=3, num_workers=2)
     two = parallel.write()
     assert [s.sha256 for s in two.shards] == [s.sha256 for s in one.shards]
     records = all_bytes(tmp_path / "two")
     assert len(records) == 192 and records == all_bytes(tmp_path / "one")
-    if slot_bytes > 12 * max(len(r) for r in records):
+    if not _forked():  # (workers started otherwise inherit no shared memory: the pipe)
+        assert parallel.records_handed_over == 0
+    elif slot_bytes > 12 * max(len(r) for r in records):
         assert parallel.records_handed_over == 192
     else:
         assert 0 < parallel.records_handed_over < 192
+
+
+def test_shared_memory_handover_with_skipped_and_bad_samples(photos, tmp_path, monkeypatch):
+    """Slots that mix records with skipped samples, and a bad sample after records already in
+    its chunk's slot: the same shards, skip report and error as a write in one process."""
+    from torchrecord import writer
+
+    monkeypatch.setattr(writer, "_SLOT_BYTES", 2_000_000)
+    many = _many(photos, tmp_path, missing=(4, 5, 29, 99, 100, 101))
+    kwargs = dict(codec="raw_rgb", seed=3, shuffle=False, on_error="skip")
+    one = Writer(many, tmp_path / "one", **kwargs).write()
+    parallel = Writer(many, tmp_path / "two", num_workers=2, **kwargs)
+    two = parallel.write()
+    assert [s.sha256 for s in two.shards] == [s.sha256 for s in one.shards]
+    assert sum(s.num_records for s in two.shards) == 186
+    report = (tmp_path / "one" / "skipped.tsv").read_text()
+    assert report == (tmp_path / "two" / "skipped.tsv").read_text() and "gone-100.jpg" in report
+    assert parallel.records_handed_over > 0 or not _forked()
+
+    # a bad line in the middle of a chunk stops both writes at it; the shards finished
+    # before it are kept, the same in both
+    bad = _many(photos, tmp_path, missing=(29,))
+    third = 60 * 1024 * 768  # (a few shards before line 30)
+    errors = []
+    for name, workers in (("bad-one", 0), ("bad-two", 2)):
+        with pytest.raises(DataListError) as info:
+            Writer(
+                bad,
+                tmp_path / name,
+                codec="raw_rgb",
+                shuffle=False,
+                num_workers=workers,
+                bytes_per_shard=third // 16,
+            ).write()
+        errors.append((info.value.line_no, str(info.value).replace(name, "")))
+        staged = sorted(p for p in (tmp_path / name).rglob("shard-*.lmdb"))
+        errors.append([(p.name, p.read_bytes()) for p in staged])
+    assert errors[0][0] == 30 and errors[0] == errors[2]
+    assert errors[1] and errors[1] == errors[3]
+
+
+def test_shared_memory_that_cannot_be_mapped_falls_back_to_the_pipe(photos, tmp_path, monkeypatch):
+    """Slots too large for this machine's address space (a stand-in for a process limit):
+    the mapping is refused for real, and the write goes through the pipe, as before."""
+    from torchrecord import writer
+
+    monkeypatch.setattr(writer, "_SLOT_BYTES", 1 << 45)  # 8 slots of 32 TiB: 256 TiB
+    monkeypatch.setattr(writer, "_HANDOVER_BYTES", 1 << 48)
+    many = _many(photos, tmp_path)
+    one = Writer(many, tmp_path / "one", codec="jpeg", seed=3).write()
+    parallel = Writer(many, tmp_path / "two", codec="jpeg", seed=3, num_workers=2)
+    assert [s.sha256 for s in parallel.write().shards] == [s.sha256 for s in one.shards]
+    assert parallel.records_handed_over == 0
 
 
 def test_shuffle_depends_on_seed_only(photos, tmp_path):

@@ -1098,13 +1098,17 @@ class Writer:
         # their places cross the pool's pipe. Sent through the pipe, 908 MB of raw pixels took
         # about 2 s of CPU time (pickling, the pipe's copies in and out, the worker's and this
         # process's wake-ups for every 64 KB), against 0.3 s or so for the copy into the slot
-        # and the one out of it. A record that does not fit, or a worker not forked, uses the
-        # pipe.
+        # and the one out of it. A record that does not fit, a worker not forked, or a process
+        # that cannot map the slots (a limit on its address space), uses the pipe.
         slots = None
+        slot_bytes = min(_SLOT_BYTES, _HANDOVER_BYTES // in_flight)
         if _HANDOVER_IN_SHARED_MEMORY and ctx.get_start_method() == "fork":
             import mmap
 
-            slots = mmap.mmap(-1, in_flight * _SLOT_BYTES)
+            try:
+                slots = mmap.mmap(-1, in_flight * slot_bytes)
+            except OSError:  # no room for it (a limit on address space, strict overcommit)
+                slots = None
         free = list(range(in_flight))
         self.records_handed_over = 0  # (through shared memory: for the tests)
         try:
@@ -1121,7 +1125,7 @@ class Writer:
                     results, error = future.result()
                     for entry, (ok, value, crc) in zip(chunk, results):
                         if isinstance(value, tuple):  # (start, length) in the chunk's slot
-                            start = slot * _SLOT_BYTES + value[0]
+                            start = slot * slot_bytes + value[0]
                             value = slots[start : start + value[1]]  # (a copy: bytes)
                             self.records_handed_over += 1
                         yield (entry, ok, value, crc)
@@ -1135,7 +1139,7 @@ class Writer:
                         if slots is None:
                             future = pool.submit(job.run_chunk, chunk)
                         else:
-                            future = pool.submit(job.run_chunk_into, chunk, slot)
+                            future = pool.submit(job.run_chunk_into, chunk, slot, slot_bytes)
                         pending.append((chunk, future, slot))
                         # started once the pool has forked its workers (at the first submit),
                         # so that no worker inherits the helper's pipe; it reads ahead of what
@@ -1702,14 +1706,14 @@ class _EncodeJob:
         return results, None
 
     def run_chunk_into(
-        self, entries: list[Entry], slot: int
+        self, entries: list[Entry], slot: int, slot_bytes: int
     ) -> tuple[list[tuple[bool, bytes | tuple[int, int], int]], DataListError | None]:
-        """As :meth:`run_chunk`, with the records put into slot ``slot`` of the shared memory
-        this worker inherited (:data:`_SLOTS`) where they fit: such a record's result has
-        ``(start, length)`` in the slot in place of its bytes."""
+        """As :meth:`run_chunk`, with the records put into slot ``slot`` (of ``slot_bytes``) of
+        the shared memory this worker inherited (:data:`_SLOTS`) where they fit: such a
+        record's result has ``(start, length)`` in the slot in place of its bytes."""
         results: list[tuple[bool, bytes | tuple[int, int], int]] = []
         error = None
-        with memoryview(_SLOTS)[slot * _SLOT_BYTES : (slot + 1) * _SLOT_BYTES] as view:
+        with memoryview(_SLOTS)[slot * slot_bytes : (slot + 1) * slot_bytes] as view:
             position = 0
             for entry in entries:
                 try:
@@ -1718,7 +1722,7 @@ class _EncodeJob:
                     error = exc
                     break
                 end = position + len(value)
-                if ok and end <= _SLOT_BYTES:
+                if ok and end <= slot_bytes:
                     view[position:end] = value
                     results.append((True, (position, len(value)), crc))
                     position = end
@@ -1929,6 +1933,9 @@ _SLOTS: Any = None  # in encode workers: the shared memory they hand records ove
 # the size of a chunk's slot in that memory (32 records of raw pixels of a 500 x 375 photo
 # take 14.5 MB)
 _SLOT_BYTES = 16 << 20
+# and all the slots at most this (reserved when the write starts: with many workers, smaller
+# slots rather than gigabytes of address space)
+_HANDOVER_BYTES = 512 << 20
 _HANDOVER_IN_SHARED_MEMORY = True  # (False: through the pool's pipe, as before; for A/B runs)
 
 # glibc's mallopt parameters
