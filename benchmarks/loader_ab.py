@@ -24,7 +24,6 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -74,16 +73,6 @@ print(json.dumps([statistics.median(rates), statistics.median(costs)]))
 """
 
 
-def _git(*args: str) -> str:
-    done = subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True)
-    return done.stdout.decode().strip()
-
-
-def _worktree(revision: str, where: Path) -> Path:
-    _git("worktree", "add", "--detach", "-q", str(where), revision)
-    return where
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", required=True, help="the git revision to compare against")
@@ -97,6 +86,8 @@ def main() -> None:
 
     from benchmarks.compare import machine
     from benchmarks.make_dataset import make_dataset
+    from benchmarks.revision import git as _git
+    from benchmarks.revision import worktree
     from torchrecord import Writer
 
     data_list = make_dataset(args.data / "cub_like_2000", num_images=2000, num_classes=200, seed=0)
@@ -117,45 +108,42 @@ def main() -> None:
         "| codec | figure | base | this | this / base (median of per-round ratios) |",
         "|---|---|---:|---:|---:|",
     ]
-    with tempfile.TemporaryDirectory(dir=args.data) as scratch:
-        trees = {"base": _worktree(args.base, Path(scratch) / "base"), "this": REPO}
-        try:
-            for codec in args.codecs.split(","):
-                records = args.data / "loader_ab" / f"records_{codec}"
-                if not (records / "manifest.json").exists():
-                    Writer(data_list, records, db_num=8, codec=codec, progress=False).write()
-                runs: dict[str, list[list[float]]] = {name: [] for name in trees}
-                for r in range(args.rounds):
-                    for name in list(trees) if r % 2 == 0 else list(trees)[::-1]:
-                        out = subprocess.run(
-                            [
-                                sys.executable,
-                                "-c",
-                                _ONE,
-                                str(trees[name]),
-                                str(records),
-                                str(args.epochs),
-                                "1" if args.journey else "0",
-                            ],
-                            check=True,
-                            capture_output=True,
-                            text=True,
-                        ).stdout
-                        runs[name].append(json.loads(out.strip().splitlines()[-1]))
-                        print(codec, r, name, runs[name][-1], flush=True)
-                for column, figure in enumerate(("images/s", "CPU ms an image")):
-                    base = [run[column] for run in runs["base"]]
-                    new = [run[column] for run in runs["this"]]
-                    ratios = [b / a for a, b in zip(base, new)]
-                    shown = "{:.0f}" if column == 0 else "{:.3f}"
-                    lines.append(
-                        f"| {codec} | {figure} | {shown.format(statistics.median(base))} | "
-                        f"{shown.format(statistics.median(new))} | "
-                        f"{statistics.median(ratios):.2f} "
-                        f"({min(ratios):.2f}-{max(ratios):.2f}) |"
-                    )
-        finally:
-            _git("worktree", "remove", "--force", str(trees["base"]))
+    with worktree(args.base, args.data) as base_tree:
+        trees = {"base": base_tree, "this": REPO}
+        for codec in args.codecs.split(","):
+            records = args.data / "loader_ab" / f"records_{codec}"
+            if not (records / "manifest.json").exists():
+                Writer(data_list, records, db_num=8, codec=codec, progress=False).write()
+            runs: dict[str, list[list[float]]] = {name: [] for name in trees}
+            for r in range(args.rounds):
+                for name in list(trees) if r % 2 == 0 else list(trees)[::-1]:
+                    out = subprocess.run(
+                        [
+                            sys.executable,
+                            "-c",
+                            _ONE,
+                            str(trees[name]),
+                            str(records),
+                            str(args.epochs),
+                            "1" if args.journey else "0",
+                        ],
+                        check=True,
+                        capture_output=True,
+                        text=True,
+                    ).stdout
+                    runs[name].append(json.loads(out.strip().splitlines()[-1]))
+                    print(codec, r, name, runs[name][-1], flush=True)
+            for column, figure in enumerate(("images/s", "CPU ms an image")):
+                base = [run[column] for run in runs["base"]]
+                new = [run[column] for run in runs["this"]]
+                ratios = [b / a for a, b in zip(base, new)]
+                shown = "{:.0f}" if column == 0 else "{:.3f}"
+                lines.append(
+                    f"| {codec} | {figure} | {shown.format(statistics.median(base))} | "
+                    f"{shown.format(statistics.median(new))} | "
+                    f"{statistics.median(ratios):.2f} "
+                    f"({min(ratios):.2f}-{max(ratios):.2f}) |"
+                )
     args.out.mkdir(parents=True, exist_ok=True)
     report = "\n".join(lines) + "\n"
     (args.out / f"loader_ab{'_journey' if args.journey else ''}.md").write_text(report)

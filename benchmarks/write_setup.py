@@ -15,11 +15,7 @@ the growth of the process's anonymous memory (``RssAnon``) over the set-up.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,41 +68,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from benchmarks.make_dataset import make_dataset
+    from benchmarks.revision import absolute_list, alternate, worktree
 
     data_list = Path(
         make_dataset(args.data / "cub_like_2000", num_images=2000, num_classes=200, seed=0)
     )
     work = args.data / "write_setup"
-    work.mkdir(parents=True, exist_ok=True)
-    samples = data_list.read_text().splitlines()
+    samples = absolute_list(data_list, work / "list.txt").read_text().splitlines()
     big = work / f"list_{args.lines}.txt"
-    root = data_list.parent
-    big.write_text("".join(f"{root / samples[i % len(samples)]}\n" for i in range(args.lines)))
-    with tempfile.TemporaryDirectory(dir=work) as tmp:
-        base = Path(tmp) / "base"
-        subprocess.run(
-            ["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(base), args.base],
-            check=True,
+    big.write_text("".join(f"{samples[i % len(samples)]}\n" for i in range(args.lines)))
+    with worktree(args.base, work) as base:
+        results = alternate(
+            args.rounds,
+            {args.base: base, "this checkout": REPO},
+            lambda checkout: _SETUP.format(
+                repo=str(checkout), data_list=str(big), out=str(work / "out")
+            ),
+            lambda f: (
+                f"{f[0]:.2f} s (garbage collector {f[1]:.2f} s), anonymous memory +{f[2]:.0f} MB"
+            ),
         )
-        try:
-            results: dict[str, list[list[float]]] = {args.base: [], "this checkout": []}
-            for r in range(args.rounds):
-                for name, repo in ((args.base, base), ("this checkout", REPO)):
-                    code = _SETUP.format(repo=str(repo), data_list=str(big), out=str(work / "out"))
-                    done = subprocess.run(
-                        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-                    )
-                    seconds, collector, grown = json.loads(done.stdout.splitlines()[-1])
-                    results[name].append([seconds, collector, grown])
-                    print(
-                        f"round {r + 1} {name}: {seconds:.2f} s (garbage collector "
-                        f"{collector:.2f} s), anonymous memory +{grown:.0f} MB",
-                        flush=True,
-                    )
-        finally:
-            subprocess.run(
-                ["git", "-C", str(REPO), "worktree", "remove", "--force", str(base)], check=False
-            )
     print(f"\nSet-up of a write of {args.lines} data-list lines, median of {args.rounds}:")
     for name, rows in results.items():
         seconds, collector, grown = (statistics.median(col) for col in zip(*rows))

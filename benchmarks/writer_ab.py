@@ -3,22 +3,22 @@
     python -m benchmarks.writer_ab --base REV [--codec raw_rgb] [--workers 2] [--shards 1]
                                    [--rounds 6] [--num-images 2000]
 
+(``--workers 0 --shards 8 --base e622dbe`` measures the writing process's heap change of
+2026-12-07: a one-process ``raw_rgb`` write, its page faults among the figures.)
+
 Each round writes the generated CUB-like JPEGs (in the page cache: read just before) with
 ``Writer(list, out, db_num=SHARDS, shuffle=False, codec=CODEC, num_workers=WORKERS)`` once with
 the revision's code (a git worktree) and once with this checkout's, each in a fresh process with
 torch loaded, the order alternating from round to round. Reported per version: the medians of the
-wall time and of the CPU time of the writing process and of its workers (``getrusage``), and the
-median and range of the per-round ratios of the wall times.
+wall time, of the CPU time of the writing process and of its workers, and of the writing
+process's minor page faults (``getrusage``), and the median and range of the per-round ratios of
+the wall times.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +41,8 @@ t1 = time.perf_counter()
 s1, c1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
 shutil.rmtree({out!r}, ignore_errors=True)
 print(json.dumps([t1 - t0, s1.ru_utime - s0.ru_utime + s1.ru_stime - s0.ru_stime,
-                  c1.ru_utime - c0.ru_utime + c1.ru_stime - c0.ru_stime]))
+                  c1.ru_utime - c0.ru_utime + c1.ru_stime - c0.ru_stime,
+                  s1.ru_minflt - s0.ru_minflt]))
 """
 
 
@@ -57,61 +58,44 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from benchmarks.make_dataset import make_dataset
+    from benchmarks.revision import absolute_list, alternate, worktree
 
-    data_list = Path(
-        make_dataset(
-            args.data / f"cub_like_{args.num_images}",
-            num_images=args.num_images,
-            num_classes=200,
-            seed=0,
-        )
+    data_list = make_dataset(
+        args.data / f"cub_like_{args.num_images}",
+        num_images=args.num_images,
+        num_classes=200,
+        seed=0,
     )
     work = args.data / "writer_ab"
-    work.mkdir(parents=True, exist_ok=True)
-    list_path = work / "list.txt"
-    root = data_list.parent
-    list_path.write_text("".join(f"{root / line}\n" for line in data_list.read_text().splitlines()))
+    list_path = absolute_list(Path(data_list), work / "list.txt")
     names = (args.base, "this checkout")
-    results: dict[str, list[list[float]]] = {name: [] for name in names}
-    with tempfile.TemporaryDirectory(dir=work) as tmp:
-        base = Path(tmp) / "base"
-        subprocess.run(
-            ["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(base), args.base],
-            check=True,
+    with worktree(args.base, work) as base:
+        results = alternate(
+            args.rounds,
+            dict(zip(names, (base, REPO))),
+            lambda checkout: _ONE_WRITE.format(
+                repo=str(checkout),
+                data_list=str(list_path),
+                out=str(work / "out"),
+                shards=args.shards,
+                codec=args.codec,
+                workers=args.workers,
+            ),
+            lambda f: (
+                f"{f[0]:.2f} s, CPU {f[1]:.2f} s in the writing process, {f[2]:.2f} s in its "
+                f"workers, {f[3]:.0f} minor page faults in the writing process"
+            ),
         )
-        try:
-            for r in range(args.rounds):
-                order = [(args.base, base), ("this checkout", REPO)]
-                for name, repo in order if r % 2 == 0 else order[::-1]:
-                    code = _ONE_WRITE.format(
-                        repo=str(repo),
-                        data_list=str(list_path),
-                        out=str(work / "out"),
-                        shards=args.shards,
-                        codec=args.codec,
-                        workers=args.workers,
-                    )
-                    done = subprocess.run(
-                        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-                    )
-                    wall, own, workers = json.loads(done.stdout.splitlines()[-1])
-                    results[name].append([wall, own, workers])
-                    print(
-                        f"round {r + 1} {name}: {wall:.2f} s, CPU {own:.2f} s in the writing "
-                        f"process, {workers:.2f} s in its workers",
-                        flush=True,
-                    )
-        finally:
-            subprocess.run(
-                ["git", "-C", str(REPO), "worktree", "remove", "--force", str(base)], check=False
-            )
     print(
         f"\n{args.codec}, {args.workers} workers, {args.shards} shard(s), "
         f"{args.num_images} images, median of {args.rounds} rounds:"
     )
     for name in names:
-        wall, own, workers = (statistics.median(col) for col in zip(*results[name]))
-        print(f"  {name}: {wall:.2f} s; CPU {own:.2f} s writing process, {workers:.2f} s workers")
+        wall, own, workers, faults = (statistics.median(col) for col in zip(*results[name]))
+        print(
+            f"  {name}: {wall:.2f} s; CPU {own:.2f} s writing process, {workers:.2f} s workers; "
+            f"{faults:.0f} minor page faults"
+        )
     ratios = [b[0] / n[0] for b, n in zip(results[args.base], results["this checkout"])]
     print(
         f"  {args.base} / this checkout, per round: median {statistics.median(ratios):.2f} "
