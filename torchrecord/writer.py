@@ -1081,6 +1081,8 @@ class Writer:
         finally:
             ahead.close()
 
+    records_handed_over = 0  # by encode workers through shared memory, in the last write
+
     def _encoded_by_workers(
         self, entries: list[Entry], job: _EncodeJob, ahead: SourceReadahead
     ) -> Iterator[tuple[Entry, bool, bytes, int]]:
@@ -1095,11 +1097,12 @@ class Writer:
         in_flight = 4 * self.num_workers  # chunks given to workers and not drained yet
         # Each chunk in flight has a slot of shared memory (an anonymous mapping the workers
         # inherit when they are forked), into which its worker puts the records that fit; only
-        # their places cross the pool's pipe. Sent through the pipe, 908 MB of raw pixels took
-        # about 2 s of CPU time (pickling, the pipe's copies in and out, the worker's and this
-        # process's wake-ups for every 64 KB), against 0.3 s or so for the copy into the slot
-        # and the one out of it. A record that does not fit, a worker not forked, or a process
-        # that cannot map the slots (a limit on its address space), uses the pipe.
+        # their places cross the pool's pipe. Sent through the pipe alone, 908 MB of raw pixels
+        # took about 2 s of CPU time (pickling, the pipe's copies in and out, the worker's and
+        # this process's wake-ups for every 64 KB); with the slots, a 2-worker write of them
+        # into one shard took about 1 s of CPU time less in all (benchmarks/writer_ab.py). A
+        # record that does not fit, a worker not forked, or a process that cannot map the
+        # slots (a limit on its address space), uses the pipe.
         slots = None
         slot_bytes = min(_SLOT_BYTES, _HANDOVER_BYTES // in_flight)
         if _HANDOVER_IN_SHARED_MEMORY and ctx.get_start_method() == "fork":
@@ -1110,7 +1113,7 @@ class Writer:
             except OSError:  # no room for it (a limit on address space, strict overcommit)
                 slots = None
         free = list(range(in_flight))
-        self.records_handed_over = 0  # (through shared memory: for the tests)
+        self.records_handed_over = 0
         try:
             with ProcessPoolExecutor(
                 self.num_workers,
