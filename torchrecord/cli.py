@@ -462,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="processes that encode images in parallel (default 0: this process); "
-        "the output does not depend on N",
+        "the output does not depend on N. One process writes each shard: with --db-num of at "
+        "least N the workers write the shards too, which is fastest for raw pixels",
     )
     write.add_argument("--seed", type=int, default=0, help="seed of --shuffle (default 0)")
     write.add_argument(

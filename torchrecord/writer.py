@@ -91,7 +91,10 @@ class Writer:
 
     Shards: ``db_num`` equal parts (0.1), or a new shard every ``records_per_shard`` records or
     once a shard holds ``bytes_per_shard`` bytes. ``num_workers`` processes encode in parallel;
-    the output is identical for any ``num_workers`` given the same ``seed``. ``on_error="skip"``
+    the output is identical for any ``num_workers`` given the same ``seed``. One process writes
+    each shard: with ``db_num`` > 1 (or ``records_per_shard``, when nothing is skipped) the
+    workers write whole shards themselves, which for raw pixels is much faster than one shard.
+    ``on_error="skip"``
     writes every sample that cannot be encoded, with its reason, to ``skipped.tsv`` next to the
     dataset (and counts them in the manifest) instead of stopping.
     """
