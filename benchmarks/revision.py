@@ -65,3 +65,15 @@ def alternate(
             results[name].append(json.loads(done.stdout.splitlines()[-1]))
             print(f"round {r + 1} {name}: {shown(results[name][-1])}", flush=True)
     return results
+
+
+def ratio_line(base: list[list[float]], this: list[list[float]], name: str) -> str:
+    """The per-round ratios of the first figure (a time), base over this: median, range, and
+    each round's."""
+    import statistics
+
+    ratios = [b[0] / t[0] for b, t in zip(base, this)]
+    return (
+        f"  {name} / this checkout, time per round: median {statistics.median(ratios):.2f} "
+        f"({min(ratios):.2f}-{max(ratios):.2f}): {', '.join(f'{x:.2f}' for x in ratios)}"
+    )

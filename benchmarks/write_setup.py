@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from benchmarks.make_dataset import make_dataset
-    from benchmarks.revision import absolute_list, alternate, worktree
+    from benchmarks.revision import absolute_list, alternate, ratio_line, worktree
 
     data_list = Path(
         make_dataset(args.data / "cub_like_2000", num_images=2000, num_classes=200, seed=0)
@@ -95,11 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  {name}: {seconds:.2f} s (garbage collector {collector:.2f} s), "
             f"+{grown:.0f} MB ({grown * 2**20 / args.lines:.0f} bytes a line)"
         )
-    ratios = [b[0] / n[0] for b, n in zip(results[args.base], results["this checkout"])]
-    print(
-        f"  {args.base} / this checkout, time per round: median {statistics.median(ratios):.2f} "
-        f"({min(ratios):.2f}-{max(ratios):.2f})"
-    )
+    print(ratio_line(results[args.base], results["this checkout"], args.base))
     return 0
 
 

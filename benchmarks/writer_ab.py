@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from benchmarks.make_dataset import make_dataset
-    from benchmarks.revision import absolute_list, alternate, worktree
+    from benchmarks.revision import absolute_list, alternate, ratio_line, worktree
 
     data_list = make_dataset(
         args.data / f"cub_like_{args.num_images}",
@@ -96,11 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  {name}: {wall:.2f} s; CPU {own:.2f} s writing process, {workers:.2f} s workers; "
             f"{faults:.0f} minor page faults"
         )
-    ratios = [b[0] / n[0] for b, n in zip(results[args.base], results["this checkout"])]
-    print(
-        f"  {args.base} / this checkout, per round: median {statistics.median(ratios):.2f} "
-        f"({min(ratios):.2f}-{max(ratios):.2f}): {', '.join(f'{x:.2f}' for x in ratios)}"
-    )
+    print(ratio_line(results[args.base], results["this checkout"], args.base))
     return 0
 
 
