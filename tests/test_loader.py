@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import warnings
 import zlib
@@ -265,6 +266,7 @@ def test_block_mode_bounds_the_open_shards(photos, records):
     )
     reader = loader.dataset.reader
     assert reader.max_open_shards == 2  # one window of one shard, two when crossing
+    reader.keep_open_bytes = 0  # (these shards fit the default budget: see below)
     seen = []
     for crcs, labels in loader:  # in this process: num_workers=0
         seen += [(int(c), int(label)) for c, label in zip(crcs, labels)]
@@ -286,11 +288,130 @@ def test_block_mode_keeps_open_the_shards_of_records_in_the_pool(photos, tmp_pat
         out, shuffle="block", block_shards=1, pool_size=4, batch_size=4, transform=fingerprint
     )
     assert loader.dataset.reader.max_open_shards == 2 + 4  # + 3 * pool_size / 3 records
+    loader.dataset.reader.keep_open_bytes = 0
     seen = [(int(c), int(label)) for crcs, labels in loader for c, label in zip(crcs, labels)]
     assert sorted(seen) == expected_fingerprints(photos)
     # each shard opened once; bounded to the window alone (2), records that waited in the pool
     # would reopen their shards (13 opens of these 8 shards)
     assert sorted(opens) == sorted(set(opens)) and len(opens) == 8, opens
+
+
+def _small_shards(photos, tmp_path) -> tuple[object, list[int]]:
+    out = tmp_path / "small-shards"
+    Writer(photos, out, records_per_shard=3, codec="jpeg", shuffle=False).write()  # 8 shards
+    sizes = [s.stat().st_size for s in sorted(out.glob("shard-*.lmdb"))]
+    assert len(sizes) == 8
+    return out, sizes
+
+
+def _opens_spy(monkeypatch) -> list:
+    from torchrecord.environments import SHARED
+
+    opens = []
+    acquire = SHARED.acquire
+    monkeypatch.setattr(SHARED, "acquire", lambda *a, **k: opens.append(a[0]) or acquire(*a, **k))
+    return opens
+
+
+def test_block_mode_keeps_open_the_shards_that_fit_its_budget(photos, tmp_path, monkeypatch):
+    out, sizes = _small_shards(photos, tmp_path)
+    opens = _opens_spy(monkeypatch)
+    loader = TorchRecord(
+        out, shuffle="block", block_shards=1, pool_size=0, batch_size=4, transform=fingerprint
+    )
+    reader = loader.dataset.reader
+    assert reader.max_open_shards == 2
+    assert reader.keep_open_bytes >= sum(sizes)  # 8 small shards: far under the default
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        seen = [(int(c), int(label)) for crcs, labels in loader for c, label in zip(crcs, labels)]
+        assert sorted(seen) == expected_fingerprints(photos)
+    # each shard opened once in three epochs (closed past the bound, they would reopen)
+    assert sorted(opens) == sorted(set(opens)) and len(opens) == 8, opens
+    assert len(reader.open_shards) == 8
+
+
+def _held_open(record) -> tuple[int, int]:
+    """(label, how many shards this worker holds open as it reads the record)."""
+    reader = torch.utils.data.get_worker_info().dataset.reader
+    return int(record.protos[1].byte_data), len(reader.open_shards)
+
+
+@pytest.mark.parametrize("budget", ["default", 0])
+def test_block_mode_workers_keep_their_shards_open(photos, tmp_path, budget):
+    out, _ = _small_shards(photos, tmp_path)
+    loader = TorchRecord(
+        out,
+        shuffle="block",
+        block_shards=1,
+        pool_size=0,
+        batch_size=3,
+        num_workers=2,
+        persistent_workers=True,
+        transform=_held_open,
+    )
+    if budget != "default":
+        loader.dataset.reader.keep_open_bytes = budget  # (the workers get the reader as it is)
+    expected = sorted(label for _, label in read_list(photos))
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        labels, held = [], []
+        for batch_labels, batch_held in loader:
+            labels += batch_labels.tolist()
+            held += batch_held.tolist()
+        assert sorted(labels) == expected
+        if budget == 0:
+            assert max(held) <= 2
+    if budget == "default":  # in the third epoch a worker holds what it opened before
+        assert max(held) > 2
+
+
+def test_block_mode_past_its_budget_keeps_the_most_recent_shards(photos, tmp_path, monkeypatch):
+    out, sizes = _small_shards(photos, tmp_path)
+    shard_of = {}  # fingerprint -> the shard that holds it
+    dataset = TRDataset(out, transform=fingerprint)
+    for index in range(len(dataset)):
+        shard_of[dataset[index]] = dataset.reader.locate(index)[0]
+    opens = _opens_spy(monkeypatch)
+    loader = TorchRecord(
+        out, shuffle="block", block_shards=1, pool_size=0, batch_size=4, transform=fingerprint
+    )
+    reader = loader.dataset.reader
+    reader.keep_open_bytes = budget = sum(sorted(sizes)[-4:])  # room for any 4 shards, not 8
+    used = []  # shards in the order of their last use
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        seen = []
+        for crcs, labels in loader:
+            batch = [(int(c), int(label)) for c, label in zip(crcs, labels)]
+            seen += batch
+            for shard in (shard_of[f] for f in batch):
+                used = [s for s in used if s != shard] + [shard]
+            held = reader.open_shards
+            if len(held) > 2:  # past the window's bound only within the budget
+                assert sum(sizes[s] for s in held) <= budget, held
+            assert held == used[-len(held) :]  # the most recently used ones
+        assert sorted(seen) == expected_fingerprints(photos)
+        assert 4 <= len(reader.open_shards) < 8
+    assert 8 < len(opens) < 16  # some of epoch 0's shards were still open in epoch 1
+
+
+def test_block_mode_budget_is_an_eighth_of_memory_at_most_4_gib(tmp_path):
+    from torchrecord.loader import KEEP_OPEN_CAP, block_mode_keep_open_bytes
+
+    machine = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    missing = str(tmp_path / "absent")
+    assert block_mode_keep_open_bytes((missing,)) == min(machine // 8, KEEP_OPEN_CAP)
+    v2.write_text("max\n")  # no limit: the machine's memory
+    assert block_mode_keep_open_bytes((str(v2), str(v1))) == min(machine // 8, KEEP_OPEN_CAP)
+    v2.write_text(f"{1 << 30}\n")  # a cgroup limited to 1 GiB
+    v1.write_text(f"{1 << 40}\n")  # (v1's file: not read when v2's is there)
+    assert block_mode_keep_open_bytes((missing, str(v2), str(v1))) == (1 << 30) // 8
+    assert block_mode_keep_open_bytes((missing, str(v1))) == min(machine // 8, KEEP_OPEN_CAP)
+    v1.write_text(f"{1 << 31}\n")
+    assert block_mode_keep_open_bytes((str(v1),)) == (1 << 31) // 8
+    assert KEEP_OPEN_CAP == 4 << 30
 
 
 def _missing(record):

@@ -519,8 +519,11 @@ def test_two_processes_read_one_dataset_at_once(records, expected, tmp_path):
 LOADER_PREFETCH = 2  # DataLoader's default prefetch_factor, which these loaders keep
 
 LEAK_CASES = {
-    # block mode with one shard per block and no item pool: shards open and close all the time
-    "main-process": dict(num_workers=0, shuffle="block", block_shards=1, pool_size=0),
+    # block mode with one shard per block, no item pool and no room past the bound: shards open
+    # and close all the time
+    "main-process": dict(
+        num_workers=0, shuffle="block", block_shards=1, pool_size=0, keep_open_bytes=0
+    ),
     "persistent-workers": dict(num_workers=2, shuffle=True),
     "per-epoch-worker": dict(num_workers=1, persistent_workers=False, shuffle=True),
 }
@@ -528,7 +531,8 @@ LEAK_CASES = {
 
 @pytest.mark.parametrize("case", LEAK_CASES)
 def test_no_leak_over_100_epochs(records, expected, case):
-    kwargs = LEAK_CASES[case]
+    kwargs = dict(LEAK_CASES[case])
+    keep_open_bytes = kwargs.pop("keep_open_bytes", None)
     num_workers = kwargs["num_workers"]
     persistent = kwargs.get("persistent_workers", num_workers > 0)
     max_envs = 2 if kwargs["shuffle"] == "block" else NUM_SHARDS
@@ -536,6 +540,8 @@ def test_no_leak_over_100_epochs(records, expected, case):
     base_fds, (base_envs, base_refs) = open_fds(), shared_state()
 
     loader = TorchRecord(records, batch_size=5, transform=probe, **kwargs)
+    if keep_open_bytes is not None:
+        loader.dataset.reader.keep_open_bytes = keep_open_bytes
     main_fds, main_shared, worker_fds, readers = [], [], [], []
     for epoch in range(EPOCHS):
         rows = one_epoch(loader)

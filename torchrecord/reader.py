@@ -45,6 +45,9 @@ class RecordReader:
         self.codec_name = self.manifest.codec
         self.serializer_name = self.manifest.serializer
         self.max_open_shards: int | None = None  # None: keep every opened shard open
+        # past max_open_shards, the most recently used shards stay open while they take no
+        # more than this many bytes in all (block mode: see loader.block_mode_keep_open_bytes)
+        self.keep_open_bytes = 0
         self._state_init()
 
     def _state_init(self) -> None:
@@ -245,7 +248,11 @@ class RecordReader:
             self._release(shard)
             raise
         self._envs[shard] = env
-        while self.max_open_shards and len(self._envs) > self.max_open_shards:
+        while (
+            self.max_open_shards
+            and len(self._envs) > self.max_open_shards
+            and sum(self.manifest.shards[s].bytes for s in self._envs) > self.keep_open_bytes
+        ):
             oldest, _ = self._envs.popitem(last=False)
             self._release(oldest)
         return env
