@@ -126,6 +126,66 @@ def test_images_beyond_pillows_pixel_limit_are_refused_unless_max_size_shrinks_t
         assert max(TRDataset(tmp_path / "small", transform=None)[i].protos[0].dims) == 64
 
 
+def _warning_size_between(samples) -> tuple[int, set[str]]:
+    """A PIL.Image.MAX_IMAGE_PIXELS under which some photos are beyond Pillow's warning size
+    and none beyond its limit (twice that), and the paths of those beyond it."""
+    pixels = {str(path): Image.open(path).size for path, _ in samples}
+    pixels = {path: w * h for path, (w, h) in pixels.items()}
+    warning_size = max(pixels.values()) // 2 + 1
+    over = {path for path, n in pixels.items() if n > warning_size}
+    assert 0 < len(over) < len(pixels), sorted(pixels.values())  # (the test means something)
+    return warning_size, over
+
+
+@pytest.mark.parametrize("max_size", [None, 64])
+@pytest.mark.parametrize("codec", ["jpeg", "raw_rgb", "smart"])
+def test_images_beyond_pillows_warning_size_are_written_and_named_in_a_warning(
+    photos, tmp_path, monkeypatch, codec, max_size
+):
+    samples = read_list(photos)
+    warning_size, over = _warning_size_between(samples)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", warning_size)
+    with pytest.warns(Image.DecompressionBombWarning) as caught:
+        Writer(photos, tmp_path / "out", codec=codec, max_size=max_size, shuffle=False).write()
+    ours = [str(w.message) for w in caught if "names no file" in str(w.message)]
+    named = {text.split(" is ", 1)[0] for text in ours}
+    assert named == over and len(ours) == len(over), ours  # each once, by its path
+    then = "stored scaled down" if max_size else "raise PIL.Image.MAX_IMAGE_PIXELS"
+    assert all(f"warning size of {warning_size:,}" in t and then in t for t in ours), ours
+    dataset = TRDataset(tmp_path / "out", transform=None)
+    assert [int(dataset[i].protos[1].byte_data) for i in range(len(samples))] == [
+        label for _, label in samples
+    ]
+
+
+def test_worker_processes_name_the_images_beyond_pillows_warning_size(photos, tmp_path):
+    """Encode workers warn on their stderr, which is the terminal's: the warning names the file
+    there too (checked in a process of its own: pytest records a forked worker's warnings)."""
+    warning_size, over = _warning_size_between(read_list(photos))
+    code = f"""
+import os, warnings
+from PIL import Image
+from torchrecord import Writer
+
+def show(message, category, filename, lineno, file=None, line=None):  # (inherited by fork)
+    os.write(2, f"PID {{os.getpid()}} {{category.__name__}} {{message}}\\n".encode())  # one write
+
+warnings.showwarning = show
+Image.MAX_IMAGE_PIXELS = {warning_size}
+w = Writer({str(photos)!r}, {str(tmp_path / "out")!r}, db_num=2, num_workers=2, codec="raw_rgb")
+w.write()
+print("MAIN", os.getpid())
+"""
+    script = tmp_path / "workers.py"
+    script.write_text(code)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    main = int(result.stdout.split("MAIN ", 1)[1].split()[0])
+    ours = [line.split() for line in result.stderr.splitlines() if "names no file" in line]
+    assert {int(words[1]) for words in ours} - {main}, result.stderr  # from the workers
+    assert {words[3] for words in ours} == over and len(ours) == len(over), result.stderr
+
+
 def test_a_record_beyond_the_pixel_limit_of_the_reader_says_which_setting(
     photos, tmp_path, monkeypatch
 ):

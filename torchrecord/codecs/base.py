@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -121,12 +122,36 @@ def pixel_limit() -> int | None:
     return None if limit is None else 2 * int(limit)
 
 
-def check_pixels(path: str, size: tuple[int, int], max_size: int | None) -> None:
+def check_pixels(path: str, size: tuple[int, int], max_size: int | None, warn: bool = True) -> None:
     """Refuse an image beyond Pillow's decompression-bomb limit, which reading it with Pillow
-    (the ``pil`` transform) would refuse, unless ``max_size`` scales it down at write time."""
+    (the ``pil`` transform) would refuse, unless ``max_size`` scales it down at write time; and
+    warn, naming the file, of one beyond Pillow's warning size (half that limit), for which
+    Pillow's own ``DecompressionBombWarning`` names none."""
     limit = pixel_limit()
     width, height = size
-    if limit is None or width * height <= limit or (max_size and max(size) > max_size):
+    if limit is None or width * height <= limit // 2:
+        return
+    shrunk = bool(max_size and max(size) > max_size)
+    if width * height <= limit:
+        if warn:
+            from PIL.Image import DecompressionBombWarning
+
+            then = (
+                "it is stored scaled down (max_size)"
+                if shrunk
+                else "Pillow warns again whenever it opens it (the pil transform). If you trust "
+                "the file, raise PIL.Image.MAX_IMAGE_PIXELS; or scale it down while writing "
+                "with max_size (--max-size)"
+            )
+            warnings.warn(
+                f"{path} is {width}x{height} = {width * height:,} pixels, over Pillow's "
+                f"decompression-bomb warning size of {limit // 2:,} (PIL.Image.MAX_IMAGE_PIXELS; "
+                f"Pillow's DecompressionBombWarning about it names no file): {then}",
+                DecompressionBombWarning,
+                stacklevel=2,
+            )
+        return
+    if shrunk:
         return
     raise EncodeError(
         f"{path} is {width}x{height} = {width * height:,} pixels, beyond Pillow's "
@@ -156,10 +181,13 @@ def _no_pixel_limit() -> Iterator[None]:
                 PILImage.MAX_IMAGE_PIXELS = _saved_limit
 
 
-def open_image(source: Any, max_size: int | None, name: str | None = None) -> Image:
+def open_image(
+    source: Any, max_size: int | None, name: str | None = None, warn: bool = True
+) -> Image:
     """``PIL.Image.open(source)``, where an image beyond Pillow's decompression-bomb limit is
     opened when ``max_size`` scales it down (the user asked for it smaller) and refused with
-    :func:`check_pixels`'s explanation otherwise."""
+    :func:`check_pixels`'s explanation otherwise (``warn``: and one beyond its warning size is
+    named in a warning; False where the caller has checked it already)."""
     from PIL import Image as PILImage
 
     try:
@@ -170,7 +198,7 @@ def open_image(source: Any, max_size: int | None, name: str | None = None) -> Im
         with _no_pixel_limit():
             img = PILImage.open(source)
     try:  # (again when it opened: another thread may have lifted the limit meanwhile)
-        check_pixels(name or str(source), img.size, max_size)
+        check_pixels(name or str(source), img.size, max_size, warn)
     except EncodeError:
         img.close()
         raise

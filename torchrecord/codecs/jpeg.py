@@ -135,7 +135,7 @@ class JPEGCodec(Codec):
             )
         check_pixels(path, size, max_size)
         if max_size and max(size) > max_size:
-            with open_image(io.BytesIO(data), max_size, path) as img:
+            with open_image(io.BytesIO(data), max_size, path, warn=False) as img:
                 small = fit(to_rgb(img), max_size)
             return RecordParts(encode_jpeg(small, quality), small.size, label, self.name)
         return RecordParts(data, size, label, self.name)

@@ -53,7 +53,7 @@ class SmartCodec(Codec):
             except ValueError:
                 size = None  # let Pillow say what is wrong with it
         if size is None:
-            with open_image(path, max_size) as img:
+            with open_image(path, max_size, warn=False) as img:  # (the encode below warns)
                 size = img.size
         scale = min(1.0, max_size / max(size)) if max_size else 1.0
         pixels = round(size[0] * scale) * round(size[1] * scale)
