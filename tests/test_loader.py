@@ -337,8 +337,9 @@ def _held_open(record) -> tuple[int, int]:
     return int(record.protos[1].byte_data), len(reader.open_shards)
 
 
+@pytest.mark.parametrize("context", ["fork", "spawn"])
 @pytest.mark.parametrize("budget", ["default", 0])
-def test_block_mode_workers_keep_their_shards_open(photos, tmp_path, budget):
+def test_block_mode_workers_keep_their_shards_open(photos, tmp_path, budget, context):
     out, _ = _small_shards(photos, tmp_path)
     loader = TorchRecord(
         out,
@@ -349,6 +350,7 @@ def test_block_mode_workers_keep_their_shards_open(photos, tmp_path, budget):
         num_workers=2,
         persistent_workers=True,
         transform=_held_open,
+        multiprocessing_context=context,
     )
     if budget != "default":
         loader.dataset.reader.keep_open_bytes = budget  # (the workers get the reader as it is)
@@ -396,22 +398,85 @@ def test_block_mode_past_its_budget_keeps_the_most_recent_shards(photos, tmp_pat
     assert 8 < len(opens) < 16  # some of epoch 0's shards were still open in epoch 1
 
 
-def test_block_mode_budget_is_an_eighth_of_memory_at_most_4_gib(tmp_path):
-    from torchrecord.loader import KEEP_OPEN_CAP, block_mode_keep_open_bytes
+def test_block_mode_keeps_at_most_a_quarter_of_its_open_files_in_shards(
+    photos, tmp_path, monkeypatch
+):
+    import resource
+
+    from torchrecord.loader import block_mode_keep_open
+
+    out, _ = _small_shards(photos, tmp_path)
+    opens = _opens_spy(monkeypatch)
+    loader = TorchRecord(
+        out, shuffle="block", block_shards=1, pool_size=0, batch_size=4, transform=fingerprint
+    )
+    reader = loader.dataset.reader
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert reader.keep_open_shards == block_mode_keep_open()[1] == files // 4
+    reader.keep_open_shards = 3  # (as under `ulimit -n 12`; the bytes would allow all 8)
+    held = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        seen = []
+        for crcs, labels in loader:
+            seen += [(int(c), int(label)) for c, label in zip(crcs, labels)]
+            held.append(len(reader.open_shards))
+        assert sorted(seen) == expected_fingerprints(photos)
+    assert max(held) == 3 and len(opens) > 8
+
+
+def _cgroups(root, proc_lines: list[str], files: dict[str, str]) -> tuple[str, str]:
+    """A cgroup tree of limit files under ``root``, and a /proc/self/cgroup for it."""
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text.encode("utf-8") if isinstance(text, str) else text)
+    proc = root / "proc-self-cgroup"
+    proc.write_text("".join(line + "\n" for line in proc_lines))
+    return str(root), str(proc)
+
+
+def test_block_mode_budget_is_an_eighth_of_the_cgroups_memory_at_most_4_gib(tmp_path):
+    from torchrecord.loader import KEEP_OPEN_CAP, block_mode_keep_open, usable_memory
 
     machine = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
-    missing = str(tmp_path / "absent")
-    assert block_mode_keep_open_bytes((missing,)) == min(machine // 8, KEEP_OPEN_CAP)
-    v2.write_text("max\n")  # no limit: the machine's memory
-    assert block_mode_keep_open_bytes((str(v2), str(v1))) == min(machine // 8, KEEP_OPEN_CAP)
-    v2.write_text(f"{1 << 30}\n")  # a cgroup limited to 1 GiB
-    v1.write_text(f"{1 << 40}\n")  # (v1's file: not read when v2's is there)
-    assert block_mode_keep_open_bytes((missing, str(v2), str(v1))) == (1 << 30) // 8
-    assert block_mode_keep_open_bytes((missing, str(v1))) == min(machine // 8, KEEP_OPEN_CAP)
-    v1.write_text(f"{1 << 31}\n")
-    assert block_mode_keep_open_bytes((str(v1),)) == (1 << 31) // 8
-    assert KEEP_OPEN_CAP == 4 << 30
+    gib = 1 << 30
+    assert KEEP_OPEN_CAP == 4 * gib
+    assert block_mode_keep_open(str(tmp_path / "none"))[0] == min(machine // 8, KEEP_OPEN_CAP)
+    # cgroup v2, nested: the lowest limit on the way up counts ("max": none)
+    v2 = _cgroups(
+        tmp_path / "v2",
+        ["0::/job/step"],
+        {"job/step/memory.max": "max", "job/memory.max": f"{gib}", "memory.max": f"{8 * gib}"},
+    )
+    assert usable_memory(*v2) == min(machine, gib)
+    # cgroup v1, nested, v1's unlimited value
+    huge = "9223372036854771712"
+    v1 = _cgroups(
+        tmp_path / "v1",
+        ["4:memory:/job/step", "1:cpu:/", "0::/"],
+        {
+            "memory/job/step/memory.limit_in_bytes": f"{2 * gib}",
+            "memory/job/memory.limit_in_bytes": huge,
+            "memory/memory.limit_in_bytes": huge,
+        },
+    )
+    assert usable_memory(*v1) == min(machine, 2 * gib)
+    # v2's limits, when it has any, are the ones that count: v1's are not read
+    both = _cgroups(
+        tmp_path / "both",
+        ["4:memory:/", "0::/"],
+        {"memory.max": f"{gib}", "memory/memory.limit_in_bytes": f"{gib // 2}"},
+    )
+    assert usable_memory(*both) == min(machine, gib)
+    # files that are not limits: no limit, and no error
+    odd = _cgroups(
+        tmp_path / "odd",
+        ["0::/a"],
+        {"a/memory.max": "\u00b2", "memory.max": b"\xff\xfe"},
+    )
+    assert usable_memory(*odd) == machine
+    assert usable_memory(str(tmp_path / "none"), str(tmp_path / "no-proc")) == machine
 
 
 def _missing(record):

@@ -82,14 +82,15 @@ def fds_at_most(limit: int, seconds: float = 2) -> int:
     return n
 
 
-def worker_fd_counts(loader, settled=None, seconds: float = 2) -> list[tuple[int, int]]:
-    """Per persistent worker: (its open fds other than batch buffers, its batch buffers). The
-    buffers of its batch pool are shared segments it makes as it needs them (more when the
-    training process holds more batches at once), up to the pool's slots: counted apart. With
-    ``settled``, waits up to ``seconds`` for the other fds to come back to those counts (a
-    segment just sent is closed a moment after the training process takes it)."""
+def worker_fd_counts(loader, settled=None, seconds: float = 2) -> list[tuple[int, int, int]]:
+    """Per persistent worker: (its open fds other than batch buffers and shards, its batch
+    buffers, its open shards). The buffers of its batch pool are shared segments it makes as it
+    needs them (more when the training process holds more batches at once), up to the pool's
+    slots; the shards it holds open vary with what it read last (block mode): both counted
+    apart. With ``settled``, waits up to ``seconds`` for the other fds to come back to those
+    counts (a segment just sent is closed a moment after the training process takes it)."""
 
-    def counts() -> list[tuple[int, int]]:
+    def counts() -> list[tuple[int, int, int]]:
         out = []
         for pid in worker_pids(loader):
             targets = []
@@ -99,12 +100,13 @@ def worker_fd_counts(loader, settled=None, seconds: float = 2) -> list[tuple[int
                 except OSError:  # closed meanwhile
                     pass
             buffers = sum(1 for t in targets if t.startswith("/dev/shm/torch_"))
-            out.append((len(targets) - buffers, buffers))
+            shards = sum(1 for t in targets if t.endswith(".lmdb"))
+            out.append((len(targets) - buffers - shards, buffers, shards))
         return out
 
     deadline = time.monotonic() + seconds
     now = counts()
-    while settled is not None and [o for o, _ in now] != [o for o, _ in settled]:
+    while settled is not None and [c[0] for c in now] != [c[0] for c in settled]:
         if time.monotonic() > deadline:
             break
         time.sleep(0.01)
@@ -525,6 +527,10 @@ LEAK_CASES = {
         num_workers=0, shuffle="block", block_shards=1, pool_size=0, keep_open_bytes=0
     ),
     "persistent-workers": dict(num_workers=2, shuffle=True),
+    # past the bound (2), room for 3 of the 4 shards: workers keep 3 open and close one
+    "persistent-workers-budget": dict(
+        num_workers=2, shuffle="block", block_shards=1, pool_size=0, keep_open_bytes=3
+    ),
     "per-epoch-worker": dict(num_workers=1, persistent_workers=False, shuffle=True),
 }
 
@@ -536,6 +542,9 @@ def test_no_leak_over_100_epochs(records, expected, case):
     num_workers = kwargs["num_workers"]
     persistent = kwargs.get("persistent_workers", num_workers > 0)
     max_envs = 2 if kwargs["shuffle"] == "block" else NUM_SHARDS
+    if keep_open_bytes:  # that many shards, the smallest
+        sizes = sorted(p.stat().st_size for p in records.glob("shard-*.lmdb"))
+        keep_open_bytes, max_envs = sum(sizes[:keep_open_bytes]), keep_open_bytes
     gc.collect()
     base_fds, (base_envs, base_refs) = open_fds(), shared_state()
 
@@ -571,12 +580,14 @@ def test_no_leak_over_100_epochs(records, expected, case):
     if num_workers:  # the parent never opens a shard: its workers do
         assert set(main_shared) == {(base_envs, base_refs)}
     if worker_fds:  # idle persistent workers, between epochs: epoch 2 against epoch 100
-        assert [other for other, _ in worker_fds[-1]] == [o for o, _ in worker_fds[1]], worker_fds
+        assert [c[0] for c in worker_fds[-1]] == [c[0] for c in worker_fds[1]], worker_fds
         # shared segments: the batches a worker has made and the training process has not
         # taken yet, or its pool's batch buffers, which it makes as it needs them: at most
         # prefetch_factor + 2 (the pool's slots) either way
         bound = LOADER_PREFETCH + 2
-        assert all(n <= bound for counts in worker_fds for _, n in counts), (bound, worker_fds)
+        assert all(c[1] <= bound for counts in worker_fds for c in counts), (bound, worker_fds)
+        # shards: each worker holds one open at least, and no more than the reader may
+        assert all(1 <= c[2] <= max_envs for counts in worker_fds for c in counts), worker_fds
 
     pids = worker_pids(loader) if persistent else []
     del loader

@@ -105,7 +105,9 @@ class TorchRecord(DataLoader):
         )
         if sampler.mode == "block":
             dataset.reader.max_open_shards = block_mode_open_shards(dataset.reader, sampler)
-            dataset.reader.keep_open_bytes = block_mode_keep_open_bytes()
+            if not dataset.reader.manifest.legacy:  # (0.1's shards share one file and map)
+                reader = dataset.reader
+                reader.keep_open_bytes, reader.keep_open_shards = block_mode_keep_open()
         group = _process_group()
         if group is not None and (sampler.rank, sampler.world_size) == group and group[1] > 1:
             caller = sys._getframe(1)  # (a subclass's __init__: the line that made it is higher)
@@ -379,7 +381,8 @@ def _check_same_order(state: dict[str, Any], sampler: TRSampler) -> None:
 
 
 def block_mode_open_shards(reader: Any, sampler: TRSampler) -> int:
-    """How many shards a process keeps open in block mode.
+    """How many shards a process keeps open in block mode, at least (more within
+    :func:`block_mode_keep_open`).
 
     The shards of one window, two when crossing into the next, plus those that records still
     waiting in the item pool come from: a record stays in the pool for ``pool_size`` draws on
@@ -392,39 +395,76 @@ def block_mode_open_shards(reader: Any, sampler: TRSampler) -> int:
 
 
 KEEP_OPEN_CAP = 4 << 30
-_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
-def block_mode_keep_open_bytes(limits: tuple[str, ...] = _MEMORY_LIMITS) -> int:
-    """How many bytes of shards a process may keep open in block mode past
-    :func:`block_mode_open_shards`: an eighth of the memory this process may use (the machine's,
-    or its cgroup's limit when lower), at most ``KEEP_OPEN_CAP`` (4 GiB).
+def block_mode_keep_open(cgroup_root: str = "/sys/fs/cgroup") -> tuple[int, int]:
+    """``(bytes, shards)``: how much a process may keep open in block mode past
+    :func:`block_mode_open_shards`, its most recently used shards first.
 
-    Closing a shard unmaps it: reading it again faults every page back into the process (about
-    six faults per 454 KB record, every epoch, measured), though the pages are still in the
-    page cache. A dataset that fits this budget is never closed, so from the second epoch on
-    its reads fault no more; a larger one keeps its most recently used shards. Each worker maps
-    what it keeps (page tables: 1/512 of the bytes it touched), hence the cap.
+    Bytes: an eighth of the memory the process may use (the machine's, or its cgroup's limit
+    when lower), at most ``KEEP_OPEN_CAP`` (4 GiB). Closing a shard unmaps it: reading it again
+    faulted every page back into the process (about six faults per 454 KB record, every epoch,
+    measured), though the pages were still in the page cache. A dataset within this is never
+    closed, so from the second epoch on its reads fault no more; a larger one keeps its most
+    recently used shards. Each process that reads maps what it keeps (page tables: 1/512 of the
+    bytes it touched), hence the cap. Shards: a quarter of the open files the process may have
+    (``RLIMIT_NOFILE``), as each open shard holds one.
     """
-    return min(_usable_memory(limits) // 8, KEEP_OPEN_CAP)
+    try:
+        import resource
+
+        files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # (not a POSIX system)
+        files = 1024
+    if files == getattr(resource, "RLIM_INFINITY", -1) or files < 0:
+        files = 1 << 20
+    return min(usable_memory(cgroup_root) // 8, KEEP_OPEN_CAP), files // 4
 
 
-def _usable_memory(limits: tuple[str, ...] = _MEMORY_LIMITS) -> int:
-    """The machine's memory, or the limit of this process's cgroup (v2, else v1) when lower."""
+def usable_memory(cgroup_root: str = "/sys/fs/cgroup", proc: str = "/proc/self/cgroup") -> int:
+    """The machine's memory, or the lowest memory limit of this process's cgroup and its
+    ancestors when lower (cgroup v2's ``memory.max``, else v1's ``memory.limit_in_bytes``)."""
     try:
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # (not a POSIX system)
         return 0
-    for limit in limits:
-        try:
-            with open(limit) as f:
-                text = f.read().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            memory = min(memory, int(text))
-        break
+    try:
+        with open(proc, encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    where = {}  # "v2" or "v1" -> the cgroup's path
+    for line in lines:
+        fields = line.split(":", 2)
+        if len(fields) == 3 and fields[0] == "0" and fields[1] == "":
+            where["v2"] = fields[2]
+        elif len(fields) == 3 and "memory" in fields[1].split(","):
+            where["v1"] = fields[2]
+    for version, directory, name in (
+        ("v2", cgroup_root, "memory.max"),
+        ("v1", os.path.join(cgroup_root, "memory"), "memory.limit_in_bytes"),
+    ):
+        found = False
+        parts = [p for p in where.get(version, "/").split("/") if p and p not in (".", "..")]
+        for depth in range(len(parts), -1, -1):  # the cgroup, then each ancestor to the root
+            limit = _read_limit(os.path.join(directory, *parts[:depth], name))
+            if limit is not None:
+                found = True
+                if limit > 0:
+                    memory = min(memory, limit)
+        if found:
+            break
     return max(memory, 0)
+
+
+def _read_limit(path: str) -> int | None:
+    """The number in a cgroup limit file; 0 for "max"; None when there is no such file."""
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read().strip()
+    except (OSError, ValueError):  # (ValueError: not ASCII)
+        return None
+    return int(text) if text.isascii() and text.isdigit() else 0
 
 
 def _raise_if_a_worker_died(iterator: Any, exc: OSError) -> None:

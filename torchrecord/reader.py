@@ -45,10 +45,13 @@ class RecordReader:
         self.codec_name = self.manifest.codec
         self.serializer_name = self.manifest.serializer
         self.max_open_shards: int | None = None  # None: keep every opened shard open
-        # past max_open_shards, the most recently used shards stay open while they take no
-        # more than this many bytes in all (block mode: see loader.block_mode_keep_open_bytes)
-        self.keep_open_bytes = 0
         self._state_init()
+
+    # Past max_open_shards, the most recently used shards stay open while they take no more
+    # than keep_open_bytes in all and number no more than keep_open_shards (block mode: see
+    # loader.block_mode_keep_open). A worker gets the values its reader had when it started.
+    keep_open_bytes = 0
+    keep_open_shards = 0
 
     def _state_init(self) -> None:
         # shard -> environment, least recently used first, for the current generation
@@ -251,7 +254,10 @@ class RecordReader:
         while (
             self.max_open_shards
             and len(self._envs) > self.max_open_shards
-            and sum(self.manifest.shards[s].bytes for s in self._envs) > self.keep_open_bytes
+            and (
+                len(self._envs) > self.keep_open_shards
+                or sum(self.manifest.shards[s].bytes for s in self._envs) > self.keep_open_bytes
+            )
         ):
             oldest, _ = self._envs.popitem(last=False)
             self._release(oldest)
