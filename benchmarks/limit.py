@@ -9,6 +9,7 @@ workers could approach if reading, transport and collation were free.
 from __future__ import annotations
 
 import io
+import itertools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,12 @@ PIPELINES = {
     "tensor (raw)": "torch.frombuffer view, antialiased tensor resize, float / 255",
     "tensor uint8 (jpeg)": "torchvision.io.decode_jpeg, antialiased tensor resize",
     "tensor uint8 (raw)": "torch.frombuffer view, antialiased tensor resize",
+    # The resize gives its uint8 image in height-width-channel order (strides (1, 672, 3));
+    # `float()` keeps that order, so "float / 255" above yields no 3 x 224 x 224 tensor in
+    # channel order, which ToTensor (the PIL rows) and the loaders yield. These two do, into
+    # the rows of batches allocated once (4 batches of 32 used in turn), as a loader does.
+    "tensor (jpeg), CHW": "as tensor (jpeg), the float / 255 into a 3x224x224 row of a batch",
+    "tensor (raw), CHW": "as tensor (raw), the float / 255 into a 3x224x224 row of a batch",
 }
 
 
@@ -76,6 +83,13 @@ def limit_meter(
     def to_float(t: Any) -> Any:
         return t.float().div_(255)
 
+    # rows of batches of 32, in 4 buffers used in turn, as a loader worker writes its batches
+    batch_rows = torch.empty((4 * 32, 3, 224, 224))
+    written = itertools.count()
+
+    def to_float_chw(t: Any) -> Any:  # (one pass, as the loaders write a batch's row)
+        return torch.div(t, 255, out=batch_rows[next(written) % len(batch_rows)])
+
     plans = {
         "PIL (jpeg)": (
             datas,
@@ -99,6 +113,14 @@ def limit_meter(
         ),
         "tensor uint8 (jpeg)": (datas, [("decode", jpeg_tensor), ("resize", resize_224)]),
         "tensor uint8 (raw)": (raws, [("decode", raw_view), ("resize", resize_224)]),
+        "tensor (jpeg), CHW": (
+            datas,
+            [("decode", jpeg_tensor), ("resize", resize_224), ("to-tensor", to_float_chw)],
+        ),
+        "tensor (raw), CHW": (
+            raws,
+            [("decode", raw_view), ("resize", resize_224), ("to-tensor", to_float_chw)],
+        ),
     }
 
     def measure(repeats: int = 3) -> dict[str, dict[str, float]]:
