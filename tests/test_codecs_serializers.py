@@ -442,9 +442,9 @@ def _libjpeg_as_it_was():
     """Tests here may turn raw_rgb's libjpeg decode on; the next test finds it as it was."""
     from torchrecord.codecs import raw_rgb
 
-    was = raw_rgb._libjpeg_on
+    was = raw_rgb._libjpeg_on, raw_rgb._libjpeg_chosen
     yield
-    raw_rgb._libjpeg_on = was
+    raw_rgb._libjpeg_on, raw_rgb._libjpeg_chosen = was
 
 
 @pytest.mark.parametrize("codec", ["raw_rgb", "smart"])
@@ -496,6 +496,70 @@ def test_the_writer_loads_torchvision_for_raw_rgb_only_when_it_pays(photos, tmp_
     assert pays(10) and not pays(10, num_workers=2)
     assert not pays(2 * LIBJPEG_MIN_IMAGES - 1, num_workers=2)
     assert pays(2 * LIBJPEG_MIN_IMAGES, num_workers=2)
+
+
+def _corrupt_but_decodable(photos, tmp_path) -> Path:
+    """A data list of one JPEG with two stray bytes before its end-of-image marker: libjpeg
+    decodes it and says "Corrupt JPEG data" on stderr; Pillow decodes it without a word."""
+    path, label = read_list(photos)[0]
+    data = path.read_bytes()
+    assert data.endswith(b"\xff\xd9")
+    odd = tmp_path / "odd.jpg"
+    odd.write_bytes(data[:-2] + b"\x12\x34" + data[-2:])
+    data_list = tmp_path / "odd.txt"
+    data_list.write_text(f"{odd} {label}\n")
+    return data_list
+
+
+@pytest.mark.parametrize("choice", [None, False, True])
+def test_use_libjpeg_is_a_choice_that_writes_keep(photos, tmp_path, monkeypatch, capfd, choice):
+    """use_libjpeg(False) keeps every later write on Pillow (and libjpeg's stderr quiet);
+    True and None (each write decides, and with torchvision loaded this one pays) decode with
+    libjpeg. The stored pixels are the same."""
+    import torchvision  # noqa: F401  (loaded: left to itself, a write of any size uses it)
+
+    from torchrecord.codecs import raw_rgb
+    from torchrecord.reader import RecordReader
+
+    data_list = _corrupt_but_decodable(photos, tmp_path)
+    decoded = []
+    real = raw_rgb._libjpeg_rgb
+    monkeypatch.setattr(raw_rgb, "_libjpeg_rgb", lambda *a: decoded.append(1) or real(*a))
+    raw_rgb.use_libjpeg(choice)
+    assert raw_rgb.libjpeg_chosen() is choice
+    out = tmp_path / "out"
+    capfd.readouterr()
+    Writer(data_list, out, codec="raw_rgb", shuffle=False).write()
+    stderr = capfd.readouterr().err
+    assert bool(decoded) is (choice is not False), decoded
+    assert ("Corrupt JPEG data" in stderr) is (choice is not False), stderr
+    assert raw_rgb.libjpeg_chosen() is choice  # (the write kept the user's choice)
+    ((path, label),) = [line.rsplit(" ", 1) for line in data_list.read_text().splitlines()]
+    with Image.open(path) as img:
+        expected = img.convert("RGB").tobytes()
+    record = RecordReader(out).read_record(0)
+    assert record.protos[0].byte_data == expected and int(record.protos[1].byte_data) == int(label)
+
+
+def test_use_libjpeg_overrides_what_a_write_would_decide(photos, monkeypatch):
+    import multiprocessing
+
+    import torchvision  # noqa: F401  (loaded: with forked workers, any write repays it)
+
+    from torchrecord.codecs import raw_rgb
+
+    writer = Writer(photos, "unused", codec="raw_rgb", num_workers=2)
+    jpegs = Writer(photos, "unused", codec="jpeg", num_workers=2)
+    # with spawned workers a write of 24 images does not repay loading torchvision in each
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda *a, **k: "spawn")
+    for choice, expected in ((None, False), (True, True), (False, False)):
+        raw_rgb.use_libjpeg(choice)
+        assert writer._libjpeg_pays_off(24) is expected
+        assert jpegs._libjpeg_pays_off(24) is False  # (the jpeg codec decodes nothing)
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda *a, **k: "fork")
+    for choice, expected in ((None, True), (True, True), (False, False)):  # (torch is loaded)
+        raw_rgb.use_libjpeg(choice)
+        assert writer._libjpeg_pays_off(24) is expected
 
 
 def test_raw_rgb_refuses_what_pillow_refuses_also_with_libjpeg_on(photos, tmp_path):

@@ -30,7 +30,7 @@ from . import format as fmt
 from .checksum import crc32
 from .clib import let_heap_keep_large_blocks
 from .clib import libc as _libc
-from .codecs.raw_rgb import default_data_process_func, libjpeg_on, use_libjpeg
+from .codecs.raw_rgb import default_data_process_func, libjpeg_chosen, libjpeg_on, set_libjpeg
 from .datalist import (
     ITERABLE_NAME,
     Entry,
@@ -905,7 +905,7 @@ class Writer:
 
         That is this process alone when it encodes, or when its workers are forked (they
         inherit what it loaded), and nothing at all when torchvision is loaded already; workers
-        started by spawn or forkserver load it each."""
+        started by spawn or forkserver load it each. A choice made with ``use_libjpeg`` holds."""
         import multiprocessing
 
         decodes = (
@@ -915,6 +915,8 @@ class Writer:
         )
         if not decodes:
             return False
+        if libjpeg_chosen() is not None:
+            return libjpeg_chosen()
         if self.num_workers == 0 or multiprocessing.get_start_method() == "fork":
             return "torchvision" in sys.modules or num_images >= LIBJPEG_MIN_IMAGES
         return num_images >= LIBJPEG_MIN_IMAGES * self.num_workers
@@ -1682,7 +1684,7 @@ class _EncodeJob:
         self.data_process_func = data_process_func
         self.skip = skip
         self.libjpeg = libjpeg
-        use_libjpeg(libjpeg)  # loaded here, once: forked workers inherit it
+        set_libjpeg(libjpeg)  # loaded here, once: forked workers inherit it
         from PIL import Image
 
         # the writing process's decompression-bomb limit, for spawned workers too
@@ -1739,7 +1741,7 @@ class _EncodeJob:
     def __call__(self, entry: Entry) -> tuple[bool, bytes, int]:
         """``(True, bytes, CRC-32)``, computed here: in a worker, not in the writing process."""
         if libjpeg_on() is not self.libjpeg:  # in a spawned worker, the first time
-            use_libjpeg(self.libjpeg)
+            set_libjpeg(self.libjpeg)
         if _applied_pixel_limit[0] != os.getpid():  # in each worker, the first time
             from PIL import Image
 

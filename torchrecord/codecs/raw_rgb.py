@@ -78,6 +78,7 @@ class RawRGBCodec(Codec):
 
 
 _libjpeg_on = False  # see use_libjpeg()
+_libjpeg_chosen: bool | None = None  # what the user asked with use_libjpeg(); None: each write
 
 # The markers of a JPEG header read without Pillow (plain_rgb_jpeg_size): SOF0-2 (baseline,
 # extended and progressive Huffman frames), DHT, DQT, DRI, APP0-15 and COM. Anything else sends
@@ -150,15 +151,31 @@ def plain_rgb_jpeg_size(data: bytes) -> tuple[int, int] | None:
     return size
 
 
-def use_libjpeg(on: bool = True) -> bool:
+def use_libjpeg(on: bool | None = True) -> bool:
     """Let ``raw_rgb`` decode RGB JPEGs with libjpeg-turbo in this process (and in processes
-    forked from it from now on); True when it will: torchvision decodes JPEGs here and gives
-    Pillow's pixels. Off by default because loading torchvision takes seconds, which a small
-    write never earns back; each write sets it as it pays (``Writer._libjpeg_pays_off``). What
-    is stored is the same either way."""
+    forked from it from now on), or not (False); True when it will: torchvision decodes JPEGs
+    here and gives Pillow's pixels. What is stored is the same either way.
+
+    Off by default because loading torchvision takes seconds, which a small write never earns
+    back: each ``Writer`` decides for itself as it pays (``Writer._libjpeg_pays_off``), unless
+    this was called, whose choice every later write of this process keeps (False, say, where
+    libjpeg's "Corrupt JPEG data" lines on stderr are unwelcome: Pillow decodes those files
+    silently). ``None`` gives the choice back to each write (and turns the decode off)."""
+    global _libjpeg_chosen
+    _libjpeg_chosen = None if on is None else bool(on)
+    return set_libjpeg(bool(on))
+
+
+def set_libjpeg(on: bool) -> bool:
+    """:func:`use_libjpeg` as a write sets it for itself: the user's choice is left as it is."""
     global _libjpeg_on
     _libjpeg_on = on and _fast_decoder() is not None
     return _libjpeg_on
+
+
+def libjpeg_chosen() -> bool | None:
+    """What :func:`use_libjpeg` was last asked in this process (None: each write decides)."""
+    return _libjpeg_chosen
 
 
 def libjpeg_on() -> bool:
