@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             for rate, r in zip(rates[name], round_limits)
             if pipeline
         ]
-        chw = CHW_PIPELINE_OF.get(name)
+        chw = CHW_PIPELINE_OF.get(name) or CHW_PIPELINE_OF.get(getattr(method, "limit_of", None))
         chw_ideals = [
             rate / (r[chw]["images_per_s"] * args.workers)
             for rate, r in zip(rates[name], round_limits)
@@ -493,6 +493,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         "(3 x 224 x 224, as the loaders and ToTensor yield it; the tensor pipelines above leave "
         "the resize's height-width-channel order), median and range of the per-round shares:",
         "pipeline",
+        "---",
         [
             (n, r, r["chw_pipeline"], r["of_chw_ideal"], r["of_chw_ideal_range"])
             for n, r in methods.items()
@@ -503,6 +504,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         "Against the same loader with every record already in its workers' memory (run next "
         "to it, each first in turn): the share of its images/s, per round (median and range):",
         "with records in memory",
+        "---:",
         [
             (n, r, f"{methods[r['limit']]['images_per_s']:.0f}", r["of_limit"], r["of_limit_range"])
             for n, r in methods.items()
@@ -527,7 +529,9 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _share_table(intro: str, against: str, rows: list[tuple[str, dict, str, float, list]]) -> list:
+def _share_table(
+    intro: str, against: str, align: str, rows: list[tuple[str, dict, str, float, list]]
+) -> list:
     """Markdown lines: ``intro``, then per method its images/s, what it is measured against
     (``against``), and the median and range of its per-round shares; none without rows."""
     if not rows:
@@ -537,7 +541,7 @@ def _share_table(intro: str, against: str, rows: list[tuple[str, dict, str, floa
         intro,
         "",
         f"| method | images/s | {against} | share, median | share, range |",
-        "|---|---:|---|---:|---:|",
+        f"|---|---:|{align}|---:|---:|",
     ]
     for name, r, what, median, (low, high) in rows:
         lines.append(

@@ -65,13 +65,13 @@ def main() -> None:
     from benchmarks.compare import machine
     from benchmarks.make_dataset import make_dataset
     from torchrecord import TorchRecord, Writer, checksum
-    from torchrecord.codecs.raw_rgb import use_libjpeg
+    from torchrecord.codecs.raw_rgb import set_libjpeg
     from torchrecord.reader import RecordReader
 
     if checksum.IMPLEMENTATION != "zlib-ng":
         raise SystemExit("zlib-ng is not in use: pip install 'torchrecord[fast]'")
     impls = {"zlib": zlib.crc32, "zlib-ng": checksum.crc32}
-    use_libjpeg()
+    set_libjpeg(True)  # (loaded beforehand, as a write of its size would: the choice stays free)
     data_list = make_dataset(args.data / "cub_like_2000", num_images=2000, num_classes=200, seed=0)
     work = args.data / "crc_ab"
     work.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,7 @@ def limit_meter(
         return t.float().div_(255)
 
     # rows of batches of 32, in 4 buffers used in turn, as a loader worker writes its batches
-    batch_rows = torch.empty((4 * 32, 3, 224, 224))
+    batch_rows = torch.zeros((4 * 32, 3, 224, 224))  # (zeros: every page touched once before)
     written = itertools.count()
 
     def to_float_chw(t: Any) -> Any:  # (one pass, as the loaders write a batch's row)

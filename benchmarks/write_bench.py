@@ -113,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     # As the peers' modules are imported before they are timed, so is torchvision, raw_rgb's
     # JPEG decoder: with it loaded, the writer uses it whatever the size of the write (a fresh
     # process loads it only for writes of LIBJPEG_MIN_IMAGES or more).
-    from torchrecord.codecs.raw_rgb import use_libjpeg
+    from torchrecord.codecs.raw_rgb import set_libjpeg
 
-    use_libjpeg()
+    set_libjpeg(True)
     seconds: dict[str, list[float]] = {name: [] for name in methods}
     sizes: dict[str, int] = {}
     for _ in range(args.rounds):

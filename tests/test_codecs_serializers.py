@@ -555,11 +555,41 @@ def test_use_libjpeg_overrides_what_a_write_would_decide(photos, monkeypatch):
     for choice, expected in ((None, False), (True, True), (False, False)):
         raw_rgb.use_libjpeg(choice)
         assert writer._libjpeg_pays_off(24) is expected
-        assert jpegs._libjpeg_pays_off(24) is False  # (the jpeg codec decodes nothing)
+        assert jpegs._libjpeg_pays_off(24) is None  # (the jpeg codec decodes nothing)
     monkeypatch.setattr(multiprocessing, "get_start_method", lambda *a, **k: "fork")
     for choice, expected in ((None, True), (True, True), (False, False)):  # (torch is loaded)
         raw_rgb.use_libjpeg(choice)
         assert writer._libjpeg_pays_off(24) is expected
+
+
+@pytest.mark.parametrize("choice", [True, False])
+def test_a_write_that_decodes_nothing_leaves_the_choice_in_force(photos, tmp_path, choice):
+    """A jpeg write, or one with a data_process_func of its own (here one that calls 0.1's
+    default_data_process_func, which is raw_rgb), leaves the decoder as the user set it."""
+    from torchrecord.codecs import raw_rgb
+
+    raw_rgb.use_libjpeg(choice)
+    Writer(photos, tmp_path / "jpeg", codec="jpeg", shuffle=False).write()
+    assert raw_rgb.libjpeg_on() is choice and raw_rgb.libjpeg_chosen() is choice
+    decoded = []
+    real = raw_rgb._libjpeg_rgb
+    raw_rgb._libjpeg_rgb = lambda *a: decoded.append(1) or real(*a)
+    try:
+        Writer(
+            photos,
+            tmp_path / "custom",
+            data_process_func=_wraps_the_default,
+            shuffle=False,
+        ).write()
+    finally:
+        raw_rgb._libjpeg_rgb = real
+    assert bool(decoded) is choice and raw_rgb.libjpeg_on() is choice
+
+
+def _wraps_the_default(line):
+    from torchrecord import default_data_process_func
+
+    return default_data_process_func(line)
 
 
 def test_raw_rgb_refuses_what_pillow_refuses_also_with_libjpeg_on(photos, tmp_path):

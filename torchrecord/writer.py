@@ -897,7 +897,7 @@ class Writer:
             readahead=self.readahead,
         )
 
-    def _libjpeg_pays_off(self, num_images: int) -> bool:
+    def _libjpeg_pays_off(self, num_images: int) -> bool | None:
         """Whether ``raw_rgb`` (also inside ``smart`` and 0.1's ``default_data_process_func``)
         should decode RGB JPEGs with libjpeg-turbo through torchvision (the same pixels as
         Pillow's, about 0.5 ms an image sooner here): when the write is large enough to repay
@@ -905,7 +905,8 @@ class Writer:
 
         That is this process alone when it encodes, or when its workers are forked (they
         inherit what it loaded), and nothing at all when torchvision is loaded already; workers
-        started by spawn or forkserver load it each. A choice made with ``use_libjpeg`` holds."""
+        started by spawn or forkserver load it each. A choice made with ``use_libjpeg`` holds.
+        None for a write that decodes nothing with ``raw_rgb``: the process is left as it is."""
         import multiprocessing
 
         decodes = (
@@ -914,9 +915,10 @@ class Writer:
             else self.codec_name in ("raw_rgb", "smart")
         )
         if not decodes:
-            return False
-        if libjpeg_chosen() is not None:
-            return libjpeg_chosen()
+            return None
+        chosen = libjpeg_chosen()
+        if chosen is not None:
+            return chosen
         if self.num_workers == 0 or multiprocessing.get_start_method() == "fork":
             return "torchvision" in sys.modules or num_images >= LIBJPEG_MIN_IMAGES
         return num_images >= LIBJPEG_MIN_IMAGES * self.num_workers
@@ -1673,7 +1675,7 @@ class _EncodeJob:
         data_process_func: Callable[[str], Any] | None,
         skip: bool,
         options: dict[str, Any] | None = None,
-        libjpeg: bool = False,
+        libjpeg: bool | None = None,
         readahead: bool = True,
     ):
         self.options = dict(options or {})
@@ -1684,7 +1686,8 @@ class _EncodeJob:
         self.data_process_func = data_process_func
         self.skip = skip
         self.libjpeg = libjpeg
-        set_libjpeg(libjpeg)  # loaded here, once: forked workers inherit it
+        if libjpeg is not None:  # (None: the job decodes nothing with raw_rgb)
+            set_libjpeg(libjpeg)  # loaded here, once: forked workers inherit it
         from PIL import Image
 
         # the writing process's decompression-bomb limit, for spawned workers too
@@ -1740,7 +1743,7 @@ class _EncodeJob:
 
     def __call__(self, entry: Entry) -> tuple[bool, bytes, int]:
         """``(True, bytes, CRC-32)``, computed here: in a worker, not in the writing process."""
-        if libjpeg_on() is not self.libjpeg:  # in a spawned worker, the first time
+        if self.libjpeg is not None and libjpeg_on() is not self.libjpeg:  # spawned: at first
             set_libjpeg(self.libjpeg)
         if _applied_pixel_limit[0] != os.getpid():  # in each worker, the first time
             from PIL import Image

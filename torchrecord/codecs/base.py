@@ -139,14 +139,15 @@ def check_pixels(path: str, size: tuple[int, int], max_size: int | None, warn: b
             then = (
                 "it is stored scaled down (max_size)"
                 if shrunk
-                else "Pillow warns again whenever it opens it (the pil transform). If you trust "
-                "the file, raise PIL.Image.MAX_IMAGE_PIXELS; or scale it down while writing "
-                "with max_size (--max-size)"
+                else "it is stored as it is. If you trust the file, raise "
+                "PIL.Image.MAX_IMAGE_PIXELS (Pillow warns again whenever it decodes a JPEG this "
+                "large, as the pil transform does with the jpeg codec's records); or scale it "
+                "down while writing with max_size (--max-size)"
             )
             warnings.warn(
                 f"{path} is {width}x{height} = {width * height:,} pixels, over Pillow's "
                 f"decompression-bomb warning size of {limit // 2:,} (PIL.Image.MAX_IMAGE_PIXELS; "
-                f"Pillow's DecompressionBombWarning about it names no file): {then}",
+                f"Pillow's own warning, where it gives one, names no file): {then}",
                 DecompressionBombWarning,
                 stacklevel=2,
             )
