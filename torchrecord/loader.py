@@ -414,10 +414,10 @@ def block_mode_keep_open(cgroup_root: str = "/sys/fs/cgroup") -> tuple[int, int]
         import resource
 
         files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if files == resource.RLIM_INFINITY or files < 0:
+            files = 1 << 20
     except (ImportError, OSError, ValueError):  # (not a POSIX system)
         files = 1024
-    if files == getattr(resource, "RLIM_INFINITY", -1) or files < 0:
-        files = 1 << 20
     return min(usable_memory(cgroup_root) // 8, KEEP_OPEN_CAP), files // 4
 
 
