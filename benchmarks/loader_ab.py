@@ -1,6 +1,7 @@
 """The defaults loader of two versions of TorchRecord, side by side in one run.
 
     python -m benchmarks.loader_ab --base REV [--rounds 6] [--epochs 4] [--journey]
+        [--base-options JSON] [--this-options JSON] [--name loader_ab]
 
 For a change to the loader: ``REV`` (a git revision of this repository, checked out into a
 temporary worktree) against this checkout, on the same datasets (the benchmark's 2,000 JPEGs,
@@ -11,10 +12,15 @@ same). Each round runs one fresh process per version, alternating which goes fir
 training process and its workers together (less noisy than images/s on a shared machine: time
 the hypervisor takes away is not in it). The ratios are medians of the per-round ratios.
 
+``--base-options`` and ``--this-options`` add keywords to either side's ``TorchRecord(...)``
+(JSON, for example ``'{"channels_last": true}'``): with ``--base HEAD`` they compare two
+settings of the same code.
+
 ``--journey`` measures the DataLoader's own work alone: the workers build no images (each batch
 is a buffer taken as the loader would, with the labels filled in) and send them as they would.
 
-Results land in ``benchmarks/results/loader_ab.md`` (``loader_ab_journey.md`` with ``--journey``).
+Results land in ``benchmarks/results/NAME.md`` (``loader_ab.md``; ``loader_ab_journey.md`` with
+``--journey``).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 _ONE = r"""
 import json, statistics, sys, time
 tree, path, epochs, journey = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+options = {"shuffle": True, "batch_size": 32, "num_workers": 2, **json.loads(sys.argv[5])}
 sys.path.insert(0, tree)
 import psutil, torch
 from torch.utils import data
@@ -52,7 +59,7 @@ class Journey:
             images = torch.empty((len(indices), 3, 224, 224), dtype=ds.batch_dtype)
         return Prebatched(images, torch.tensor(indices, dtype=torch.int64), ticket, None)
 
-loader = TorchRecord(path, shuffle=True, batch_size=32, num_workers=2)
+loader = TorchRecord(path, **options)
 if journey:
     loader.dataset.__getitems__ = Journey(loader.dataset)
 for _ in loader:  # the warm-up epoch; the workers persist
@@ -82,7 +89,11 @@ def main() -> None:
     parser.add_argument("--codecs", default="raw_rgb,jpeg")
     parser.add_argument("--data", type=Path, default=REPO / "data")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--base-options", default="{}", help="JSON keywords for the base's loader")
+    parser.add_argument("--this-options", default="{}", help="JSON keywords for this loader")
+    parser.add_argument("--name", help="the report's file name, without .md")
     args = parser.parse_args()
+    options = {"base": json.loads(args.base_options), "this": json.loads(args.this_options)}
 
     from benchmarks.compare import machine
     from benchmarks.make_dataset import make_dataset
@@ -103,6 +114,11 @@ def main() -> None:
         "median of the per-round ratios, with their range. CPU: the training process and its "
         "workers together. "
         + ("The workers build no images (--journey). " if args.journey else "")
+        + "".join(
+            f"The {name} loader has {json.dumps(extra)}. "
+            for name, extra in options.items()
+            if extra
+        )
         + "Machine: {cpu}, {cores} cores.".format(**machine()),
         "",
         "| codec | figure | base | this | this / base (median of per-round ratios) |",
@@ -126,6 +142,7 @@ def main() -> None:
                             str(records),
                             str(args.epochs),
                             "1" if args.journey else "0",
+                            json.dumps(options[name]),
                         ],
                         check=True,
                         capture_output=True,
@@ -146,7 +163,8 @@ def main() -> None:
                 )
     args.out.mkdir(parents=True, exist_ok=True)
     report = "\n".join(lines) + "\n"
-    (args.out / f"loader_ab{'_journey' if args.journey else ''}.md").write_text(report)
+    name = args.name or f"loader_ab{'_journey' if args.journey else ''}"
+    (args.out / f"{name}.md").write_text(report)
     print(report)
 
 

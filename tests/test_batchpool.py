@@ -172,18 +172,24 @@ def _counting_rebuild_storage_fd(*args, **kwargs):
     return _rebuild_storage_fd(*args, **kwargs)
 
 
-def test_a_mapped_buffer_crosses_once_then_batches_only_name_it(records, monkeypatch):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_mapped_buffer_crosses_once_then_batches_only_name_it(
+    records, monkeypatch, channels_last
+):
     """The training process maps each worker buffer the first time it arrives; after that a
     batch comes as a row count and labels, with no shared segment to pass (PyTorch passes one
-    through a socket connection per tensor). The values stay the reference loader's."""
+    through a socket connection per tensor). The values stay the reference loader's, and so
+    does the memory format (channel order, or ``channels_last``)."""
     from torch.multiprocessing import reductions
 
     expected = reference(records, 3)
     # counted where a worker's pickle names it (a function of a module, so the worker can)
     monkeypatch.setattr(reductions, "rebuild_storage_fd", _counting_rebuild_storage_fd)
     _RECEIVED.clear()
-    recycling = loader(records, recycle=True)  # persistent workers: the same buffers
+    # persistent workers: the same buffers
+    recycling = loader(records, recycle=True, channels_last=channels_last)
     pool = recycling.dataset.batch_pool
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     passed = []
     for epoch in range(3):
         before = len(_RECEIVED)
@@ -191,6 +197,8 @@ def test_a_mapped_buffer_crosses_once_then_batches_only_name_it(records, monkeyp
             want_images, want_labels = expected[epoch][step]
             assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
             assert labels.dtype == torch.int64 and images.dtype == torch.float32
+            assert images.is_contiguous(memory_format=layout), images.stride()
+            assert images.is_contiguous() != channels_last
             del images, labels
         passed.append(len(_RECEIVED) - before)
     # each buffer once, never the labels (a slot may first be needed in a later epoch): 30

@@ -80,3 +80,39 @@ def test_tensor_helpers(photo_dir):
     assert resize_224(chw).shape == (3, 224, 224)
     small = resize_224(chw)
     assert torch.equal(resize_224(small), small)  # already 224x224: unchanged
+
+
+def _in_channels_last(images: torch.Tensor) -> bool:
+    """Each pixel's channels side by side in memory, not each channel's plane (3 > 1)."""
+    return images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+
+
+@pytest.mark.parametrize("codec", ["raw_rgb", "jpeg"])
+@pytest.mark.parametrize("transform", ["auto", "uint8", "pil"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_channels_last_batches_hold_the_same_values(datasets, codec, transform, workers):
+    """The images of every batch equal those of a loader in channel order, label for label,
+    in ``torch.channels_last`` memory format: built in place (``auto``, ``uint8``) or put
+    into it after collation (``pil``), in this process and from worker processes."""
+    options = dict(batch_size=5, num_workers=workers, transform=transform, shuffle="global")
+    plain = [(images.clone(), labels) for images, labels in TorchRecord(datasets[codec], **options)]
+    last = TorchRecord(datasets[codec], channels_last=True, **options)
+    batches = [(images.clone(), labels) for images, labels in last]  # (clone keeps strides)
+    assert len(batches) == len(plain) == 5  # 24 records, the last batch of 4
+    for (images, labels), (want, want_labels) in zip(batches, plain):
+        assert want.is_contiguous() and _in_channels_last(images), images.stride()
+        assert images.shape == want.shape and images.dtype == want.dtype
+        assert torch.equal(images, want) and torch.equal(labels, want_labels)
+
+
+def test_channels_last_needs_torchrecords_collation_and_image_batches(datasets):
+    with pytest.raises(ValueError, match="collate_fn of your own"):
+        TorchRecord(datasets["jpeg"], batch_size=4, channels_last=True, collate_fn=list)
+    flat = TorchRecord(
+        datasets["jpeg"],
+        batch_size=4,
+        channels_last=True,
+        transform=lambda record: (torch.zeros(7), 0),
+    )
+    with pytest.raises(TypeError, match="start with a 2-d tensor"):
+        next(iter(flat))

@@ -56,10 +56,18 @@ class BatchPool:
     Created in the training process before the workers start; each worker keeps its own
     buffers, the ``released`` array is shared by all of them and the training process."""
 
-    def __init__(self, num_workers: int, slots: int, batch_shape: tuple[int, ...], dtype: Any):
+    def __init__(
+        self,
+        num_workers: int,
+        slots: int,
+        batch_shape: tuple[int, ...],
+        dtype: Any,
+        channels_last: bool = False,
+    ):
         self.uid = secrets.token_hex(8)
         self.num_workers, self.slots = num_workers, slots
         self.batch_shape, self.dtype = tuple(batch_shape), dtype
+        self.channels_last = channels_last  # the buffers' memory format (see shared_tensor)
         # the ticket of the last batch the training process let go of, per worker and slot
         self.released = multiprocessing.RawArray(ctypes.c_int64, num_workers * slots)
         # the buffer the training process has mapped, per worker and slot (its ident)
@@ -74,7 +82,12 @@ class BatchPool:
 
     @classmethod
     def for_batches(
-        cls, num_workers: int, prefetch_factor: int | None, batch_shape: tuple[int, ...], dtype: Any
+        cls,
+        num_workers: int,
+        prefetch_factor: int | None,
+        batch_shape: tuple[int, ...],
+        dtype: Any,
+        channels_last: bool = False,
     ) -> BatchPool | None:
         """A pool with room for the batches a worker has in flight (queued, being consumed,
         being pinned), within ``MAX_POOL_BYTES``; None when not even two buffers fit."""
@@ -84,7 +97,9 @@ class BatchPool:
             return None
         nbytes = torch.empty((), dtype=dtype).element_size() * math.prod(batch_shape)
         slots = min((prefetch_factor or 2) + 2, MAX_POOL_BYTES // max(nbytes, 1))
-        return cls(num_workers, slots, batch_shape, dtype) if slots >= 2 else None
+        if slots < 2:
+            return None
+        return cls(num_workers, slots, batch_shape, dtype, channels_last)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -114,8 +129,9 @@ class BatchPool:
             and dtype == self.dtype
             and rows <= self.batch_shape[0]
         )
+        layout = self.channels_last
         if not usable:
-            return shared_tensor((rows, *self.batch_shape[1:]), dtype), None
+            return shared_tensor((rows, *self.batch_shape[1:]), dtype, layout), None
         base = info.id * self.slots
         for slot, held in list(self._local.items()):
             held.age += 1
@@ -127,12 +143,12 @@ class BatchPool:
         for slot in range(self.slots):
             held = self._local.get(slot)
             if held is None:
-                held = self._local[slot] = _Slot(shared_tensor(self.batch_shape, dtype))
+                held = self._local[slot] = _Slot(shared_tensor(self.batch_shape, dtype, layout))
             elif self.released[base + slot] != held.token:
                 continue  # still in use
             held.token, held.sent, held.age = secrets.randbits(63) | 1, False, 0
             return held.buffer[:rows], Ticket(self, info.id, slot, held.token, held.ident)
-        return shared_tensor((rows, *self.batch_shape[1:]), dtype), None
+        return shared_tensor((rows, *self.batch_shape[1:]), dtype, layout), None
 
 
 class _Slot:
@@ -193,13 +209,18 @@ def _spawning() -> bool:
     return get_spawning_popen() is not None
 
 
-def shared_tensor(shape: tuple[int, ...], dtype: Any) -> Any:
+def shared_tensor(shape: tuple[int, ...], dtype: Any, channels_last: bool = False) -> Any:
     """An uninitialised tensor in shared memory: sending it to another process copies
-    nothing."""
+    nothing. ``channels_last``: an ``N x C x H x W`` tensor whose memory holds each pixel's
+    channels together (``torch.channels_last``)."""
     import torch
 
     storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape))
-    return torch.empty(0, dtype=dtype).new(storage).view(shape)
+    tensor = torch.empty(0, dtype=dtype).new(storage)
+    if channels_last:
+        n, c, h, w = shape
+        return tensor.view(n, h, w, c).permute(0, 3, 1, 2)
+    return tensor.view(shape)
 
 
 class Recycled(list):
@@ -289,18 +310,22 @@ def _arrived(
 def _mapped_buffer(pool: BatchPool, images: Any) -> Any:
     """The whole buffer behind ``images`` as a numpy array (which keeps the mapping), or None
     when it is not one of the pool's buffers as :meth:`BatchPool.take` makes them."""
+    import torch
+
     storage, row = images.untyped_storage(), pool.batch_shape[1:]
     rows = storage.nbytes() // max(images.element_size() * math.prod(row), 1)
+    layout = torch.channels_last if pool.channels_last else torch.contiguous_format
     if (
         images.storage_offset() != 0
-        or not images.is_contiguous()
+        or not images.is_contiguous(memory_format=layout)
         or tuple(images.shape[1:]) != row
         or rows != pool.batch_shape[0]
     ):
         return None
-    import torch
-
     whole = torch.empty(0, dtype=images.dtype).set_(storage, 0, (rows, *row))
+    if pool.channels_last:  # (numpy keeps the strides, and so does from_numpy)
+        c, h, w = row
+        whole = whole.view(rows, h, w, c).permute(0, 3, 1, 2)
     try:
         return whole.numpy()
     except (TypeError, RuntimeError):  # a dtype numpy does not have

@@ -90,10 +90,12 @@ class Prebatched(Sequence):
         return [*self, *other]
 
 
-def collate(batch: Any) -> Any:
+def collate(batch: Any, channels_last: bool = False) -> Any:
     """TorchRecord's ``collate_fn``: a :class:`Prebatched` batch as it is; samples with extra
     fields as ``[images, labels, {field: values}]`` (see :func:`collate_extras`); anything
-    else through ``default_collate``."""
+    else through ``default_collate``. ``channels_last``: the images of batches that were not
+    built in place are put into ``torch.channels_last`` memory format (built in place, they
+    are in it already)."""
     if isinstance(batch, Prebatched):
         rest = [] if batch.extras is None else [collate_extras(batch.extras)]
         if batch.ticket is not None:  # a reusable buffer: its ticket travels with it
@@ -106,8 +108,39 @@ def collate(batch: Any) -> Any:
         and isinstance(batch[0][2], Extras)
     ):
         images, labels = data.default_collate([sample[:2] for sample in batch])
-        return [images, labels, collate_extras([sample[2] for sample in batch])]
-    return data.default_collate(batch)
+        collated = [images, labels, collate_extras([sample[2] for sample in batch])]
+    else:
+        collated = data.default_collate(batch)
+    if channels_last:
+        collated = _in_channels_last(collated)
+    return collated
+
+
+def _memory_format(channels_last: bool) -> Any:
+    import torch
+
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _in_channels_last(collated: Any) -> Any:
+    """A collated batch with its images (the batch, or its first element) in
+    ``torch.channels_last``."""
+    import torch
+
+    def images(value: Any) -> bool:
+        return isinstance(value, torch.Tensor) and value.dim() == 4
+
+    if images(collated):
+        return collated.contiguous(memory_format=torch.channels_last)
+    first = collated[0] if isinstance(collated, (list, tuple)) and collated else collated
+    if not images(first):
+        got = f"{first.dim()}-d tensor" if isinstance(first, torch.Tensor) else type(first).__name__
+        raise TypeError(
+            "channels_last=True puts batches of images (N x C x H x W tensors, first in each "
+            f"batch) into torch.channels_last, but this transform's batches start with a {got}. "
+            "Return (image tensor, label) from the transform, or leave channels_last out"
+        )
+    return [first.contiguous(memory_format=torch.channels_last), *collated[1:]]
 
 
 def collate_extras(extras: list[dict[str, Any]]) -> dict[str, Any]:
@@ -315,12 +348,13 @@ class TRDataset(data.Dataset):
         dtype = self.batch_dtype
         shape = (len(indices), 3, 224, 224)
         ticket = None
+        layout = self.channels_last
         if data.get_worker_info() is None:
-            images = torch.empty(shape, dtype=dtype)
+            images = torch.empty(shape, dtype=dtype, memory_format=_memory_format(layout))
         elif self.batch_pool is not None:  # a buffer the training process has let go of
             images, ticket = self.batch_pool.take(len(indices), dtype)
         else:  # shared memory: handing it to the training process copies nothing
-            images = shared_tensor(shape, dtype)
+            images = shared_tensor(shape, dtype, layout)
         labels = torch.empty(len(indices), dtype=torch.int64)
         for row, index in enumerate(indices):
             # (decoded_tensor made sure: a uint8 3 x H x W tensor, so 3 x 224 x 224 here)
@@ -335,6 +369,7 @@ class TRDataset(data.Dataset):
         return Prebatched(images, labels, ticket, extras)
 
     prebatch = False  # set by TorchRecord when its collate_fn accepts a Prebatched batch
+    channels_last = False  # set by TorchRecord: batches built in place in that memory format
     batch_pool = None  # set by TorchRecord with workers: batch buffers reused (see batchpool)
 
     def _substituting(
