@@ -115,7 +115,7 @@ def main() -> None:
         "workers together. "
         + ("The workers build no images (--journey). " if args.journey else "")
         + "".join(
-            f"The {name} loader has {json.dumps(extra)}. "
+            f"The {name!r} loader has {json.dumps(extra)}. "
             for name, extra in options.items()
             if extra
         )
