@@ -293,3 +293,17 @@ def test_a_batch_naming_a_buffer_this_process_has_not_mapped_is_refused():
 
     with pytest.raises(RuntimeError, match="recycle_batches=False"):
         _arrived(5, ([1, 2, 3, 4, 5], torch.int64), "no such loader", 0, 1, 3, 7, os.getpid())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_buffer_outside_the_pool_keeps_the_pools_memory_format(channels_last):
+    """Where no slot can serve (not in a worker, a batch larger than the pool's), the fresh
+    shared segment has the pool's memory format all the same."""
+    from torchrecord.batchpool import BatchPool
+
+    pool = BatchPool(1, 2, (4, 3, 224, 224), torch.uint8, channels_last=channels_last)
+    for rows in (3, 5):
+        images, ticket = pool.take(rows, torch.uint8)
+        assert ticket is None and images.shape == (rows, 3, 224, 224) and images.is_shared()
+        assert images.is_contiguous() != channels_last
+        assert images.is_contiguous(memory_format=torch.channels_last) == channels_last

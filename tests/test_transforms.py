@@ -92,8 +92,8 @@ def _in_channels_last(images: torch.Tensor) -> bool:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_channels_last_batches_hold_the_same_values(datasets, codec, transform, workers):
     """The images of every batch equal those of a loader in channel order, label for label,
-    in ``torch.channels_last`` memory format: built in place (``auto``, ``uint8``) or put
-    into it after collation (``pil``), in this process and from worker processes."""
+    in ``torch.channels_last`` memory format: built in place (``auto``, ``uint8``) or stacked
+    so (``pil``), in this process and from worker processes."""
     options = dict(batch_size=5, num_workers=workers, transform=transform, shuffle="global")
     plain = [(images.clone(), labels) for images, labels in TorchRecord(datasets[codec], **options)]
     last = TorchRecord(datasets[codec], channels_last=True, **options)
@@ -105,7 +105,53 @@ def test_channels_last_batches_hold_the_same_values(datasets, codec, transform, 
         assert torch.equal(images, want) and torch.equal(labels, want_labels)
 
 
-def test_channels_last_needs_torchrecords_collation_and_image_batches(datasets):
+@pytest.mark.parametrize("how", ["not recycled", "all held", "extra fields"])
+@pytest.mark.parametrize("transform", ["auto", "pil"])
+def test_channels_last_batches_from_workers_every_way(
+    photo_dir, datasets, tmp_path, how, transform
+):
+    """From workers: without reused buffers, with every batch of two epochs held (the workers
+    then take fresh buffers), and with extra fields (the third element of every batch)."""
+    path = datasets["jpeg"]
+    options = dict(batch_size=5, num_workers=2, transform=transform, shuffle="global")
+    if how == "not recycled":
+        options["recycle_batches"] = False
+    if how == "extra fields":
+        samples = read_list(photo_dir / "data_list.txt")
+        path = tmp_path / "extras"
+        rows = [
+            {"path": str(p), "label": label, "box": [i, i + 1.5]}
+            for i, (p, label) in enumerate(samples)
+        ]
+        Writer(rows, path, db_num=2, codec="jpeg", shuffle=False).write()
+    reference = TorchRecord(path, **options)
+    plain = [[b[0].clone(), *b[1:]] for _ in range(2) for b in reference]  # epochs 0 and 1
+    last = TorchRecord(path, channels_last=True, **options)
+    held = [batch for _ in range(2) for batch in last]
+    assert len(held) == len(plain) == 10
+    for batch, want in zip(held, plain):
+        assert want[0].is_contiguous() and _in_channels_last(batch[0]), batch[0].stride()
+        assert torch.equal(batch[0], want[0]) and torch.equal(batch[1], want[1])
+        assert len(batch) == len(want) == (3 if how == "extra fields" else 2)
+        if how == "extra fields":
+            assert batch[2]["box"] == want[2]["box"] and len(batch[2]["box"]) == len(batch[1])
+
+
+def test_channels_last_keeps_a_namedtuple_and_refuses_what_is_not_an_image(datasets):
+    from collections import namedtuple
+
+    Sample = namedtuple("Sample", "image label")
+    uint8 = TRDataset(datasets["jpeg"], transform="uint8")
+
+    def named(record):
+        image, label = uint8.transform(record)
+        return Sample(image, label)
+
+    options = dict(batch_size=4, transform=named, channels_last=True, shuffle=False)
+    batch = next(iter(TorchRecord(datasets["jpeg"], **options)))
+    assert type(batch) is Sample and _in_channels_last(batch.image)
+    assert torch.equal(batch.image, torch.stack([uint8[i][0] for i in range(4)]))
+    assert batch.label.tolist() == [uint8[i][1] for i in range(4)]
     with pytest.raises(ValueError, match="collate_fn of your own"):
         TorchRecord(datasets["jpeg"], batch_size=4, channels_last=True, collate_fn=list)
     flat = TorchRecord(
@@ -114,5 +160,13 @@ def test_channels_last_needs_torchrecords_collation_and_image_batches(datasets):
         channels_last=True,
         transform=lambda record: (torch.zeros(7), 0),
     )
-    with pytest.raises(TypeError, match="start with a 2-d tensor"):
+    with pytest.raises(TypeError, match="gave tensors of shape 7"):
         next(iter(flat))
+    hwc = TorchRecord(
+        datasets["jpeg"],
+        batch_size=4,
+        channels_last=True,
+        transform=lambda record: (uint8.transform(record)[0].permute(1, 2, 0).numpy(), 0),
+    )
+    with pytest.raises(TypeError, match="gave a ndarray as image"):
+        next(iter(hwc))

@@ -94,26 +94,24 @@ def collate(batch: Any, channels_last: bool = False) -> Any:
     """TorchRecord's ``collate_fn``: a :class:`Prebatched` batch as it is; samples with extra
     fields as ``[images, labels, {field: values}]`` (see :func:`collate_extras`); anything
     else through ``default_collate``. ``channels_last``: the images of batches that were not
-    built in place are put into ``torch.channels_last`` memory format (built in place, they
+    built in place are stacked in ``torch.channels_last`` memory format (built in place, they
     are in it already)."""
     if isinstance(batch, Prebatched):
         rest = [] if batch.extras is None else [collate_extras(batch.extras)]
         if batch.ticket is not None:  # a reusable buffer: its ticket travels with it
             return Recycled(batch.images, batch.labels, batch.ticket, *rest)
         return [batch.images, batch.labels, *rest]
+    extras = None
     if (
         batch
         and isinstance(batch[0], tuple)
         and len(batch[0]) == 3
         and isinstance(batch[0][2], Extras)
     ):
-        images, labels = data.default_collate([sample[:2] for sample in batch])
-        collated = [images, labels, collate_extras([sample[2] for sample in batch])]
-    else:
-        collated = data.default_collate(batch)
-    if channels_last:
-        collated = _in_channels_last(collated)
-    return collated
+        extras = collate_extras([sample[2] for sample in batch])
+        batch = [sample[:2] for sample in batch]
+    collated = _collate_channels_last(batch) if channels_last else data.default_collate(batch)
+    return collated if extras is None else [*collated, extras]
 
 
 def _memory_format(channels_last: bool) -> Any:
@@ -122,25 +120,42 @@ def _memory_format(channels_last: bool) -> Any:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _in_channels_last(collated: Any) -> Any:
-    """A collated batch with its images (the batch, or its first element) in
-    ``torch.channels_last``."""
+def _collate_channels_last(batch: list[Any]) -> Any:
+    """``default_collate(batch)`` with the images (the samples, or their first elements)
+    stacked straight into a ``torch.channels_last`` batch: in a worker, in shared memory, as
+    ``default_collate`` stacks (so that sending it copies nothing)."""
     import torch
 
-    def images(value: Any) -> bool:
-        return isinstance(value, torch.Tensor) and value.dim() == 4
-
-    if images(collated):
-        return collated.contiguous(memory_format=torch.channels_last)
-    first = collated[0] if isinstance(collated, (list, tuple)) and collated else collated
-    if not images(first):
-        got = f"{first.dim()}-d tensor" if isinstance(first, torch.Tensor) else type(first).__name__
+    first = batch[0] if batch else None
+    alone = isinstance(first, torch.Tensor)  # samples that are images only
+    images = batch if alone else None
+    if isinstance(first, (tuple, list)) and first and isinstance(first[0], torch.Tensor):
+        images = [sample[0] for sample in batch]
+    shape = tuple(images[0].shape) if images else ()
+    if images is None or len(shape) != 3 or any(image.shape != shape for image in images):
+        if images is None:
+            thing = first[0] if isinstance(first, (tuple, list)) and first else first
+            got = "an empty batch" if first is None else f"a {type(thing).__name__} as image"
+        else:
+            got = ", ".join(sorted({"x".join(map(str, image.shape)) for image in images}))
+            got = f"tensors of shape {got}"
         raise TypeError(
-            "channels_last=True puts batches of images (N x C x H x W tensors, first in each "
-            f"batch) into torch.channels_last, but this transform's batches start with a {got}. "
-            "Return (image tensor, label) from the transform, or leave channels_last out"
+            "channels_last=True stacks the images of a batch (C x H x W tensors of one shape, "
+            f"each sample's first element) in torch.channels_last, but the transform gave "
+            f"{got}. Return (image tensor, label) from the transform, or leave channels_last out"
         )
-    return [first.contiguous(memory_format=torch.channels_last), *collated[1:]]
+    size, dtype = (len(images), *shape), images[0].dtype
+    if data.get_worker_info() is not None:
+        stacked = shared_tensor(size, dtype, channels_last=True)
+    else:
+        stacked = torch.empty(size, dtype=dtype, memory_format=torch.channels_last)
+    torch.stack(images, out=stacked)
+    if alone:
+        return stacked
+    rest = data.default_collate([tuple(sample[1:]) for sample in batch])
+    if isinstance(first, tuple) and hasattr(first, "_fields"):  # a namedtuple stays one
+        return type(first)(stacked, *rest)
+    return [stacked, *rest]
 
 
 def collate_extras(extras: list[dict[str, Any]]) -> dict[str, Any]:

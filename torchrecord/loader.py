@@ -125,7 +125,7 @@ class TorchRecord(DataLoader):
                 caller = caller.f_back
             site = f"{caller.f_code.co_filename}:{caller.f_lineno}"
             self._serial = f"{site}#{next(_CREATED_AT.setdefault(site, itertools.count()))}"
-        if loader_kwargs.get("collate_fn") is None:
+        if loader_kwargs.get("collate_fn") in (None, collate):
             # our collate_fn takes the batches the dataset builds in place (see __getitems__)
             loader_kwargs["collate_fn"] = (
                 functools.partial(collate, channels_last=True) if channels_last else collate

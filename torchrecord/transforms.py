@@ -66,8 +66,8 @@ def resize_224(image: Any) -> Any:
     """Antialiased bilinear resize of a uint8 ``3 x H x W`` tensor to ``3 x 224 x 224``."""
     from torchvision.transforms.v2.functional import resize
 
-    if tuple(image.shape[-2:]) == (224, 224):
-        return image.contiguous()
+    if tuple(image.shape[-2:]) == (224, 224):  # a copy (the image may be a read-only view),
+        return image.clone()  # in its memory format, as the resize gives its own
     return resize(image, [224, 224], antialias=True)
 
 
