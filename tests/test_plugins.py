@@ -305,7 +305,11 @@ def test_good_plugin_is_listed_with_its_distribution(tmp_path, photos):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["codec"] == "goodcodec"
     assert manifest["num_records"] == len(read_list(photos))
-    assert manifest["plugins"]["codec"] == {"distribution": "goodplug", "version": "1.0"}
+    assert manifest["plugins"]["codec"] == {
+        "distribution": "goodplug",
+        "version": "1.0",
+        "format_version": 1,  # (the Codec base class's: the plugin declares none)
+    }
     assert manifest["plugins"]["serializer"]["distribution"] == BUILTIN
 
     # Without the plugin: reading says which package to install; info and verify warn.

@@ -230,7 +230,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         who = written.get(kind)  # (a plugin's package; the built-ins go without saying)
         if not isinstance(who, dict) or str(who.get("distribution")).startswith("torchrecord ("):
             return ""
-        return f"  (from {who['distribution']} {who['version']})"
+        layout = who.get("format_version", 1)
+        layout = f", format version {layout}" if layout != 1 else ""
+        return f"  (from {who['distribution']} {who['version']}{layout})"
 
     print(f"dataset     {info['path']}" + ("  (TorchRecord 0.1 layout)" if info["legacy"] else ""))
     print(f"format      version {info['format_version']}")
@@ -264,9 +266,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _missing_plugins(reader: Any) -> list[str]:
-    """Why the dataset's codec or serializer cannot be used here (not installed), if so.
-    (Looking them up opens no shard.)"""
-    from .errors import UnknownPluginError
+    """Why the dataset's codec or serializer cannot be used here (not installed, or of a
+    format version that cannot read it), if so. (Looking them up opens no shard.)"""
+    from .errors import PluginVersionError, UnknownPluginError
     from .format import CUSTOM_CODEC
 
     missing = []
@@ -275,7 +277,7 @@ def _missing_plugins(reader: Any) -> list[str]:
             continue
         try:
             getattr(reader, kind)
-        except UnknownPluginError as exc:
+        except (UnknownPluginError, PluginVersionError) as exc:
             missing.append(str(exc))
     return missing
 

@@ -219,6 +219,7 @@ class TRDataset(data.Dataset):
                 f"record_num={record_num} but {record_path} has {self.reader.num_shards} shards; "
                 "omit record_num to detect it"
             )
+        self.reader.check_plugin_versions()
         builtin = isinstance(transform, str) or transform is default_transform
         if self.reader.codec_name == CUSTOM_CODEC:
             if transform in ("auto", default_transform):

@@ -134,6 +134,10 @@ class FormatVersionError(DatasetError):
     """The dataset was written by a newer TorchRecord whose format this version cannot read."""
 
 
+class PluginVersionError(DatasetError, PluginError):
+    """The dataset's codec or serializer wrote a record layout the installed one cannot read."""
+
+
 class ShardCorruptedError(DatasetError):
     """A shard file is truncated, damaged or disagrees with the manifest."""
 

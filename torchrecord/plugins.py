@@ -336,6 +336,12 @@ def _validate(kind: str, obj: Any, plugin_name: str) -> None:
         raise PluginError(
             f"plugin {plugin_name} registered a {kind} {obj!r} without {', '.join(missing)}"
         )
+    version = getattr(obj, "format_version", 1)
+    if type(version) is not int or version < 1:
+        raise PluginError(
+            f"plugin {plugin_name} registered a {kind} {obj!r} with format_version "
+            f"{version!r}: use an integer of 1 or more (1 unless its records' layout changed)"
+        )
     if kind == "codec" and getattr(obj, "name", None) == "custom":
         raise PluginError(f"plugin {plugin_name}: the codec name 'custom' is reserved")
     if not isinstance(obj.name, str) or not _NAME.fullmatch(obj.name):
@@ -391,11 +397,68 @@ def _table(kind: str) -> dict[str, PluginInfo]:
     return _registry.codecs() if kind == "codec" else _registry.serializers()
 
 
-def provider(kind: str, name: str) -> dict[str, str]:
-    """``{"distribution", "version"}`` of the package that provides a registered name."""
+def provider(kind: str, name: str) -> dict[str, Any]:
+    """``{"distribution", "version", "format_version"}``: the package that provides a
+    registered name, and the layout version of the records it writes."""
     table = _table(kind)
     info = table[name]
-    return {"distribution": info.distribution, "version": info.version}
+    return {
+        "distribution": info.distribution,
+        "version": info.version,
+        "format_version": getattr(info.obj, "format_version", 1),
+    }
+
+
+def written_format_version(extra: dict[str, Any], kind: str, where: Any) -> int:
+    """The format version of the codec or serializer a dataset was written with, as its
+    manifest records it (1 when it records none: written before plugins had versions)."""
+    plugins = extra.get("plugins")
+    entry = plugins.get(kind) if isinstance(plugins, dict) else None
+    version = entry.get("format_version", 1) if isinstance(entry, dict) else 1
+    if type(version) is not int or version < 1:
+        from .errors import DatasetError
+
+        raise DatasetError(
+            f"{where}: manifest.json records the invalid {kind} format_version {version!r}"
+        )
+    return version
+
+
+def for_written_version(kind: str, obj: Any, written: int, where: Any, extra: dict) -> Any:
+    """``obj`` (a registered codec or serializer), or what it gives to read records of its
+    format version ``written``; an error that says what to install when it cannot read them."""
+    have = getattr(obj, "format_version", 1)
+    if written == have:
+        return obj
+    from .errors import PluginVersionError
+
+    who = (extra.get("plugins") or {}).get(kind) if isinstance(extra, dict) else None
+    who = who if isinstance(who, dict) else {}
+    dist, version = str(who.get("distribution") or "?"), who.get("version", "?")
+    if dist.startswith("(") or dist == "?":  # registered at run time, or not recorded
+        source = "the plugin that wrote it"
+    else:
+        source = f"{dist} {version}"
+    here = describe_provider(kind, obj.name)
+    if written > have:
+        raise PluginVersionError(
+            f"{where} was written with {kind} {obj.name!r} format version {written} "
+            f"({source}), but the {kind} here ({here}) reads versions up to {have}. "
+            + (
+                f"Upgrade it: pip install -U '{dist}'"
+                if source != "the plugin that wrote it"
+                else "Register the version that wrote it"
+            )
+        )
+    adapt = getattr(obj, "for_format_version", None)
+    adapted = adapt(written) if adapt is not None else obj
+    if adapted is None:
+        raise PluginVersionError(
+            f"{where} was written with {kind} {obj.name!r} format version {written} "
+            f"({source}), which the {kind} here ({here}, version {have}) no longer reads. "
+            f"Install {source} to read it, or write the dataset again"
+        )
+    return adapted
 
 
 def describe_provider(kind: str, name: str) -> str:

@@ -30,7 +30,15 @@ from .errors import (
     TorchRecordError,
     UnknownPluginError,
 )
-from .plugins import adopt, carried, fast_method, get_codec, get_serializer
+from .plugins import (
+    adopt,
+    carried,
+    fast_method,
+    for_written_version,
+    get_codec,
+    get_serializer,
+    written_format_version,
+)
 
 
 class RecordReader:
@@ -62,6 +70,7 @@ class RecordReader:
         self._legacy_keys: dict[int, list[bytes]] = {}
         self._generation = SHARED.generation
         self._serializer = None
+        self._codec: tuple[Any, Any] | None = None  # (the registered codec, what reads)
 
     # -- pickling: environments never travel -------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -73,6 +82,7 @@ class RecordReader:
             "_checksums",
             "_legacy_keys",
             "_serializer",
+            "_codec",
             "_generation",
         ):
             state.pop(key, None)
@@ -97,18 +107,41 @@ class RecordReader:
     @property
     def codec(self) -> Any:
         try:
-            return get_codec(self.codec_name)
+            codec = get_codec(self.codec_name)
         except UnknownPluginError as exc:
             raise self._not_installed(exc, "codec") from None
+        held = self._codec
+        if held is None or held[0] is not codec:  # (a plugin registered again: checked again)
+            held = self._codec = (codec, self._for_written("codec", codec))
+        return held[1]
 
     @property
     def serializer(self) -> Any:
         if self._serializer is None:
             try:
-                self._serializer = get_serializer(self.serializer_name)
+                serializer = get_serializer(self.serializer_name)
             except UnknownPluginError as exc:
                 raise self._not_installed(exc, "serializer") from None
+            self._serializer = self._for_written("serializer", serializer)
         return self._serializer
+
+    def check_plugin_versions(self) -> None:
+        """Refuse now, not at the first record, a dataset whose codec or serializer is here in
+        a format version that cannot read it (one not installed is said when it is needed)."""
+        for kind in ("codec", "serializer"):
+            if kind == "codec" and self.codec_name == fmt.CUSTOM_CODEC:
+                continue
+            try:
+                getattr(self, kind)
+            except UnknownPluginError:
+                pass
+
+    def _for_written(self, kind: str, obj: Any) -> Any:
+        """The codec or serializer that reads the layout of the one that wrote the dataset
+        (its format version, which the manifest records)."""
+        extra = self.manifest.extra
+        written = written_format_version(extra, kind, self.path)
+        return for_written_version(kind, obj, written, self.path, extra)
 
     def _not_installed(self, exc: UnknownPluginError, kind: str) -> UnknownPluginError:
         """``exc``, saying which package (and version) the dataset was written with, as its

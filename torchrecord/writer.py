@@ -707,10 +707,11 @@ class Writer:
 
     def _job_params(self, first_index: int) -> list[Any]:  # (named in _JOB_PARAM_NAMES)
         """The settings that make two runs the same write (with the entries: :meth:`_job_id`)."""
+        custom = self.data_process_func is not None
         return [
             self.format_version,
-            self.codec_name,
-            self.serializer_name,
+            self.codec_name if custom else _versioned_name("codec", self.codec_name),
+            _versioned_name("serializer", self.serializer_name),
             self.db_num,
             self.records_per_shard,
             self.bytes_per_shard,
@@ -769,6 +770,7 @@ class Writer:
                     f"{out} was written with codec {base.codec!r} and serializer "
                     f"{base.serializer!r}; append with the same ones"
                 )
+            self._check_plugin_versions(out, base)
             _refuse_foreign_files(out, _listed_files(out / fmt.MANIFEST_NAME))
             _refuse_unlisted_shards(out, _listed_files(out / fmt.MANIFEST_NAME))
             if (base.extra.get("image_policy") or None) != (self.image_policy or None):
@@ -788,6 +790,26 @@ class Writer:
         manifest = out / fmt.MANIFEST_NAME
         _refuse_foreign_files(out, _listed_files(manifest) if manifest.exists() else set())
         return None
+
+    def _check_plugin_versions(self, out: Path, base: fmt.Manifest) -> None:
+        """Appended records must have the layout of the dataset's: the same format version
+        of its codec and serializer."""
+        from .plugins import describe_provider, written_format_version
+
+        kinds = [("serializer", self.serializer_name)]
+        if self.data_process_func is None:
+            kinds.append(("codec", self.codec_name))
+        for kind, name in kinds:
+            obj = get_serializer(name) if kind == "serializer" else get_codec(name)
+            have = getattr(obj, "format_version", 1)
+            written = written_format_version(base.extra, kind, out)
+            if have != written:
+                raise ValueError(
+                    f"{out} was written with {kind} {name!r} format version {written}, and "
+                    f"the {kind} here ({describe_provider(kind, name)}) writes version "
+                    f"{have}: its records would have two layouts. Append with the plugin "
+                    "version that wrote the dataset, or write a new dataset"
+                )
 
     def _plan(self, n: int) -> list[tuple[int, int]]:
         """Input positions ``[start, stop)`` of every shard, for ``shard_range`` writes."""
@@ -1277,6 +1299,15 @@ _JOB_PARAM_NAMES = (
 )
 
 
+def _versioned_name(kind: str, name: str) -> str:
+    """A codec's or serializer's name, with its format version when that is not 1: a write
+    with another layout of records is another write (and writes of version 1 keep the job ids
+    they had before plugins had versions, so that they still resume)."""
+    obj = get_codec(name) if kind == "codec" else get_serializer(name)
+    version = getattr(obj, "format_version", 1)
+    return name if version == 1 else f"{name}@{version}"
+
+
 def _with_other_on_error(params: list[Any]) -> list[Any]:
     """Job parameters with the other ``on_error`` ("raise" for "skip" and the other way)."""
     other = list(params)
@@ -1397,6 +1428,7 @@ def join_parts(
             raise DataListError(str(part), None, "is a whole dataset, not a shard_range part")
         docs.append((Path(part), doc))
     docs.sort(key=lambda item: item[1]["part"]["first_shard"])
+    _check_part_plugin_versions(docs)  # (first: such parts also have different plans)
     plans = {doc["part"]["plan"] for _, doc in docs}
     if len(plans) != 1:
         raise ValueError(f"the parts come from different writes: {_plan_difference(docs)}")
@@ -1478,6 +1510,22 @@ def _check_part_shards(
                     "so nothing was joined; copy it again from where it was written, or write "
                     "the part again with the same command"
                 )
+
+
+def _check_part_plugin_versions(docs: list[tuple[Path, dict[str, Any]]]) -> None:
+    """The parts of one dataset must have one record layout: each written with the same
+    format version of the codec and of the serializer."""
+    from .plugins import written_format_version
+
+    for kind in ("codec", "serializer"):
+        versions = {part: written_format_version(doc, kind, part) for part, doc in docs}
+        if len(set(versions.values())) > 1:
+            listed = ", ".join(f"{part}: {version}" for part, version in versions.items())
+            raise ValueError(
+                f"the parts were written with different format versions of their {kind} "
+                f"({listed}): their records have different layouts. Write the parts of the "
+                "older version again with the newer plugin"
+            )
 
 
 def _join_locked(out: Path, docs: list[tuple[Path, dict[str, Any]]]) -> fmt.Manifest:

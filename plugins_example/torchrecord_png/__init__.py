@@ -36,6 +36,9 @@ class PNGCodec(Codec):
 
     name = "png"
     description = "RGB pixels re-encoded as lossless PNG; decoded when reading"
+    # the layout of its records: a release whose records this one would misread raises it
+    # (and overrides for_format_version to keep reading datasets of version 1)
+    format_version = 1
 
     def encode(self, path: str, label: Any):
         from PIL import Image

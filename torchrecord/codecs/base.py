@@ -257,6 +257,16 @@ class Codec:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    # the layout of the records this codec writes: raise it when an earlier version of the
+    # codec would misread them (TorchRecord records it with each dataset, and refuses to read
+    # a dataset with a codec of a lower version); see for_format_version
+    format_version: ClassVar[int] = 1
+
+    def for_format_version(self, version: int) -> Any:
+        """The codec that reads records this codec's ``version`` wrote (an earlier one than
+        its ``format_version``): this codec itself unless overridden. Return a codec that
+        reads that layout, or None if this codec no longer reads it."""
+        return self
 
     def encode(self, path: str, label: Any) -> TensorProtos:
         raise NotImplementedError
