@@ -89,6 +89,17 @@ def use(codec):
         plugins.unregister_plugin(name=name)
 
 
+@contextlib.contextmanager
+def use_serializer(serializer):
+    """``serializer`` registered while the block runs (one version at a time)."""
+    tag = f"test-layout-ser-{serializer.format_version}"
+    name = plugins.register_plugin(_Plugin(serializer=serializer), name=tag)
+    try:
+        yield
+    finally:
+        plugins.unregister_plugin(name=name)
+
+
 def write(photos, out, codec, **options):
     with use(codec):
         return Writer(photos, out, db_num=2, codec=NAME, shuffle=False, **options).write()
@@ -176,14 +187,19 @@ def test_a_format_version_that_is_not_a_positive_int_is_refused(bad):
     assert NAME not in [info.name for info in plugins.list_codecs()]
 
 
-def test_a_damaged_recorded_version_is_a_clear_error(photos, tmp_path):
+def test_a_damaged_recorded_version_is_a_clear_error(photos, tmp_path, capsys):
+    from torchrecord.cli import main
+
     out = tmp_path / "v1"
     write(photos, out, LayoutV1())
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["plugins"]["codec"]["format_version"] = "two"
     (out / "manifest.json").write_text(json.dumps(manifest))
-    with use(LayoutV1()), pytest.raises(DatasetError, match="invalid codec"):
-        TRDataset(out)
+    with use(LayoutV1()):
+        with pytest.raises(DatasetError, match="invalid plugins.codec.format_version 'two'"):
+            TRDataset(out)
+        assert main(["verify", str(out)]) == 1  # a damaged manifest: a problem found
+    assert "BAD" in capsys.readouterr().out
     del manifest["plugins"]["codec"]["format_version"]  # as written before versions: 1
     (out / "manifest.json").write_text(json.dumps(manifest))
     with use(LayoutV2()):
@@ -249,3 +265,53 @@ def test_a_serializers_version_is_recorded_and_checked_the_same_way(photos, tmp_
             TorchRecord(out, batch_size=4)
     finally:
         plugins.unregister_plugin(name=name)
+
+
+class SerializerV3(SerializerV2):
+    format_version = 3
+
+    def dumps(self, record):  # (version 3 adds a byte before version 2's layout)
+        return b"3" + super().dumps(record)
+
+    def loads(self, data):
+        return super().loads(bytes(data)[1:])
+
+    def for_format_version(self, version):
+        return SerializerV2() if version == 2 else None
+
+
+def test_a_newer_serializer_reads_older_records_and_verify_checks_by_crc_when_it_cannot(
+    photos, tmp_path, capsys
+):
+    from torchrecord.cli import main
+
+    out = tmp_path / "ser2"
+    with use(LayoutV1()), use_serializer(SerializerV2()):
+        Writer(
+            photos, out, db_num=2, codec=NAME, serializer=SerializerV2.name, shuffle=False
+        ).write()
+        assert Writer(photos, tmp_path / "x", serializer=SerializerV2.name)._job_params(0)[2] == (
+            f"{SerializerV2.name}@2"
+        )
+    expected = pixels(thumbnail(path) for path, _ in read_list(photos))
+    with use(LayoutV1()), use_serializer(SerializerV3()):
+        dataset = TRDataset(out, transform=None)
+        assert type(dataset.reader.serializer) is SerializerV2
+        codec = dataset.reader.codec
+        assert pixels(codec.decode_image(dataset[i]) for i in range(len(dataset))) == expected
+        assert main(["verify", str(out), "--decode"]) == 0
+    assert "24 records (decoded)" in capsys.readouterr().out
+    with use(LayoutV1()), use_serializer(SerializerV1()):
+        assert main(["verify", str(out)]) == 0  # sound bytes, which nothing here parses
+    shown = capsys.readouterr()
+    assert "by CRC-32 only" in shown.out and "reads versions up to 1" in shown.err
+
+
+def test_a_built_in_of_a_later_torchrecord_says_to_upgrade_torchrecord(photos, tmp_path):
+    out = tmp_path / "jpeg"
+    Writer(photos, out, db_num=2, codec="jpeg").write()
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["plugins"]["codec"]["format_version"] = 2  # as a later release might write
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PluginVersionError, match=r"pip install -U 'torchrecord'"):
+        TRDataset(out)

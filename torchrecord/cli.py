@@ -228,10 +228,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     def by(kind: str) -> str:
         who = written.get(kind)  # (a plugin's package; the built-ins go without saying)
-        if not isinstance(who, dict) or str(who.get("distribution")).startswith("torchrecord ("):
+        if not isinstance(who, dict):
             return ""
         layout = who.get("format_version", 1)
-        layout = f", format version {layout}" if layout != 1 else ""
+        layout = f"format version {layout}" if layout != 1 else ""
+        if str(who.get("distribution")).startswith("torchrecord ("):
+            return f"  ({layout})" if layout else ""
+        layout = f", {layout}" if layout else ""
         return f"  (from {who['distribution']} {who['version']}{layout})"
 
     print(f"dataset     {info['path']}" + ("  (TorchRecord 0.1 layout)" if info["legacy"] else ""))

@@ -419,7 +419,8 @@ def written_format_version(extra: dict[str, Any], kind: str, where: Any) -> int:
         from .errors import DatasetError
 
         raise DatasetError(
-            f"{where}: manifest.json records the invalid {kind} format_version {version!r}"
+            f"{where}: manifest.json records the invalid plugins.{kind}.format_version "
+            f"{version!r} (an integer of 1 or more); restore the manifest from a copy"
         )
     return version
 
@@ -435,6 +436,8 @@ def for_written_version(kind: str, obj: Any, written: int, where: Any, extra: di
     who = (extra.get("plugins") or {}).get(kind) if isinstance(extra, dict) else None
     who = who if isinstance(who, dict) else {}
     dist, version = str(who.get("distribution") or "?"), who.get("version", "?")
+    if dist == _BUILTIN_OWNER:  # (a later TorchRecord's built-in)
+        dist = "torchrecord"
     if dist.startswith("(") or dist == "?":  # registered at run time, or not recorded
         source = "the plugin that wrote it"
     else:

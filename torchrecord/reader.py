@@ -24,6 +24,7 @@ from .environments import SHARED, exit_with_parent
 from .errors import (
     DatasetError,
     PluginError,
+    PluginVersionError,
     RecordCorruptedError,
     SerializationError,
     ShardCorruptedError,
@@ -52,6 +53,8 @@ class RecordReader:
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.codec_name = self.manifest.codec
         self.serializer_name = self.manifest.serializer
+        for kind in ("codec", "serializer"):  # (a damaged recorded version: said at once)
+            written_format_version(self.manifest.extra, kind, self.path)
         self.max_open_shards: int | None = None  # None: keep every opened shard open
         self._state_init()
 
@@ -505,8 +508,8 @@ def verify(
         decoder = _decoder(reader) if decode and not quick else None
         if decoder is None and not quick:
             try:
-                _ = reader.serializer  # (installed here?)
-            except UnknownPluginError:
+                _ = reader.serializer  # (installed here, in a version that reads them?)
+            except (UnknownPluginError, PluginVersionError):
                 tally["parsed"] = 0
         for shard in range(reader.num_shards):
             try:
