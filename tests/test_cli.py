@@ -225,6 +225,36 @@ def test_bench_reports_every_worker_count(photos, tmp_path):
     assert f"CRC-32 by {checksum.IMPLEMENTATION}," in read[0]
     assert [line.split()[4] for line in load] == ["0", "2"]
     assert all(float(line.split()[1]) > 0 for line in load)
+    assert not any("channels_last" in line for line in load)
+
+
+def test_bench_measures_channels_last_batches(photos, tmp_path, monkeypatch, capsys):
+    """--channels-last reads through TorchRecord(channels_last=True): every batch the timed
+    loader yields is in that memory format (seen by a subclass of the real loader, which
+    bench imports from torchrecord.loader when it runs)."""
+    import torch
+
+    from torchrecord import loader
+    from torchrecord.cli import main
+
+    out = tmp_path / "bench"
+    run_cli("write", str(photos), str(out), "--codec", "raw_rgb", "-q")
+    layouts = []
+
+    class Spy(loader.TorchRecord):
+        def __iter__(self):
+            for images, labels in super().__iter__():
+                layouts.append(images.is_contiguous(memory_format=torch.channels_last))
+                yield images, labels
+
+    monkeypatch.setattr(loader, "TorchRecord", Spy)
+    args = ["bench", str(out), "--workers", "0", "--limit", "24", "--epochs", "1"]
+    assert main([*args, "--channels-last"]) == 0
+    assert layouts and all(layouts)
+    assert "batch 32 in channels_last (median" in capsys.readouterr().out
+    layouts.clear()
+    assert main(args) == 0
+    assert layouts and not any(layouts)
 
 
 def test_shard_ranges_and_join_from_the_command_line(photos, tmp_path):

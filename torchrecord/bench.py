@@ -4,7 +4,8 @@ Measures, on the dataset as it is:
 
 * records/s without decoding (fetch, CRC-32 check, deserialize) in this process, in random order;
 * images/s through ``TorchRecord`` with a transform (``"auto"`` by default, as ``TorchRecord``
-  does), for each requested number of DataLoader workers, batches of 32, full shuffle.
+  does), for each requested number of DataLoader workers, batches of 32, full shuffle; in
+  ``channels_last`` batches if asked.
 
 The page cache is left as it is: the first pass warms it, later passes are timed.
 """
@@ -38,7 +39,13 @@ def _records_per_second(path: str | os.PathLike, limit: int, seed: int) -> float
 
 
 def _images_per_second(
-    path: str | os.PathLike, workers: int, transform: Any, batch_size: int, limit: int, epochs: int
+    path: str | os.PathLike,
+    workers: int,
+    transform: Any,
+    batch_size: int,
+    limit: int,
+    epochs: int,
+    channels_last: bool = False,
 ) -> float:
     import torch
 
@@ -51,6 +58,7 @@ def _images_per_second(
         transform=transform,
         full_shuffle=True,
         persistent_workers=workers > 0,
+        channels_last=channels_last,
     )
     batches = max(1, min(len(loader), -(-limit // batch_size)))
     rates = []
@@ -76,6 +84,7 @@ def run_bench(
     epochs: int = 3,
     seed: int = 0,
     echo=print,
+    channels_last: bool = False,
 ) -> dict[str, Any]:
     """Measure and print a short report; returns the figures."""
     from .reader import describe
@@ -99,12 +108,16 @@ def run_bench(
     result["crc32"] = checksum.IMPLEMENTATION
     result["images_per_s"] = {}
     for n in workers:
-        ips = _images_per_second(path, n, transform, batch_size, limit, epochs)
+        ips = _images_per_second(
+            path, n, transform, batch_size, limit, epochs, channels_last=channels_last
+        )
         result["images_per_s"][n] = ips
         passes = f"{epochs} pass{'es' if epochs != 1 else ''}"
+        layout = " in channels_last" if channels_last else ""
         echo(
             f"load      {ips:9.0f} images/s with {n} worker{'s' if n != 1 else ''}, transform "
-            f"{transform!r}, batch {batch_size} (median of {passes} over {limit} records)"
+            f"{transform!r}, batch {batch_size}{layout} (median of {passes} over {limit} "
+            "records)"
         )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     echo(f"machine   {cores} cores available; warm page cache after the first pass")

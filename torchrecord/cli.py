@@ -370,6 +370,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         limit=args.limit,
         epochs=args.epochs,
+        channels_last=args.channels_last,
     )
     return 0
 
@@ -661,6 +662,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=_positive, default=2000, metavar="N", help="records per pass (default 2000)"
     )
     bench.add_argument("--epochs", type=_positive, default=3, help="timed passes (default 3)")
+    bench.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="batches in torch.channels_last memory format (TorchRecord(channels_last=True))",
+    )
     bench.set_defaults(func=_cmd_bench)
 
     plugins = sub.add_parser(
