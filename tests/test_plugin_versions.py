@@ -18,7 +18,12 @@ from PIL import Image
 
 import torchrecord
 from torchrecord import TorchRecord, TRDataset, Writer, plugins
-from torchrecord.errors import DatasetError, PluginError, PluginVersionError
+from torchrecord.errors import (
+    DatasetError,
+    DatasetExistsError,
+    PluginError,
+    PluginVersionError,
+)
 from torchrecord.writer import join_parts
 
 NAME = "test_layout"
@@ -162,6 +167,11 @@ def test_append_keeps_one_layout_and_another_version_is_another_write(photos, tm
     with pytest.raises(ValueError, match="format version 1, and the codec here .* version 2"):
         write(photos, out, LayoutV2(), append=True, allow_duplicates=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+    with pytest.raises(DatasetExistsError) as caught:  # (a rerun: append is no way out here)
+        write(photos, out, LayoutV2())
+    assert "written with codec 'test_layout' format version 1" in str(caught.value)
+    assert "--append" not in str(caught.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     with use(LayoutV1()):  # (version 1 keeps the job ids of writes made before versions)
         assert Writer(photos, tmp_path / "a", codec=NAME)._job_params(0)[1] == NAME
     with use(LayoutV2()):

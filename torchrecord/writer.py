@@ -782,10 +782,15 @@ class Writer:
                 )
             return base
         if has_dataset and not self.overwrite:
+            other = self._other_layout(out)
             raise DatasetExistsError(
                 f"{out} already holds a dataset; refusing to write over it. Choose another "
                 "output_dir, pass overwrite=True (--overwrite) to replace it, or append=True "
                 "(--append) to add to it."
+                if other is None
+                else f"{out} already holds a dataset, which was written with {other}; "
+                "refusing to write over it. Choose another output_dir, or pass overwrite=True "
+                "(--overwrite) to replace it."
             )
         manifest = out / fmt.MANIFEST_NAME
         _refuse_foreign_files(out, _listed_files(manifest) if manifest.exists() else set())
@@ -794,22 +799,41 @@ class Writer:
     def _check_plugin_versions(self, out: Path, base: fmt.Manifest) -> None:
         """Appended records must have the layout of the dataset's: the same format version
         of its codec and serializer."""
+        other = self._plugin_version_difference(out, base)
+        if other is not None:
+            raise ValueError(
+                f"{out} was written with {other}: its records would have two layouts. Append "
+                "with the plugin version that wrote the dataset, or write a new dataset"
+            )
+
+    def _plugin_version_difference(self, out: Path, base: fmt.Manifest) -> str | None:
+        """How the format versions of the dataset's codec or serializer differ from this
+        write's, if they do (same names only)."""
         from .plugins import describe_provider, written_format_version
 
-        kinds = [("serializer", self.serializer_name)]
+        kinds = [("serializer", self.serializer_name, base.serializer)]
         if self.data_process_func is None:
-            kinds.append(("codec", self.codec_name))
-        for kind, name in kinds:
+            kinds.append(("codec", self.codec_name, base.codec))
+        for kind, name, written_name in kinds:
+            if name != written_name:
+                continue
             obj = get_serializer(name) if kind == "serializer" else get_codec(name)
             have = getattr(obj, "format_version", 1)
             written = written_format_version(base.extra, kind, out)
             if have != written:
-                raise ValueError(
-                    f"{out} was written with {kind} {name!r} format version {written}, and "
-                    f"the {kind} here ({describe_provider(kind, name)}) writes version "
-                    f"{have}: its records would have two layouts. Append with the plugin "
-                    "version that wrote the dataset, or write a new dataset"
+                return (
+                    f"{kind} {name!r} format version {written}, and the {kind} here "
+                    f"({describe_provider(kind, name)}) writes version {have}"
                 )
+        return None
+
+    def _other_layout(self, out: Path) -> str | None:
+        """For the refusal to write over a dataset: a difference of plugin format versions
+        that would make an append fail too (None if there is none, or no manifest to say)."""
+        try:
+            return self._plugin_version_difference(out, fmt.read_manifest(out))
+        except (DatasetError, OSError, ValueError):
+            return None
 
     def _plan(self, n: int) -> list[tuple[int, int]]:
         """Input positions ``[start, stop)`` of every shard, for ``shard_range`` writes."""
