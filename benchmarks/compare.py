@@ -52,12 +52,15 @@ PIPELINE_OF = {
     "TorchRecord jpeg uint8": "tensor uint8 (jpeg)",
     "TorchRecord raw_rgb, defaults": "tensor (raw)",
     "TorchRecord jpeg, defaults": "tensor (jpeg)",
+    # (batches in the resize's order, as the limit writes them: no channel-order limit)
+    "TorchRecord raw_rgb, channels_last": "tensor (raw)",
+    "TorchRecord jpeg, channels_last": "tensor (jpeg)",
 }
 # the same pipelines with their output in channel order, as the loaders yield it (limit.py)
 CHW_PIPELINE_OF = {
     name: f"{pipeline}, CHW"
     for name, pipeline in PIPELINE_OF.items()
-    if pipeline in ("tensor (raw)", "tensor (jpeg)")
+    if pipeline in ("tensor (raw)", "tensor (jpeg)") and "channels_last" not in name
 }
 
 

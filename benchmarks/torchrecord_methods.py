@@ -61,6 +61,7 @@ class TorchRecordMethod(Method):
         num_workers_write: int = 2,
         persistent: bool = False,
         limit_of: str | None = None,
+        channels_last: bool = False,
     ) -> None:
         self.slug = f"torchrecord_{codec}"  # transforms of one codec share its dataset
         super().__init__(workdir)
@@ -68,6 +69,7 @@ class TorchRecordMethod(Method):
         self.num_workers_write = num_workers_write
         self.persistent = persistent  # False like every peer; True is TorchRecord's default
         self.limit_of = limit_of
+        self.channels_last = channels_last
         if limit_of and not persistent:  # (else every timed epoch would read them all again)
             raise ValueError("records in memory need persistent workers")
 
@@ -102,6 +104,7 @@ class TorchRecordMethod(Method):
             full_shuffle=True,
             seed=seed,
             persistent_workers=self.persistent and num_workers > 0,
+            channels_last=self.channels_last,
         )
         if self.limit_of:
             if loader.dataset.tensor_kind is None or num_workers == 0:
@@ -118,6 +121,8 @@ class TorchRecordMethod(Method):
         }[self.transform]
         if self.limit_of:
             how += "; every record read into the workers' memory first (the pipeline's limit)"
+        if self.channels_last:
+            how += "; batches in torch.channels_last memory format"
         return (
             f"LMDB shards of {stored}; {how}; torchrecord "
             f"{importlib.metadata.version('torchrecord')}"
@@ -144,6 +149,18 @@ def torchrecord_methods(workdir: Path) -> list[TorchRecordMethod]:
                     f"TorchRecord {codec}, defaults",
                 ),
             )
+        ),
+        # the defaults with channels_last=True (not part of `--only defaults`)
+        *(
+            TorchRecordMethod(
+                workdir,
+                codec,
+                "fast",
+                f"TorchRecord {codec}, channels_last",
+                persistent=True,
+                channels_last=True,
+            )
+            for codec in ("raw_rgb", "jpeg")
         ),
     ]
 
