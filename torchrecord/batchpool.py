@@ -216,11 +216,16 @@ def shared_tensor(shape: tuple[int, ...], dtype: Any, channels_last: bool = Fals
     import torch
 
     storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape))
-    tensor = torch.empty(0, dtype=dtype).new(storage)
+    return _shaped(torch.empty(0, dtype=dtype).new(storage), shape, channels_last)
+
+
+def _shaped(flat: Any, shape: tuple[int, ...], channels_last: bool) -> Any:
+    """``flat`` (a tensor over a whole buffer) as an ``N x C x H x W`` tensor, its memory in
+    channel order or, ``channels_last``, with each pixel's channels together."""
     if channels_last:
         n, c, h, w = shape
-        return tensor.view(n, h, w, c).permute(0, 3, 1, 2)
-    return tensor.view(shape)
+        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    return flat.view(shape)
 
 
 class Recycled(list):
@@ -322,10 +327,8 @@ def _mapped_buffer(pool: BatchPool, images: Any) -> Any:
         or rows != pool.batch_shape[0]
     ):
         return None
-    whole = torch.empty(0, dtype=images.dtype).set_(storage, 0, (rows, *row))
-    if pool.channels_last:  # (numpy keeps the strides, and so does from_numpy)
-        c, h, w = row
-        whole = whole.view(rows, h, w, c).permute(0, 3, 1, 2)
+    flat = torch.empty(0, dtype=images.dtype).set_(storage, 0, (rows * math.prod(row),))
+    whole = _shaped(flat, (rows, *row), pool.channels_last)  # (numpy and from_numpy keep strides)
     try:
         return whole.numpy()
     except (TypeError, RuntimeError):  # a dtype numpy does not have
